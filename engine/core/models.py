@@ -1,0 +1,128 @@
+"""Value types shared by the Engine, the gRPC servicers and the SDK."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# A sandbox that sees no exec, stdin or file operation for this many seconds
+# is terminated, unless its ttl is 0 or negative.
+DEFAULT_TTL_SECONDS = 600.0
+DEFAULT_PIDS = 512
+DEFAULT_NOFILE = 1024
+# Bytes of stdout (and, separately, of stderr) kept per process. Older bytes are
+# dropped first and readers are told how many they missed.
+DEFAULT_OUTPUT_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+class SandboxState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    TERMINATED = "TERMINATED"
+
+
+class TerminationReason(str, enum.Enum):
+    NONE = ""
+    USER = "user"
+    TTL = "ttl"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+    DAEMON_RESTART = "daemon_restart"
+
+
+class ProcessState(str, enum.Enum):
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class ExitReason(str, enum.Enum):
+    """Why a process ended; NONE while it runs."""
+
+    NONE = ""
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    KILLED = "killed"
+
+
+class Stream(str, enum.Enum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a caller asks for when creating a sandbox.
+
+    ``cpu`` is in cores (fractions allowed), ``memory_mib`` and ``disk_mib`` in
+    MiB. ``None`` means no limit. ``ttl`` is in seconds of inactivity, and 0 or a
+    negative value means the sandbox never expires.
+    """
+
+    image: str = "host"
+    cpu: float | None = None
+    memory_mib: int | None = None
+    pids: int = DEFAULT_PIDS
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    ttl: float = DEFAULT_TTL_SECONDS
+    nofile: int = DEFAULT_NOFILE
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    sandbox_id: str
+    spec: SandboxSpec
+    state: SandboxState
+    reason: TerminationReason
+    created_at: float
+    terminated_at: float | None
+    # Seconds since the epoch of the last exec, stdin or file operation.
+    last_activity_at: float
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process started by exec. ``pid`` is the pid inside the sandbox."""
+
+    pid: int
+    argv: list[str]
+    cwd: str
+    state: ProcessState
+    exit_code: int | None
+    # Signal name such as "SIGKILL" when the process was ended by a signal.
+    signal: str
+    reason: ExitReason
+    started_at: float
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Bytes of one stream starting at absolute byte ``offset``.
+
+    ``dropped`` counts bytes before ``offset`` that the reader asked for but the
+    bounded buffer no longer has. ``eof`` is True on the last chunk of a stream.
+    """
+
+    stream: Stream
+    offset: int
+    data: bytes
+    dropped: int = 0
+    eof: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    pids: int

@@ -1,0 +1,136 @@
+"""The Engine's state in SQLite: sandboxes and their processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+
+from engine.core.models import (
+    ExitReason,
+    ProcessInfo,
+    ProcessState,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxState,
+    TerminationReason,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    terminated_at REAL,
+    last_activity_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS processes (
+    sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+    pid INTEGER NOT NULL,
+    argv TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    signal TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    PRIMARY KEY (sandbox_id, pid, started_at)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # WAL with synchronous=NORMAL keeps a committed row across a daemon
+        # crash (only a power loss can lose the last transactions).
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def put_sandbox(self, info: SandboxInfo) -> None:
+        spec = json.dumps(dataclasses.asdict(info.spec))
+        self.db.execute(
+            "INSERT OR REPLACE INTO sandboxes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                info.sandbox_id,
+                info.spec.name,
+                spec,
+                info.state.value,
+                info.reason.value,
+                info.error,
+                info.created_at,
+                info.terminated_at,
+                info.last_activity_at,
+            ),
+        )
+
+    def sandboxes(self, *, live_only: bool = False) -> list[SandboxInfo]:
+        query = "SELECT * FROM sandboxes"
+        if live_only:
+            query += " WHERE state != 'TERMINATED'"
+        return [
+            self._sandbox(row)
+            for row in self.db.execute(query + " ORDER BY created_at")
+        ]
+
+    @staticmethod
+    def _sandbox(row: tuple) -> SandboxInfo:
+        spec = SandboxSpec(**json.loads(row[2]))
+        return SandboxInfo(
+            sandbox_id=row[0],
+            spec=spec,
+            state=SandboxState(row[3]),
+            reason=TerminationReason(row[4]),
+            error=row[5],
+            created_at=row[6],
+            terminated_at=row[7],
+            last_activity_at=row[8],
+        )
+
+    def put_process(self, sandbox_id: str, info: ProcessInfo) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO processes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                sandbox_id,
+                info.pid,
+                json.dumps(info.argv),
+                info.cwd,
+                info.state.value,
+                info.exit_code,
+                info.signal,
+                info.reason.value,
+                info.started_at,
+                info.ended_at,
+            ),
+        )
+
+    def processes(self, sandbox_id: str) -> list[ProcessInfo]:
+        rows = self.db.execute(
+            "SELECT * FROM processes WHERE sandbox_id = ? ORDER BY started_at",
+            (sandbox_id,),
+        )
+        return [
+            ProcessInfo(
+                pid=row[1],
+                argv=json.loads(row[2]),
+                cwd=row[3],
+                state=ProcessState(row[4]),
+                exit_code=row[5],
+                signal=row[6],
+                reason=ExitReason(row[7]),
+                started_at=row[8],
+                ended_at=row[9],
+            )
+            for row in rows
+        ]

@@ -1,0 +1,125 @@
+"""Checks of caller input; each failure names the field, the value and the fix."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from engine.core.models import SandboxSpec
+from engine.errors import InvalidArgument
+
+# argv plus env, in bytes. The kernel allows 128 KiB per string and about a
+# quarter of the stack limit in all; 1 MiB fits the default 8 MiB stack.
+MAX_EXEC_BYTES = 1024 * 1024
+MAX_ENV_ENTRIES = 4096
+MIN_MEMORY_MIB = 8
+MAX_PIDS = 1 << 22
+MAX_NAME = 63
+MAX_LABELS = 64
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, for messages."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(field: str, value: str) -> None:
+    if "\0" in value:
+        raise InvalidArgument(f"{field} {shorten(repr(value))} contains a NUL byte")
+
+
+def check_ttl(ttl: float) -> None:
+    if not isinstance(ttl, int | float) or math.isnan(ttl) or math.isinf(ttl):
+        raise InvalidArgument(
+            f"ttl {ttl!r} must be a finite number of seconds (0 or less: no expiry)"
+        )
+
+
+def check_spec(spec: SandboxSpec) -> None:
+    """Raise InvalidArgument for the first bad field of ``spec``."""
+    if spec.cpu is not None and (
+        math.isnan(spec.cpu) or spec.cpu <= 0 or spec.cpu > 1024
+    ):
+        raise InvalidArgument(
+            f"cpu {spec.cpu!r} must be a number of cores above 0, such as 0.5 or 2"
+        )
+    if spec.memory_mib is not None and not MIN_MEMORY_MIB <= spec.memory_mib <= 1 << 30:
+        raise InvalidArgument(
+            f"memory {spec.memory_mib!r} MiB must be at least {MIN_MEMORY_MIB} MiB"
+        )
+    if not 1 <= spec.pids <= MAX_PIDS:
+        raise InvalidArgument(f"pids {spec.pids!r} must be between 1 and {MAX_PIDS}")
+    if not 16 <= spec.nofile <= 1 << 20:
+        raise InvalidArgument(
+            f"nofile {spec.nofile!r} must be between 16 and {1 << 20}"
+        )
+    check_ttl(spec.ttl)
+    if not spec.workdir.startswith("/"):
+        raise InvalidArgument(
+            f"workdir {shorten(spec.workdir)} must be an absolute path"
+        )
+    _check_text("workdir", spec.workdir)
+    if spec.name and (len(spec.name) > MAX_NAME or not _NAME.match(spec.name)):
+        raise InvalidArgument(
+            f"name {shorten(spec.name)} must be at most {MAX_NAME} letters, digits, '.', '_' or '-'"
+        )
+    check_env(spec.env)
+    if len(spec.labels) > MAX_LABELS:
+        raise InvalidArgument(
+            f"{len(spec.labels)} labels given; the maximum is {MAX_LABELS}"
+        )
+    for key, value in spec.labels.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidArgument(
+                f"label key {shorten(key)} must be 1-63 letters, digits, '.', '_', '/' or '-'"
+            )
+        if len(value) > 256:
+            raise InvalidArgument(
+                f"label {key!r} value is {len(value)} characters; the maximum is 256"
+            )
+        _check_text(f"label {key!r}", value)
+
+
+def check_env(env: dict[str, str]) -> None:
+    if len(env) > MAX_ENV_ENTRIES:
+        raise InvalidArgument(
+            f"env has {len(env)} entries; the maximum is {MAX_ENV_ENTRIES}"
+        )
+    for key, value in env.items():
+        if not _ENV_NAME.match(key):
+            raise InvalidArgument(
+                f"env name {shorten(key)} is invalid; use letters, digits and '_', not starting with a digit"
+            )
+        _check_text(f"env {key}", value)
+
+
+def check_exec(
+    argv: list[str], cwd: str, env: dict[str, str], timeout: float | None
+) -> None:
+    if not argv:
+        raise InvalidArgument(
+            "argv is empty; pass the program and its arguments, e.g. ['python3', '-c', 'print(1)']"
+        )
+    if not argv[0]:
+        raise InvalidArgument("argv[0] is empty; it must name the program to run")
+    for index, arg in enumerate(argv):
+        _check_text(f"argv[{index}]", arg)
+    if not cwd.startswith("/"):
+        raise InvalidArgument(f"cwd {shorten(cwd)} must be an absolute path")
+    _check_text("cwd", cwd)
+    check_env(env)
+    size = sum(len(arg.encode()) + 1 for arg in argv)
+    size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise InvalidArgument(
+            f"argv and env are {size} bytes; the limit is {MAX_EXEC_BYTES} bytes. "
+            "Pass large data through stdin or a file instead"
+        )
+    if timeout is not None and (math.isnan(timeout) or timeout < 0):
+        raise InvalidArgument(
+            f"timeout {timeout!r} must be 0 or more seconds (0: no timeout)"
+        )

@@ -1,0 +1,58 @@
+"""User, mount, PID, UTS, IPC, network and cgroup namespaces, and id maps."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from engine.runtime import libc
+
+log = logging.getLogger(__name__)
+
+# Every namespace a sandbox gets. The user namespace is created in the same
+# unshare(2) call, so it owns all the others.
+SANDBOX_NAMESPACES = (
+    libc.CLONE_NEWUSER
+    | libc.CLONE_NEWNS
+    | libc.CLONE_NEWUTS
+    | libc.CLONE_NEWIPC
+    | libc.CLONE_NEWNET
+    | libc.CLONE_NEWCGROUP
+    | libc.CLONE_NEWPID
+)
+
+
+def unshare(flags: int = SANDBOX_NAMESPACES) -> None:
+    """Move the calling process into new namespaces.
+
+    With CLONE_NEWPID only the children forked afterwards enter the new PID
+    namespace; the caller stays where it is.
+    """
+    libc.unshare(flags)
+
+
+def write_id_maps(pid: int, host_base: int, count: int) -> None:
+    """Map ids 0..count-1 inside the user namespace of ``pid`` to host_base.. on the host.
+
+    The caller must be root in the parent user namespace. setgroups stays
+    allowed: the map is written by a privileged process, and the sandbox's
+    supplementary groups were already cleared before it entered the namespace.
+    """
+    line = f"0 {host_base} {count}\n"
+    for name in ("uid_map", "gid_map"):
+        path = f"/proc/{pid}/{name}"
+        try:
+            with open(path, "w") as file:
+                file.write(line)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"write {line.strip()!r} to {path} failed: {error.strerror}",
+            ) from error
+
+
+def become_root() -> None:
+    """Switch to uid and gid 0 of the current user namespace, with no supplementary groups."""
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)

@@ -1,0 +1,184 @@
+"""The sandbox's root directory tree: the overlay, /dev, /tmp, /proc masks and /etc."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from engine.runtime import libc, mounts
+
+# Host device nodes bind-mounted into the sandbox's /dev. Nodes cannot be
+# created in a user namespace, and a bind mount without nodev still works.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+DEV_SYMLINKS = {
+    "ptmx": "pts/ptmx",
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "core": "/proc/kcore",
+}
+
+# /proc entries that reveal or change host kernel state. Files are covered by
+# /dev/null, directories by an empty read-only tmpfs, and the rest are made
+# read-only.
+PROC_MASKED_FILES = (
+    "kcore",
+    "keys",
+    "key-users",
+    "kallsyms",
+    "kmsg",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "config.gz",
+    "sysrq-trigger",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "vmallocinfo",
+)
+PROC_MASKED_DIRS = ("acpi", "scsi", "asound", "firmware", "driver")
+PROC_READ_ONLY = ("sys", "irq", "bus", "fs")
+
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
+GROUP = "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n"
+
+
+@dataclass(frozen=True)
+class RootSpec:
+    """Paths and settings for one sandbox's root; all paths are host paths."""
+
+    root: str
+    lower: str
+    upper: str
+    work: str
+    binds: tuple[tuple[str, str], ...]
+    hostname: str
+    tmp_size: str | None = None
+
+
+def _ensure_file(path: str) -> None:
+    if os.path.islink(path):
+        os.unlink(path)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _mkdir(path: str, mode: int = 0o755) -> None:
+    if os.path.islink(path):
+        os.unlink(path)
+    os.makedirs(path, mode=mode, exist_ok=True)
+
+
+def mount_root(spec: RootSpec) -> None:
+    """Mount the overlay root and the read-only binds on top of it.
+
+    This runs before pivot_root, on host paths below the engine's own sandbox
+    directory. The image's own symlinks are replaced by plain mount points.
+    """
+    mounts.mount_overlay(spec.lower, spec.upper, spec.work, spec.root)
+    for source, destination in spec.binds:
+        target = os.path.join(spec.root, destination.lstrip("/"))
+        if os.path.isdir(source):
+            _mkdir(target)
+        else:
+            _ensure_file(target)
+        mounts.bind(source, target, read_only=True)
+
+
+# Everything below runs after pivot_root, so absolute paths and symlinks in the
+# image resolve inside the sandbox's root. The host's root is then reachable
+# only below ``old_root``, a directory with an unguessable name, and
+# ``check_inside`` refuses any path that resolves there.
+
+
+def check_inside(path: str, old_root: str) -> str:
+    """Return the resolved ``path``, or raise if it leads below ``old_root``."""
+    resolved = os.path.realpath(path)
+    if resolved == old_root or resolved.startswith(old_root + "/"):
+        raise OSError(
+            errno.ELOOP, f"{path!r} resolves to the host's root through a symlink"
+        )
+    return resolved
+
+
+def mount_dev(old_root: str) -> None:
+    """Mount a minimal /dev: a few device nodes, a new devpts instance and /dev/shm."""
+    _mkdir("/dev")
+    check_inside("/dev", old_root)
+    mounts.mount_tmpfs("/dev", mode=0o755, size="1m")
+    for name in DEVICES:
+        target = f"/dev/{name}"
+        _ensure_file(target)
+        mounts.bind(
+            f"{old_root}/dev/{name}", target, read_only=False, nodev=False, noexec=True
+        )
+    for name in ("pts", "shm"):
+        os.mkdir(f"/dev/{name}", 0o755)
+    mounts.mount_devpts("/dev/pts")
+    mounts.mount_tmpfs("/dev/shm", mode=0o1777)
+    for name, target in DEV_SYMLINKS.items():
+        os.symlink(target, f"/dev/{name}")
+    mounts.remount_read_only("/dev")
+
+
+def mount_tmp(old_root: str, size: str | None) -> None:
+    _mkdir("/tmp", 0o1777)
+    check_inside("/tmp", old_root)
+    mounts.mount_tmpfs("/tmp", mode=0o1777, size=size)
+
+
+def prepare_dirs(old_root: str) -> None:
+    """Create the directories the image may lack; /sys stays an empty directory."""
+    for name in ("/proc", "/sys", "/root", "/etc"):
+        _mkdir(name)
+        check_inside(name, old_root)
+
+
+def mask_proc() -> None:
+    """Hide or freeze the sensitive parts of the sandbox's /proc.
+
+    Runs after PID 1 mounted /proc and after /dev exists.
+    """
+    for name in PROC_MASKED_FILES:
+        path = f"/proc/{name}"
+        if os.path.exists(path):
+            mounts.bind("/dev/null", path, read_only=True, noexec=True)
+    for name in PROC_MASKED_DIRS:
+        path = f"/proc/{name}"
+        if os.path.isdir(path):
+            mounts.mount_tmpfs(path, mode=0o555, size="4k", flags=libc.MS_RDONLY)
+    for name in PROC_READ_ONLY:
+        path = f"/proc/{name}"
+        if os.path.exists(path):
+            mounts.remount_read_only(path)
+
+
+def _write(path: str, text: str, old_root: str) -> None:
+    if os.path.islink(path):
+        os.unlink(path)
+    check_inside(os.path.dirname(path), old_root)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, 0o644), "w") as file:
+        file.write(text)
+
+
+def write_etc(hostname: str, old_root: str) -> None:
+    """Generate /etc/hostname, /etc/hosts and /etc/resolv.conf, and passwd and group if absent."""
+    _write("/etc/hostname", f"{hostname}\n", old_root)
+    hosts = (
+        f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"
+    )
+    _write("/etc/hosts", hosts, old_root)
+    # Loopback-only sandboxes have no resolver to reach.
+    _write("/etc/resolv.conf", "# no network: no name servers\n", old_root)
+    for name, text in (("passwd", PASSWD), ("group", GROUP)):
+        path = f"/etc/{name}"
+        if os.path.islink(path) or not os.path.isfile(path):
+            _write(path, text, old_root)

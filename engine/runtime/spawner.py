@@ -1,0 +1,222 @@
+"""The Engine's asyncio clients of the zygote and of each sandbox supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from engine.runtime import protocol
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait for a new supervisor to report that its sandbox is ready.
+READY_TIMEOUT = 30.0
+
+
+class _Channel:
+    """One SOCK_SEQPACKET socket read by the event loop.
+
+    Replies carrying an "id" resolve the future of the request that sent it;
+    other messages go to ``on_event``. ``closed`` completes at end of stream.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_event: Callable[[protocol.Message, list[int]], None],
+    ) -> None:
+        self.sock = sock
+        self.on_event = on_event
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, asyncio.Future[tuple[protocol.Message, list[int]]]] = {}
+        self.ids = itertools.count(1)
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            received = protocol.recv(self.sock)
+        except (OSError, ValueError) as error:
+            log.error("channel read failed: %s", error)
+            received = None
+        if received is None:
+            self._close()
+            return
+        message, fds = received
+        future = (
+            self.pending.pop(message.get("id", -1), None) if "id" in message else None
+        )
+        if future is not None and not future.done():
+            future.set_result((message, fds))
+        else:
+            self.on_event(message, fds)
+
+    def _close(self) -> None:
+        if self.closed.done():
+            return
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the peer process exited"))
+        self.pending.clear()
+        self.closed.set_result(None)
+
+    def send(
+        self, message: protocol.Message, fds: list[int] | tuple[int, ...] = ()
+    ) -> None:
+        if self.closed.done():
+            raise ConnectionError("the peer process exited")
+        protocol.send(self.sock, message, fds)
+
+    async def request(
+        self, message: protocol.Message, fds: list[int] | tuple[int, ...] = ()
+    ) -> tuple[protocol.Message, list[int]]:
+        request_id = next(self.ids)
+        future = self.loop.create_future()
+        self.pending[request_id] = future
+        try:
+            self.send({**message, "id": request_id}, fds)
+        except BaseException:
+            self.pending.pop(request_id, None)
+            raise
+        return await future
+
+    def close(self) -> None:
+        self._close()
+
+
+class Spawner:
+    """Starts the zygote and asks it for supervisors."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: _Channel | None = None
+        self.reaped: dict[int, asyncio.Future[int]] = {}
+
+    async def start(self) -> None:
+        ours, theirs = protocol.socketpair()
+        os.set_inheritable(theirs.fileno(), True)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "engine.runtime.zygote", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        self.channel = _Channel(ours, self._event)
+        log.info("zygote started, pid %d", self.process.pid)
+
+    def _event(self, message: protocol.Message, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        if message.get("op") == "reaped":
+            future = self.reaped.setdefault(
+                message["pid"], asyncio.get_running_loop().create_future()
+            )
+            if not future.done():
+                future.set_result(message["status"])
+
+    def reaped_future(self, pid: int) -> asyncio.Future[int]:
+        return self.reaped.setdefault(pid, asyncio.get_running_loop().create_future())
+
+    async def spawn(
+        self, spec: dict[str, Any], cgroup_fds: list[int]
+    ) -> tuple[int, socket.socket]:
+        """Fork a supervisor for ``spec``; return its host pid and control socket."""
+        assert self.channel is not None, "Spawner.start() was not called"
+        message, fds = await self.channel.request(
+            {"op": "spawn", "spec": spec}, cgroup_fds
+        )
+        if message["op"] != "spawned":
+            raise OSError(
+                0, f"sandbox supervisor failed to start: {message.get('message')}"
+            )
+        return message["pid"], socket.socket(fileno=fds[0])
+
+    def kill(self, pid: int) -> None:
+        if self.channel is not None and not self.channel.closed.done():
+            self.channel.send({"op": "kill", "pid": pid})
+
+    async def close(self) -> None:
+        """Close the zygote's socket, which makes it kill every supervisor, and wait for it."""
+        if self.channel is not None:
+            self.channel.close()
+        if self.process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
+            log.info("zygote exited with status %s", self.process.returncode)
+
+
+class SupervisorClient:
+    """The Engine's end of one sandbox supervisor's control socket."""
+
+    def __init__(
+        self, sock: socket.socket, on_exit: Callable[[int, int], None]
+    ) -> None:
+        self.on_exit = on_exit
+        self.ready: asyncio.Future[protocol.Message] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.channel = _Channel(sock, self._event)
+        self.channel.closed.add_done_callback(self._closed)
+
+    def _event(self, message: protocol.Message, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        op = message.get("op")
+        if op in ("ready", "failed") and not self.ready.done():
+            self.ready.set_result(message)
+        elif op == "exit":
+            self.on_exit(message["pid"], message["status"])
+
+    def _closed(self, _: asyncio.Future[None]) -> None:
+        if not self.ready.done():
+            self.ready.set_result(
+                {"op": "failed", "message": "the supervisor exited during setup"}
+            )
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        return self.channel.closed
+
+    async def wait_ready(self) -> int:
+        """Wait for the sandbox to be set up; return the host pid of its PID 1."""
+        message = await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT)
+        if message["op"] != "ready":
+            raise OSError(0, f"sandbox setup failed: {message.get('message')}")
+        return message["init_pid"]
+
+    async def exec(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        nofile: int,
+        stdio: list[int],
+    ) -> int:
+        """Start a process; return its pid inside the sandbox, or raise OSError with its errno."""
+        message, _ = await self.channel.request(
+            {"op": "exec", "argv": argv, "env": env, "cwd": cwd, "nofile": nofile},
+            stdio,
+        )
+        if message["op"] != "started":
+            raise OSError(
+                message.get("errno", 0), message.get("message", "exec failed")
+            )
+        return message["pid"]
+
+    def kill(self, pid: int, signal: int, *, group: bool = True) -> None:
+        self.channel.send({"op": "kill", "pid": pid, "signal": signal, "group": group})
+
+    def terminate(self) -> None:
+        if not self.channel.closed.done():
+            self.channel.send({"op": "terminate"})

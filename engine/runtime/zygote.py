@@ -1,0 +1,202 @@
+"""The zygote: a single-threaded, pre-imported process that forks sandbox supervisors.
+
+The Engine starts it once with ``python -m engine.runtime.zygote FD``, where FD
+is one end of a SOCK_SEQPACKET pair. Forking from here, not from the
+multi-threaded daemon, is what makes fork safe, and the imports done once here
+are why no interpreter starts on the sandbox creation path. Messages:
+
+    {"op": "spawn", "id", "spec"} + fds [cgroup.procs of every hierarchy]
+        -> {"op": "spawned", "id", "pid"} + fds [the supervisor's control socket]
+        or {"op": "failed", "id", "message"}
+    {"op": "kill", "pid"}          SIGKILL a supervisor
+and, unprompted, {"op": "reaped", "pid", "status"} when a supervisor exits.
+
+When the Engine's socket closes, the zygote kills every supervisor and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import selectors
+import signal
+import socket
+import sys
+import traceback
+
+from engine.runtime import isolation, libc, namespaces, protocol, rootfs, seccomp
+from engine.runtime.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+# Seconds the zygote waits for a new supervisor to create its user namespace.
+SPAWN_TIMEOUT = 10.0
+
+
+class Zygote:
+    def __init__(self, engine: socket.socket) -> None:
+        self.engine = engine
+        self.selector = selectors.DefaultSelector()
+        self.pidfds: dict[int, int] = {}
+        # Compiled once; every sandbox installs this same program.
+        self.seccomp_program = seccomp.export_bpf(seccomp.build_filter())
+
+    def serve(self) -> None:
+        self.selector.register(self.engine, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in self.selector.select():
+                if key.data is None:
+                    received = protocol.recv(self.engine)
+                    if received is None:
+                        self.shutdown()
+                        return
+                    self.handle(*received)
+                else:
+                    self.reap(key.data)
+
+    def handle(self, message: protocol.Message, fds: list[int]) -> None:
+        try:
+            if message.get("op") == "spawn":
+                self.spawn(message, fds)
+            elif message.get("op") == "kill":
+                self.kill(message["pid"])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def spawn(self, message: protocol.Message, cgroup_fds: list[int]) -> None:
+        request_id = message["id"]
+        spec = message["spec"]
+        engine_end, supervisor_end = protocol.socketpair()
+        notify_read, notify_write = os.pipe2(os.O_CLOEXEC)
+        wait_read, wait_write = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            keep = {supervisor_end.fileno(), notify_write, wait_read, *cgroup_fds}
+            _run_supervisor(
+                spec,
+                supervisor_end,
+                notify_write,
+                wait_read,
+                cgroup_fds,
+                keep,
+                self.seccomp_program,
+            )
+        supervisor_end.close()
+        os.close(notify_write)
+        os.close(wait_read)
+        pidfd = os.pidfd_open(pid)
+        self.pidfds[pid] = pidfd
+        self.selector.register(pidfd, selectors.EVENT_READ, pid)
+        try:
+            ready, _, _ = select.select([notify_read], [], [], SPAWN_TIMEOUT)
+            if not ready or os.read(notify_read, 1) != b"u":
+                raise OSError(0, "the supervisor exited before creating its namespaces")
+            namespaces.write_id_maps(pid, spec["uid_base"], spec["uid_count"])
+            os.write(wait_write, b"g")
+        except OSError as error:
+            self.kill(pid)
+            engine_end.close()
+            protocol.send(
+                self.engine, {"op": "failed", "id": request_id, "message": str(error)}
+            )
+            return
+        finally:
+            os.close(notify_read)
+            os.close(wait_write)
+        protocol.send(
+            self.engine,
+            {"op": "spawned", "id": request_id, "pid": pid},
+            [engine_end.fileno()],
+        )
+        engine_end.close()
+
+    def kill(self, pid: int) -> None:
+        if pid in self.pidfds:
+            signal.pidfd_send_signal(self.pidfds[pid], signal.SIGKILL)
+
+    def reap(self, pid: int) -> None:
+        pidfd = self.pidfds.pop(pid)
+        self.selector.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        protocol.send(self.engine, {"op": "reaped", "pid": pid, "status": status})
+
+    def shutdown(self) -> None:
+        for pid in list(self.pidfds):
+            self.kill(pid)
+        for pid, pidfd in list(self.pidfds.items()):
+            os.waitpid(pid, 0)
+            os.close(pidfd)
+        self.pidfds.clear()
+
+
+def _close_all_except(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _run_supervisor(
+    spec: protocol.Message,
+    control: socket.socket,
+    notify_fd: int,
+    wait_fd: int,
+    cgroup_fds: list[int],
+    keep: set[int],
+    seccomp_program: bytes,
+) -> None:
+    """Body of a freshly forked supervisor; never returns."""
+    status = 1
+    try:
+        _close_all_except(keep)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()
+        libc.set_name(f"sup-{spec['sandbox_id']}"[:15])
+        root = spec["root"]
+        isolation_spec = isolation.IsolationSpec(
+            sandbox_id=spec["sandbox_id"],
+            hostname=spec["hostname"],
+            root=rootfs.RootSpec(
+                root=root["root"],
+                lower=root["lower"],
+                upper=root["upper"],
+                work=root["work"],
+                binds=tuple(tuple(pair) for pair in root["binds"]),
+                hostname=spec["hostname"],
+            ),
+            workdir=spec["workdir"],
+            tmp_size=spec.get("tmp_size"),
+        )
+        try:
+            init_pid = isolation.isolate(isolation_spec, notify_fd, wait_fd)
+        except Exception as error:
+            protocol.send(control, {"op": "failed", "message": str(error)})
+            raise
+        protocol.send(control, {"op": "ready", "init_pid": init_pid})
+        Supervisor(control, init_pid, cgroup_fds, seccomp_program).serve()
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s zygote %(levelname)s %(message)s"
+    )
+    engine = socket.socket(fileno=int(sys.argv[1]))
+    # The zygote must not die from the terminal's Ctrl-C before the Engine
+    # has terminated its sandboxes; it exits when the Engine's socket closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Zygote(engine).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install the engine's system packages and its virtualenv (.venv) in this
+# checkout. With --demo, run the demo afterwards. Needs root, because apt-get
+# and the engine itself (namespaces, cgroups, mounts) need it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root (sudo bash scripts/install.sh)" >&2
+    exit 1
+fi
+
+packages=(libseccomp2 debootstrap python3-venv bubblewrap runc)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "install.sh: Python 3.11 or newer is required; set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+echo "install.sh: installed; the CLI is .venv/bin/engine"
+
+if [ "${1:-}" = "--demo" ]; then
+    exec .venv/bin/python -m engine.demo
+fi
