@@ -38,6 +38,7 @@ from engine.core.models import (
     TerminationReason,
 )
 from engine.core.output import OutputBuffer
+from engine.core.pool import CgroupPool
 from engine.core.store import Store
 from engine.errors import (
     EngineError,
@@ -50,7 +51,7 @@ from engine.errors import (
 )
 from engine.runtime import cgroups
 from engine.runtime.spawner import Spawner, SupervisorClient
-from engine.storage.images import ImageStore
+from engine.storage.images import Image, ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ OUTPUT_GRACE_SECONDS = 1.0
 REAPER_INTERVAL = 1.0
 # Seconds terminate waits for the supervisor before killing it.
 TERMINATE_TIMEOUT = 10.0
+# Seconds a resolved image is reused before the image store is asked again.
+IMAGE_CACHE_SECONDS = 30.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -122,6 +125,9 @@ class Engine:
         self.store: Store | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
+        self.pool: CgroupPool | None = None
+        # Image name -> (Image, monotonic time it was resolved).
+        self._images: dict[str, tuple[Image, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._started = False
 
@@ -141,6 +147,8 @@ class Engine:
         self.store = Store(self.config.database_path)
         self._sweep()
         await self.spawner.start()
+        self.pool = CgroupPool(self.cgroup_driver, self.spawner)
+        self.pool.schedule_refill()
         self._reaper = asyncio.create_task(self._reap_expired())
         self._started = True
         log.info(
@@ -204,6 +212,8 @@ class Engine:
             *(self._terminate(sb, TerminationReason.SHUTDOWN) for sb in live),
             return_exceptions=True,
         )
+        if self.pool is not None:
+            await self.pool.close()
         await self.spawner.close()
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
@@ -229,7 +239,7 @@ class Engine:
         """Create a sandbox and return once it is RUNNING."""
         self._check_started()
         validation.check_spec(spec)
-        image = self.images.resolve(spec.image)
+        image = self._resolve_image(spec.image)
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         now = time.time()
         info = SandboxInfo(
@@ -268,7 +278,17 @@ class Engine:
         )
         return sandbox.info
 
-    async def _start_sandbox(self, sandbox: _Sandbox, image) -> None:
+    def _resolve_image(self, name: str) -> Image:
+        """Resolve an image name, reusing a resolution younger than IMAGE_CACHE_SECONDS."""
+        cached = self._images.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < IMAGE_CACHE_SECONDS:
+            return cached[0]
+        image = self.images.resolve(name)
+        self._images[name] = (image, now)
+        return image
+
+    async def _start_sandbox(self, sandbox: _Sandbox, image: Image) -> None:
         assert self.cgroup_driver is not None
         spec = sandbox.info.spec
         uid = self.config.uid_base
@@ -279,13 +299,14 @@ class Engine:
         for name in ("root", "upper", "work"):
             (directory / name).mkdir(mode=0o755)
             os.chown(directory / name, uid, uid)
-        sandbox.cgroup = self.cgroup_driver.create(
-            sandbox.info.sandbox_id,
-            cgroups.CgroupLimits(
-                cpu=spec.cpu,
-                memory_bytes=spec.memory_mib * 1024 * 1024 if spec.memory_mib else None,
-                pids=spec.pids,
-            ),
+        limits = cgroups.CgroupLimits(
+            cpu=spec.cpu,
+            memory_bytes=spec.memory_mib * 1024 * 1024 if spec.memory_mib else None,
+            pids=spec.pids,
+        )
+        assert self.pool is not None
+        sandbox.cgroup = self.pool.take(limits) or self.cgroup_driver.create(
+            sandbox.info.sandbox_id, limits
         )
         runtime_spec = {
             "sandbox_id": sandbox.info.sandbox_id,

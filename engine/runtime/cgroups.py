@@ -94,6 +94,10 @@ class Cgroup(ABC):
     name: str
 
     @abstractmethod
+    def set_limits(self, limits: CgroupLimits) -> None:
+        """Apply the limits that are not None; the others stay as they are."""
+
+    @abstractmethod
     def procs_files(self) -> list[str]:
         """Return the absolute path of cgroup.procs in every hierarchy of the group.
 

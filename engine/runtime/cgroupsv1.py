@@ -60,6 +60,9 @@ class CgroupV1(Cgroup):
     def __repr__(self) -> str:
         return f"CgroupV1({self.name!r}, {self.dirs!r})"
 
+    def set_limits(self, limits: CgroupLimits) -> None:
+        _apply_limits(self, limits)
+
     def procs_files(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in self.directories]
 

@@ -60,6 +60,9 @@ class CgroupV2(Cgroup):
     def _path(self, filename: str) -> str:
         return os.path.join(self.directory, filename)
 
+    def set_limits(self, limits: CgroupLimits) -> None:
+        _apply_limits(self.directory, limits)
+
     def procs_files(self) -> list[str]:
         return [self._path("cgroup.procs")]
 

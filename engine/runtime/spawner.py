@@ -143,6 +143,13 @@ class Spawner:
             )
         return message["pid"], socket.socket(fileno=fds[0])
 
+    async def warm(self, cgroup_fds: list[int]) -> None:
+        """Have the zygote move a throwaway child through a new cgroup."""
+        assert self.channel is not None, "Spawner.start() was not called"
+        message, _ = await self.channel.request({"op": "warm"}, cgroup_fds)
+        if message.get("status"):
+            raise OSError(0, "joining the new cgroup failed")
+
     def kill(self, pid: int) -> None:
         if self.channel is not None and not self.channel.closed.done():
             self.channel.send({"op": "kill", "pid": pid})
