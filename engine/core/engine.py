@@ -38,7 +38,7 @@ from engine.core.models import (
     TerminationReason,
 )
 from engine.core.output import OutputBuffer
-from engine.core.pool import CgroupPool
+from engine.core.pool import SupervisorPool
 from engine.core.store import Store
 from engine.errors import (
     EngineError,
@@ -125,7 +125,7 @@ class Engine:
         self.store: Store | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
-        self.pool: CgroupPool | None = None
+        self.pool: SupervisorPool | None = None
         # Image name -> (Image, monotonic time it was resolved).
         self._images: dict[str, tuple[Image, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -147,7 +147,12 @@ class Engine:
         self.store = Store(self.config.database_path)
         self._sweep()
         await self.spawner.start()
-        self.pool = CgroupPool(self.cgroup_driver, self.spawner)
+        self.pool = SupervisorPool(
+            self.cgroup_driver,
+            self.spawner,
+            self.config.uid_base,
+            self.config.uid_count,
+        )
         self.pool.schedule_refill()
         self._reaper = asyncio.create_task(self._reap_expired())
         self._started = True
@@ -304,15 +309,9 @@ class Engine:
             memory_bytes=spec.memory_mib * 1024 * 1024 if spec.memory_mib else None,
             pids=spec.pids,
         )
-        assert self.pool is not None
-        sandbox.cgroup = self.pool.take(limits) or self.cgroup_driver.create(
-            sandbox.info.sandbox_id, limits
-        )
         runtime_spec = {
             "sandbox_id": sandbox.info.sandbox_id,
             "hostname": sandbox.info.sandbox_id,
-            "uid_base": uid,
-            "uid_count": self.config.uid_count,
             "workdir": spec.workdir,
             "tmp_size": f"{spec.memory_mib}m" if spec.memory_mib else None,
             "root": {
@@ -323,23 +322,18 @@ class Engine:
                 "binds": [list(pair) for pair in image.binds],
             },
         }
-        procs_fds = [
-            os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            for path in sandbox.cgroup.procs_files()
-        ]
-        try:
-            pid, control = await self.spawner.spawn(runtime_spec, procs_fds)
-        finally:
-            for fd in procs_fds:
-                os.close(fd)
-        sandbox.supervisor_pid = pid
+        assert self.pool is not None
+        slot = await self.pool.take()
+        sandbox.cgroup = slot.cgroup
+        sandbox.supervisor_pid = slot.pid
         sandbox.supervisor = SupervisorClient(
-            control, lambda p, s: self._on_exit(sandbox, p, s)
+            slot.control, lambda pid, status: self._on_exit(sandbox, pid, status)
         )
         sandbox.supervisor.closed.add_done_callback(
             lambda _: self._on_supervisor_closed(sandbox)
         )
-        await sandbox.supervisor.wait_ready()
+        slot.cgroup.set_limits(limits)
+        await sandbox.supervisor.start(runtime_spec)
 
     def _on_supervisor_closed(self, sandbox: _Sandbox) -> None:
         if sandbox.info.state == SandboxState.RUNNING and not sandbox.lock.locked():

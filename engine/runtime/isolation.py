@@ -1,10 +1,14 @@
 """The isolation steps of a sandbox, in the order they must run.
 
-``isolate`` runs in the supervisor, a process the zygote has just forked as
-root on the host. When it returns, the supervisor is uid 0 of a new user
-namespace (an unprivileged uid on the host), inside the sandbox's mount,
-UTS, IPC, network and cgroup namespaces, with its root pivoted into the
-sandbox's root, and every child it forks lands in the sandbox's PID namespace.
+Three processes take part. The zygote, root on the host, forks the
+supervisor. The supervisor runs ``enter_namespaces`` at once, ahead of any
+request, and ``build_root`` when a sandbox is requested, then forks the
+sandbox's PID 1, which runs ``finish_in_init``. When that returns, PID 1 is
+uid 0 of a new user namespace (uid ``uid_base`` on the host), in the
+sandbox's cgroups and in all of its namespaces, with its root pivoted into the
+sandbox's root, no way back to the host's root, a reduced capability set,
+no_new_privs and the seccomp filter. Every process it forks inherits all of
+that.
 """
 
 from __future__ import annotations
@@ -12,10 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 from dataclasses import dataclass
 
-from engine.runtime import capabilities, libc, mounts, namespaces, network, rootfs
+from engine.runtime import (
+    capabilities,
+    libc,
+    mounts,
+    namespaces,
+    network,
+    rootfs,
+    seccomp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +40,30 @@ class IsolationSpec:
     tmp_size: str | None
 
 
-def isolate(spec: IsolationSpec, notify_fd: int, wait_fd: int) -> int:
-    """Isolate the calling process as the supervisor of a new sandbox.
+def enter_namespaces(cgroup_fds: list[int], notify_fd: int, wait_fd: int) -> None:
+    """Join the sandbox's cgroups and move into new namespaces, as uid 0 inside.
 
     ``notify_fd`` and ``wait_fd`` are pipes to the zygote, which writes the id
-    maps when told the user namespace exists. Returns the host pid of the
-    sandbox's PID 1.
+    maps when told that the user namespace exists.
     """
+    # Joining first makes the cgroup namespace below rooted at the sandbox's
+    # own cgroup, and every process forked later starts inside it, so no exec
+    # pays for a cgroup migration.
+    for fd in cgroup_fds:
+        os.write(fd, b"0")
+        os.close(fd)
+
     # Supplementary groups survive unshare(CLONE_NEWUSER) and would keep
     # granting the host's root group inside the sandbox.
     os.setgroups([])
 
-    # One unshare call, so that the new user namespace owns all the others
-    # and the caps it grants apply to them.
+    # One unshare call, so that the new user namespace owns all the others and
+    # the capabilities it grants apply to them. CLONE_NEWPID affects only the
+    # children forked afterwards.
     namespaces.unshare()
 
-    # Only a process outside the namespace, root on the host, may map host
-    # ids into it. Until the map exists this process has no usable uid.
+    # Only a process outside the namespace, root on the host, may map host ids
+    # into it. Until the map exists this process has no usable uid.
     os.write(notify_fd, b"u")
     if os.read(wait_fd, 1) != b"g":
         raise OSError(0, "the zygote did not write the uid and gid maps")
@@ -53,6 +71,9 @@ def isolate(spec: IsolationSpec, notify_fd: int, wait_fd: int) -> int:
     os.close(wait_fd)
     namespaces.become_root()
 
+
+def build_root(spec: IsolationSpec) -> str:
+    """Mount the sandbox's root and pivot into it; return where the host's root went."""
     # Before any mount: nothing mounted from here on may propagate to the host.
     mounts.make_private()
     rootfs.mount_root(spec.root)
@@ -68,65 +89,37 @@ def isolate(spec: IsolationSpec, notify_fd: int, wait_fd: int) -> int:
     rootfs.mount_dev(old_root)
     rootfs.mount_tmp(old_root, spec.tmp_size)
     rootfs.write_etc(spec.hostname, old_root)
+    workdir = rootfs.check_inside(spec.workdir, old_root)
+    os.makedirs(workdir, exist_ok=True)
+    return old_root
 
-    # procfs shows the PID namespace of the process that mounts it, so the
-    # sandbox's PID 1 mounts it. The kernel allows that mount in a user
-    # namespace only while the host's /proc is still visible, under old_root.
-    init_pid = start_init()
+
+def finish_in_init(spec: IsolationSpec, old_root: str, seccomp_program: bytes) -> None:
+    """Finish isolation in the sandbox's PID 1, right after the fork."""
+    # Non-dumpable before anything of the sandbox runs: its /proc/1/mem and
+    # ptrace then need capabilities in the host's user namespace, because
+    # this process never called execve and its memory belongs to that namespace.
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    libc.set_name("init")
+
+    # procfs shows the PID namespace of the process that mounts it, so PID 1
+    # mounts it. The kernel allows that mount in a user namespace only while a
+    # fully visible procfs is in the mount namespace: the host's, under old_root.
+    mounts.mount_proc("/proc")
     rootfs.mask_proc()
-
     libc.umount2(old_root, libc.MNT_DETACH)
     os.rmdir(old_root)
 
     libc.sethostname(spec.hostname)
     network.setup_loopback()
-    workdir = rootfs.check_inside(spec.workdir, old_root)
-    os.makedirs(workdir, exist_ok=True)
 
-    # Last, because the steps above need CAP_SYS_ADMIN. Every process forked
-    # from here on inherits the reduced bounding set and cannot regain it.
+    # Last, because the steps above need CAP_SYS_ADMIN. Dropping the bounding
+    # set first means no process forked later can regain what it lacks.
     capabilities.drop_bounding()
-    libc.prctl(libc.PR_SET_DUMPABLE, 0)
-    return init_pid
+    capabilities.restrict()
 
-
-def start_init() -> int:
-    """Fork the sandbox's PID 1 and wait until it has mounted /proc."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(read_fd)
-            _run_init(write_fd)
-        finally:
-            os._exit(status)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        if pipe.read(1) != b"p":
-            raise OSError(0, "the sandbox's PID 1 failed to mount /proc")
-    return pid
-
-
-def _run_init(ready_fd: int) -> None:
-    # Non-dumpable before anything of the sandbox runs: its /proc/1/mem and
-    # ptrace then need capabilities in the host's user namespace.
-    libc.prctl(libc.PR_SET_DUMPABLE, 0)
-    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    libc.set_name("init")
-    mounts.mount_proc("/proc")
-    os.write(ready_fd, b"p")
-    os.closerange(0, 1 << 20)
-
-    # Signals from inside the namespace reach PID 1 only if it handles them,
-    # so ignoring all of them makes it unkillable from inside. SIGCHLD ignored
-    # makes the kernel reap orphans that are reparented here.
-    for number in range(1, signal.NSIG):
-        if number in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            signal.signal(number, signal.SIG_IGN)
-        except (OSError, ValueError):
-            continue
-    while True:
-        signal.pause()
+    # no_new_privs is required to load a filter without CAP_SYS_ADMIN, and it
+    # stops setuid binaries from gaining privileges. The filter is inherited
+    # by every child, so exec'd processes need not load it again.
+    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+    seccomp.load_bpf(seccomp_program)

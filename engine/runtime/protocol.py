@@ -11,6 +11,7 @@ import array
 import fcntl
 import json
 import os
+import select
 import socket
 import termios
 from typing import Any
@@ -73,6 +74,10 @@ def recv(sock: socket.socket) -> tuple[Message, list[int]] | None:
     # FIONREAD on a unix datagram socket returns the length of the next
     # datagram, so the buffer is as large as the message and no larger.
     size = pending_bytes(sock)
+    if size == 0:
+        # Nothing queued yet: block until a datagram or end of stream arrives.
+        select.select([sock], [], [])
+        size = pending_bytes(sock)
     data, fds, flags, _ = socket.recv_fds(
         sock, max(size, 1), MAX_FDS, socket.MSG_CMSG_CLOEXEC
     )

@@ -129,26 +129,22 @@ class Spawner:
     def reaped_future(self, pid: int) -> asyncio.Future[int]:
         return self.reaped.setdefault(pid, asyncio.get_running_loop().create_future())
 
-    async def spawn(
-        self, spec: dict[str, Any], cgroup_fds: list[int]
+    async def prefork(
+        self, uid_base: int, uid_count: int, cgroup_fds: list[int]
     ) -> tuple[int, socket.socket]:
-        """Fork a supervisor for ``spec``; return its host pid and control socket."""
+        """Fork a supervisor into the cgroup of ``cgroup_fds`` and new namespaces.
+
+        Returns its host pid and its control socket; the supervisor then waits
+        for ``SupervisorClient.start``.
+        """
         assert self.channel is not None, "Spawner.start() was not called"
-        message, fds = await self.channel.request(
-            {"op": "spawn", "spec": spec}, cgroup_fds
-        )
-        if message["op"] != "spawned":
+        request = {"op": "prefork", "uid_base": uid_base, "uid_count": uid_count}
+        message, fds = await self.channel.request(request, cgroup_fds)
+        if message["op"] != "preforked":
             raise OSError(
                 0, f"sandbox supervisor failed to start: {message.get('message')}"
             )
         return message["pid"], socket.socket(fileno=fds[0])
-
-    async def warm(self, cgroup_fds: list[int]) -> None:
-        """Have the zygote move a throwaway child through a new cgroup."""
-        assert self.channel is not None, "Spawner.start() was not called"
-        message, _ = await self.channel.request({"op": "warm"}, cgroup_fds)
-        if message.get("status"):
-            raise OSError(0, "joining the new cgroup failed")
 
     def kill(self, pid: int) -> None:
         if self.channel is not None and not self.channel.closed.done():
@@ -195,12 +191,12 @@ class SupervisorClient:
     def closed(self) -> asyncio.Future[None]:
         return self.channel.closed
 
-    async def wait_ready(self) -> int:
-        """Wait for the sandbox to be set up; return the host pid of its PID 1."""
+    async def start(self, spec: dict[str, Any]) -> None:
+        """Send the sandbox's spec and wait until its PID 1 is ready."""
+        self.channel.send({"op": "start", "spec": spec})
         message = await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT)
         if message["op"] != "ready":
             raise OSError(0, f"sandbox setup failed: {message.get('message')}")
-        return message["init_pid"]
 
     async def exec(
         self,

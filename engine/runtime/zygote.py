@@ -5,11 +5,9 @@ is one end of a SOCK_SEQPACKET pair. Forking from here, not from the
 multi-threaded daemon, is what makes fork safe, and the imports done once here
 are why no interpreter starts on the sandbox creation path. Messages:
 
-    {"op": "spawn", "id", "spec"} + fds [cgroup.procs of every hierarchy]
-        -> {"op": "spawned", "id", "pid"} + fds [the supervisor's control socket]
+    {"op": "prefork", "id", "uid_base", "uid_count"} + fds [cgroup.procs of every hierarchy]
+        -> {"op": "preforked", "id", "pid"} + fds [the supervisor's control socket]
         or {"op": "failed", "id", "message"}
-    {"op": "warm", "id"} + fds [cgroup.procs of every hierarchy]
-        -> {"op": "warmed", "id"} once a short-lived child has joined and left
     {"op": "kill", "pid"}          SIGKILL a supervisor
 and, unprompted, {"op": "reaped", "pid", "status"} when a supervisor exits.
 
@@ -25,10 +23,8 @@ import selectors
 import signal
 import socket
 import sys
-import traceback
 
-from engine.runtime import isolation, libc, namespaces, protocol, rootfs, seccomp
-from engine.runtime.supervisor import Supervisor
+from engine.runtime import namespaces, protocol, seccomp, supervisor
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +37,6 @@ class Zygote:
         self.engine = engine
         self.selector = selectors.DefaultSelector()
         self.pidfds: dict[int, int] = {}
-        # Warming children by pid: their pidfd and the request id.
-        self.warmers: dict[int, tuple[int, int]] = {}
         # Compiled once; every sandbox installs this same program.
         self.seccomp_program = seccomp.export_bpf(seccomp.build_filter())
 
@@ -61,32 +55,28 @@ class Zygote:
 
     def handle(self, message: protocol.Message, fds: list[int]) -> None:
         try:
-            if message.get("op") == "spawn":
-                self.spawn(message, fds)
-            elif message.get("op") == "warm":
-                self.warm(message, fds)
+            if message.get("op") == "prefork":
+                self.prefork(message, fds)
             elif message.get("op") == "kill":
                 self.kill(message["pid"])
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def spawn(self, message: protocol.Message, cgroup_fds: list[int]) -> None:
+    def prefork(self, message: protocol.Message, cgroup_fds: list[int]) -> None:
         request_id = message["id"]
-        spec = message["spec"]
         engine_end, supervisor_end = protocol.socketpair()
         notify_read, notify_write = os.pipe2(os.O_CLOEXEC)
         wait_read, wait_write = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             keep = {supervisor_end.fileno(), notify_write, wait_read, *cgroup_fds}
-            _run_supervisor(
-                spec,
+            _close_all_except(keep)
+            supervisor.run(
                 supervisor_end,
+                cgroup_fds,
                 notify_write,
                 wait_read,
-                cgroup_fds,
-                keep,
                 self.seccomp_program,
             )
         supervisor_end.close()
@@ -99,59 +89,26 @@ class Zygote:
             ready, _, _ = select.select([notify_read], [], [], SPAWN_TIMEOUT)
             if not ready or os.read(notify_read, 1) != b"u":
                 raise OSError(0, "the supervisor exited before creating its namespaces")
-            namespaces.write_id_maps(pid, spec["uid_base"], spec["uid_count"])
+            namespaces.write_id_maps(pid, message["uid_base"], message["uid_count"])
             os.write(wait_write, b"g")
         except OSError as error:
             self.kill(pid)
             engine_end.close()
-            protocol.send(
-                self.engine, {"op": "failed", "id": request_id, "message": str(error)}
-            )
+            reply = {"op": "failed", "id": request_id, "message": str(error)}
+            protocol.send(self.engine, reply)
             return
         finally:
             os.close(notify_read)
             os.close(wait_write)
-        protocol.send(
-            self.engine,
-            {"op": "spawned", "id": request_id, "pid": pid},
-            [engine_end.fileno()],
-        )
+        reply = {"op": "preforked", "id": request_id, "pid": pid}
+        protocol.send(self.engine, reply, [engine_end.fileno()])
         engine_end.close()
-
-    def warm(self, message: protocol.Message, cgroup_fds: list[int]) -> None:
-        """Move a throwaway child into a new cgroup, so the next move is fast.
-
-        The first process to join a new v1 memory cgroup waits 8 to 15 ms in the
-        kernel (measured on Linux 6.18); later ones take microseconds. Paying
-        that here, ahead of time, keeps it off the first exec of a sandbox.
-        """
-        pid = os.fork()
-        if pid == 0:
-            status = 0
-            try:
-                for fd in cgroup_fds:
-                    os.write(fd, b"0")
-            except OSError:
-                status = 1
-            finally:
-                os._exit(status)
-        pidfd = os.pidfd_open(pid)
-        self.warmers[pid] = (pidfd, message["id"])
-        self.selector.register(pidfd, selectors.EVENT_READ, -pid)
 
     def kill(self, pid: int) -> None:
         if pid in self.pidfds:
             signal.pidfd_send_signal(self.pidfds[pid], signal.SIGKILL)
 
     def reap(self, pid: int) -> None:
-        if pid < 0:
-            pidfd, request_id = self.warmers.pop(-pid)
-            self.selector.unregister(pidfd)
-            os.close(pidfd)
-            _, status = os.waitpid(-pid, 0)
-            reply = {"op": "warmed", "id": request_id, "status": status}
-            protocol.send(self.engine, reply)
-            return
         pidfd = self.pidfds.pop(pid)
         self.selector.unregister(pidfd)
         os.close(pidfd)
@@ -175,51 +132,6 @@ def _close_all_except(keep: set[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def _run_supervisor(
-    spec: protocol.Message,
-    control: socket.socket,
-    notify_fd: int,
-    wait_fd: int,
-    cgroup_fds: list[int],
-    keep: set[int],
-    seccomp_program: bytes,
-) -> None:
-    """Body of a freshly forked supervisor; never returns."""
-    status = 1
-    try:
-        _close_all_except(keep)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.setsid()
-        libc.set_name(f"sup-{spec['sandbox_id']}"[:15])
-        root = spec["root"]
-        isolation_spec = isolation.IsolationSpec(
-            sandbox_id=spec["sandbox_id"],
-            hostname=spec["hostname"],
-            root=rootfs.RootSpec(
-                root=root["root"],
-                lower=root["lower"],
-                upper=root["upper"],
-                work=root["work"],
-                binds=tuple(tuple(pair) for pair in root["binds"]),
-                hostname=spec["hostname"],
-            ),
-            workdir=spec["workdir"],
-            tmp_size=spec.get("tmp_size"),
-        )
-        try:
-            init_pid = isolation.isolate(isolation_spec, notify_fd, wait_fd)
-        except Exception as error:
-            protocol.send(control, {"op": "failed", "message": str(error)})
-            raise
-        protocol.send(control, {"op": "ready", "init_pid": init_pid})
-        Supervisor(control, init_pid, cgroup_fds, seccomp_program).serve()
-        status = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(status)
 
 
 def main() -> None:
