@@ -141,6 +141,7 @@ class Engine:
                 "mounts; run `sudo engine serve`"
             )
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
@@ -796,6 +797,23 @@ async def _closed(process: _Process) -> None:
         async for chunk in buffer.follow(buffer.end):
             if chunk.eof:
                 break
+
+
+def _check_traversable(data_dir: Path, uid: int) -> None:
+    """Raise unless host uid ``uid`` can reach ``data_dir`` through every parent.
+
+    Sandbox supervisors run as that uid and mount the images and overlay
+    directories below the data dir.
+    """
+    for directory in (data_dir, *data_dir.parents):
+        mode = directory.stat()
+        if mode.st_mode & 0o001 or (mode.st_uid == uid and mode.st_mode & 0o100):
+            continue
+        raise PermissionDenied(
+            f"data dir {data_dir} is not reachable by sandbox uid {uid}: "
+            f"{directory} has mode {mode.st_mode & 0o7777:o}; run `chmod o+x {directory}` "
+            "or choose another --data-dir"
+        )
 
 
 def _signal_name(number: int) -> str:

@@ -15,13 +15,13 @@ DEFAULT_NOFILE = 1024
 DEFAULT_OUTPUT_BUFFER_BYTES = 8 * 1024 * 1024
 
 
-class SandboxState(str, enum.Enum):
+class SandboxState(enum.StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     TERMINATED = "TERMINATED"
 
 
-class TerminationReason(str, enum.Enum):
+class TerminationReason(enum.StrEnum):
     NONE = ""
     USER = "user"
     TTL = "ttl"
@@ -30,12 +30,12 @@ class TerminationReason(str, enum.Enum):
     DAEMON_RESTART = "daemon_restart"
 
 
-class ProcessState(str, enum.Enum):
+class ProcessState(enum.StrEnum):
     RUNNING = "running"
     EXITED = "exited"
 
 
-class ExitReason(str, enum.Enum):
+class ExitReason(enum.StrEnum):
     """Why a process ended; NONE while it runs."""
 
     NONE = ""
@@ -46,7 +46,7 @@ class ExitReason(str, enum.Enum):
     KILLED = "killed"
 
 
-class Stream(str, enum.Enum):
+class Stream(enum.StrEnum):
     STDOUT = "stdout"
     STDERR = "stderr"
 

@@ -169,6 +169,30 @@ def _apply_limits(group: CgroupV1, limits: CgroupLimits) -> None:
         write_control(os.path.join(group.dirs["pids"], "pids.max"), str(limits.pids))
 
 
+_swap_warned = False
+
+
+def _warn_swap_unlimited(memsw: str) -> None:
+    """Log once per process that memory limits cannot cover swap on this host."""
+    global _swap_warned
+    if _swap_warned or not _host_has_swap():
+        return
+    _swap_warned = True
+    logger.warning(
+        "%s is missing (swap accounting is off), so sandboxes may use swap beyond "
+        "their memory limit; boot with swapaccount=1 to limit it",
+        memsw,
+    )
+
+
+def _host_has_swap() -> bool:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("SwapTotal:"):
+                return int(line.split()[1]) > 0
+    return False
+
+
 def _limit_memory(directory: str, limit: int) -> None:
     # memory.limit_in_bytes comes first because the kernel rejects a
     # memory.memsw.limit_in_bytes below it. Setting both to the same value
@@ -180,7 +204,7 @@ def _limit_memory(directory: str, limit: int) -> None:
     else:
         # NOTE: without swap accounting (no memsw files) the group may still
         # swap; memory.swappiness 0 below only discourages it.
-        logger.debug("%s is missing, so swap use is not limited", memsw)
+        _warn_swap_unlimited(memsw)
     try:
         write_control(os.path.join(directory, "memory.swappiness"), "0")
     except EngineError as exc:
