@@ -25,7 +25,7 @@ from engine.runtime.spawner import Spawner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POOL_SIZE = 4
+DEFAULT_POOL_SIZE = 8
 
 
 @dataclass(eq=False)
@@ -85,7 +85,14 @@ class SupervisorPool:
         return Slot(group, pid, control)
 
     def schedule_refill(self) -> None:
-        if self._closed or self.size <= 0:
+        """Refill the pool in a burst once it is half empty.
+
+        A move into a v1 cgroup holds a global lock across an RCU grace period
+        unless another move happened a moment before, and every fork on the
+        host waits for that lock. Bursts of back-to-back moves pay the grace
+        period once per burst, not once per sandbox.
+        """
+        if self._closed or self.size <= 0 or len(self.ready) > self.size // 2:
             return
         if self._refill is None or self._refill.done():
             self._refill = asyncio.create_task(self._fill())
