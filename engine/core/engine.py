@@ -24,6 +24,7 @@ from pathlib import Path
 
 from engine.config import Config
 from engine.core import validation
+from engine.core.files import SandboxFiles
 from engine.core.models import (
     DEFAULT_OUTPUT_BUFFER_BYTES,
     ExitReason,
@@ -121,6 +122,8 @@ class Engine:
         self.config = config
         self.sandboxes: dict[str, _Sandbox] = {}
         self.images = ImageStore(config.data_dir, config.uid_base, config.uid_count)
+        # File operations on running sandboxes: engine.files.stat_file(...) etc.
+        self.files = SandboxFiles(self)
         self.spawner = Spawner()
         self.store: Store | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None

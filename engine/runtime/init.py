@@ -9,6 +9,8 @@ one SOCK_SEQPACKET socket:
     {"op": "exec", "id", "argv", "env", "cwd", "nofile"} + fds [stdin, stdout, stderr]
         -> {"op": "started", "id", "pid"} or {"op": "failed", "id", "errno", "message"}
     {"op": "kill", "pid", "signal", "group"}
+    {"op": "file", "id", "action", "args"} + fds [result, optional data]
+        -> {"op": "started", "id", "pid"}; the worker reports on the result fd
     {"op": "terminate"}
 and sends, unprompted, {"op": "exit", "pid", "status"} for every process it
 started that ends, with ``status`` the raw wait status. When the socket
@@ -29,7 +31,7 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
-from engine.runtime import libc, protocol
+from engine.runtime import files, libc, protocol
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Init:
     control: socket.socket
     # Pids of the processes started by exec that have not been reaped yet.
     children: set[int] = field(default_factory=set)
+    # Pids of file operation workers that have not been reaped yet.
+    workers: set[int] = field(default_factory=set)
 
     def serve(self) -> None:
         """Serve the Engine until it says terminate or closes the socket."""
@@ -73,6 +77,8 @@ class Init:
         try:
             if op == "exec":
                 self.exec(message, fds)
+            elif op == "file":
+                self.file(message, fds)
             elif op == "kill":
                 self.kill(message)
         finally:
@@ -117,9 +123,26 @@ class Init:
             raise _failure(report)
         return pid
 
+    def file(self, message: protocol.Message, fds: list[int]) -> None:
+        """Fork a worker for one file operation (see engine.runtime.files).
+
+        A worker, not PID 1, touches the paths, so a FUSE mount or a FIFO that
+        blocks stalls only that operation.
+        """
+        request_id = message["id"]
+        if not 1 <= len(fds) <= 2:
+            reply = {"op": "failed", "id": request_id, "errno": errno.EINVAL}
+            protocol.send(self.control, {**reply, "message": "bad descriptors"})
+            return
+        pid = os.fork()
+        if pid == 0:
+            _file_worker(message, fds)
+        self.workers.add(pid)
+        protocol.send(self.control, {"op": "started", "id": request_id, "pid": pid})
+
     def kill(self, message: protocol.Message) -> None:
         pid = message["pid"]
-        if pid not in self.children:
+        if pid not in self.children and pid not in self.workers:
             return
         try:
             if message.get("group", True):
@@ -162,6 +185,29 @@ class Init:
                     protocol.send(self.control, message)
                 except OSError:
                     pass
+
+
+def _file_worker(message: protocol.Message, fds: list[int]) -> None:
+    """Body of a file operation worker; never returns."""
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        keep = {2, *fds}
+        for fd in range(0, max(keep) + 1):
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        os.closerange(max(keep) + 1, 1 << 20)
+        result_fd = fds[0]
+        data_fd = fds[1] if len(fds) > 1 else None
+        status = files.run(
+            message["action"], message.get("args", {}), result_fd, data_fd
+        )
+    except BaseException:  # the worker must exit, whatever happened
+        status = 1
+    finally:
+        os._exit(status)
 
 
 def _failure(report: bytes) -> OSError:

@@ -217,6 +217,14 @@ class SupervisorClient:
             )
         return message["pid"]
 
+    async def file(self, action: str, args: dict[str, Any], fds: list[int]) -> int:
+        """Start a file operation worker; return its pid inside the sandbox."""
+        request = {"op": "file", "action": action, "args": args}
+        message, _ = await self.channel.request(request, fds)
+        if message["op"] != "started":
+            raise OSError(message.get("errno", 0), message.get("message", "failed"))
+        return message["pid"]
+
     def kill(self, pid: int, signal: int, *, group: bool = True) -> None:
         self.channel.send({"op": "kill", "pid": pid, "signal": signal, "group": group})
 
