@@ -132,7 +132,12 @@ def write_file(args: dict[str, Any], data_fd: int | None, _: int) -> dict[str, A
     temporary = os.path.join(
         directory, b".engine-upload-" + os.urandom(6).hex().encode()
     )
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o600)
+    except OSError as error:
+        # Name the path the caller asked for, not the temporary file.
+        raise OSError(error.errno, error.strerror, path) from None
     size = 0
     try:
         while chunk := os.read(data_fd, CHUNK_BYTES):
