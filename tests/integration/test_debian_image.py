@@ -7,16 +7,22 @@ after debootstrap has mounted /proc inside the target.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from engine.config import Config
+from engine.core.engine import Engine
+from engine.core.models import SandboxSpec, Stream
 from engine.errors import AlreadyExists, InvalidArgument, Unavailable
 from engine.storage.images import ImageStore
 
@@ -37,8 +43,11 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    data_dir = tmp_path_factory.mktemp("debian-image")
+def built() -> Iterator[Built]:
+    # A data dir below /tmp with mode 0755, because sandbox supervisors run as
+    # UID_BASE on the host and must reach the image through every parent.
+    data_dir = Path(tempfile.mkdtemp(prefix="eng-img-", dir="/tmp"))
+    data_dir.chmod(0o755)
     store = ImageStore(data_dir, uid_base=UID_BASE, uid_count=UID_COUNT)
     progress: list[str] = []
     started = time.time()
@@ -164,6 +173,62 @@ def test_debian_build_twice_rejected(built: Built) -> None:
     with pytest.raises(AlreadyExists) as caught:
         built.store.build("debian")
     assert "engine image rm debian" in str(caught.value)
+
+
+async def _run_in_debian(data_dir: Path, script: str) -> tuple[int, bytes, bytes]:
+    """Create a sandbox from the debian image, run ``script`` with sh, terminate it."""
+    engine = Engine(Config.from_data_dir(data_dir))
+    await engine.start()
+    try:
+        sandbox = await engine.create_sandbox(SandboxSpec(image="debian"))
+        info = await engine.exec(sandbox.sandbox_id, ["sh", "-c", script])
+        streams = []
+        for stream in (Stream.STDOUT, Stream.STDERR):
+            chunks = engine.read_output(sandbox.sandbox_id, info.pid, stream)
+            streams.append(b"".join([chunk.data async for chunk in chunks]))
+        final = await engine.wait(sandbox.sandbox_id, info.pid)
+        await engine.terminate_sandbox(sandbox.sandbox_id)
+    finally:
+        await engine.close()
+    assert final.exit_code is not None
+    return final.exit_code, streams[0], streams[1]
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for directory, names, files in sorted(os.walk(root)):
+        names.sort()
+        for name in sorted(files):
+            path = Path(directory, name)
+            status = path.lstat()
+            digest.update(
+                f"{path}:{status.st_mode}:{status.st_uid}:{status.st_size}".encode()
+            )
+            if stat.S_ISREG(status.st_mode):
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_debian_sandbox_writes_anywhere(built: Built) -> None:
+    before = _tree_digest(built.root / "etc")
+    script = (
+        "echo changed > /etc/motd && echo new > /usr/bin/new-file && "
+        "mkdir -p /var/lib/x && touch /var/lib/x/y && id -u && "
+        "stat -c %u /usr/bin/python3 && python3 -c 'print(6*7)'"
+    )
+    code, stdout, stderr = asyncio.run(_run_in_debian(built.store.data_dir, script))
+    assert code == 0, stderr
+    assert stdout.split() == [b"0", b"0", b"42"]
+    assert not (built.root / "usr/bin/new-file").exists()
+    assert _tree_digest(built.root / "etc") == before
+
+
+def test_debian_sandbox_starts_from_image(built: Built) -> None:
+    """A second sandbox does not see the first one's writes."""
+    script = "test ! -e /usr/bin/new-file && cat /etc/debian_version"
+    code, stdout, stderr = asyncio.run(_run_in_debian(built.store.data_dir, script))
+    assert code == 0, stderr
+    assert stdout.strip().split(b".")[0].isdigit()
 
 
 def test_debian_remove(built: Built) -> None:
