@@ -1,0 +1,354 @@
+"""Runs of this engine: through gRPC to a daemon subprocess, and embedded.
+
+The daemon is a real ``engine serve`` subprocess on a unix socket. Its client
+uses the generated stubs over one kept-open channel. A cold start is one
+Create RPC plus one Exec stream read to its exit event: the fewest RPCs that
+create a sandbox and report a process in it as finished. The embedded runs
+call the ``Engine`` object directly on the harness's event loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from benchmarks.suite import Sample
+from engine.config import Config
+from engine.core.engine import Engine
+from engine.core.models import SandboxSpec, Stream
+from engine.sdk.client import Client, check_health, error_from_rpc
+from engine.v1 import sandbox_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+TRUE_ARGV = ["true"]
+# Limits of every benchmarked sandbox, so that the cgroup limits are set on
+# the creation path. The SDK's example uses the same cpu and memory.
+CPU_CORES = 1.0
+MEMORY_MIB = 512
+PIDS = 512
+CGROUP_LIMITS = f"cpu {CPU_CORES:g} core, memory {MEMORY_MIB} MiB, pids {PIDS}"
+# Seconds a daemon gets to report SERVING, and to exit after SIGTERM.
+DAEMON_START_TIMEOUT = 60.0
+DAEMON_STOP_TIMEOUT = 60.0
+# Seconds any single RPC or Engine call may take before it counts as hung.
+CALL_TIMEOUT = 60.0
+# The daemon logs warnings and errors only, so that it does the same logging
+# work as the embedded engine, whose INFO records go nowhere.
+DAEMON_LOG_LEVEL = "WARNING"
+
+
+def engine_command() -> list[str]:
+    """Return the argv prefix that runs the ``engine`` CLI of this interpreter."""
+    script = Path(sys.executable).parent / "engine"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "engine.cli.main"]
+
+
+def _spec_proto() -> pb.SandboxSpec:
+    return pb.SandboxSpec(image="host", cpu=CPU_CORES, memory_mib=MEMORY_MIB, pids=PIDS)
+
+
+class Daemon:
+    """An ``engine serve`` subprocess with a private data dir and socket."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data_dir = directory / "data"
+        self.socket_path = directory / "engine.sock"
+        self.log_path = directory / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        # True once the daemon reported SERVING.
+        self.serving = False
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> None:
+        """Start the daemon and return once its health service reports SERVING."""
+        self.directory.mkdir(mode=0o755, exist_ok=True)
+        self.data_dir.mkdir(mode=0o755, exist_ok=True)
+        argv = [
+            *engine_command(),
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--socket",
+            str(self.socket_path),
+            "--log-level",
+            DAEMON_LOG_LEVEL,
+        ]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        logger.info("started engine daemon, pid %d", self.process.pid)
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                logger.error("engine serve failed to start; log:\n%s", self.log_tail())
+                last_line = self.log_tail(1) or "(empty log)"
+                raise RuntimeError(
+                    f"engine serve exited with status {self.process.returncode}"
+                    f" during start: {last_line}"
+                )
+            if self.socket_path.exists() and check_health(self.address, timeout=1.0):
+                self.serving = True
+                return
+            time.sleep(0.05)
+        logger.error("engine serve did not start; log:\n%s", self.log_tail())
+        raise RuntimeError(
+            f"engine serve did not report SERVING within {DAEMON_START_TIMEOUT} s;"
+            f" last log line: {self.log_tail(1) or '(empty log)'}"
+        )
+
+    def stop(self) -> int | None:
+        """Send SIGTERM, wait for the exit and return the exit status.
+
+        A daemon still running after DAEMON_STOP_TIMEOUT is killed with SIGKILL.
+        """
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(DAEMON_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.error(
+                "engine daemon %d ignored SIGTERM for %s s; killing it",
+                self.process.pid,
+                DAEMON_STOP_TIMEOUT,
+            )
+            self.process.kill()
+            status = self.process.wait()
+        logger.info("engine daemon %d exited with %d", self.process.pid, status)
+        return status
+
+
+def _create(client: Client) -> str:
+    reply = client.call(
+        "Create", pb.CreateRequest(spec=_spec_proto()), timeout=CALL_TIMEOUT
+    )
+    return reply.sandbox.sandbox_id
+
+
+def _terminate(client: Client, sandbox_id: str) -> None:
+    client.call(
+        "Terminate", pb.TerminateRequest(sandbox_id=sandbox_id), timeout=CALL_TIMEOUT
+    )
+
+
+def _exec(client: Client, sandbox_id: str, argv: list[str]) -> bytes:
+    """Run ``argv`` through one Exec stream, read to the exit event, and return stdout.
+
+    Raises RuntimeError when the process exits with a status other than 0.
+    """
+    request = pb.ExecRequest(sandbox_id=sandbox_id, argv=argv)
+    stdout = bytearray()
+    try:
+        for event in client.stub.Exec(request, timeout=CALL_TIMEOUT):
+            kind = event.WhichOneof("event")
+            if kind == "output" and event.output.stream == pb.STREAM_STDOUT:
+                stdout += event.output.data
+            elif kind == "exit":
+                if event.exit.exit_code != 0:
+                    raise RuntimeError(
+                        f"{argv[0]} in sandbox {sandbox_id} exited with"
+                        f" {event.exit.exit_code} {event.exit.signal}".rstrip()
+                    )
+                return bytes(stdout)
+    except grpc.RpcError as error:
+        raise error_from_rpc(error, client.address) from None
+    raise RuntimeError(f"the Exec stream in sandbox {sandbox_id} ended without exit")
+
+
+class GrpcRuns:
+    """Timed operations against a daemon, each on kept-open channels."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.client = Client(address)
+        self.exec_sandbox: str | None = None
+        # Clients of the throughput runs, one channel each, made on first use.
+        self._clients: list[Client] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_size = 0
+
+    def cold_start(self) -> float:
+        """Time Create plus an Exec of `true` to its exit, then terminate untimed."""
+        start = time.perf_counter()
+        sandbox_id = _create(self.client)
+        try:
+            _exec(self.client, sandbox_id, TRUE_ARGV)
+            elapsed = time.perf_counter() - start
+        finally:
+            _terminate(self.client, sandbox_id)
+        return elapsed
+
+    def start_exec_sandbox(self) -> None:
+        self.exec_sandbox = _create(self.client)
+
+    def exec_round_trip(self) -> float:
+        """Time one Exec stream of `true` in the running sandbox, to its exit event."""
+        assert self.exec_sandbox is not None
+        start = time.perf_counter()
+        _exec(self.client, self.exec_sandbox, TRUE_ARGV)
+        return time.perf_counter() - start
+
+    def probe(self, argv: list[str]) -> str:
+        """Run ``argv`` in a new sandbox and return its stdout."""
+        sandbox_id = _create(self.client)
+        try:
+            return _exec(self.client, sandbox_id, argv).decode(errors="replace")
+        finally:
+            _terminate(self.client, sandbox_id)
+
+    def throughput(self, clients: int, cycles: int) -> Sample:
+        """Run ``cycles`` Create+Terminate pairs on each of ``clients`` channels.
+
+        Every client starts at the same moment, on its own channel.
+
+        Returns sandboxes per second over the wall time from the common start
+        to the last Terminate reply, with each pair's seconds as details.
+        """
+        while len(self._clients) < clients:
+            self._clients.append(Client(self.address))
+        if self._executor is None or self._executor_size < clients:
+            if self._executor is not None:
+                self._executor.shutdown()
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=clients, thread_name_prefix="bench-client"
+            )
+            self._executor_size = clients
+        barrier = threading.Barrier(clients + 1)
+
+        def client_loop(client: Client) -> list[float]:
+            barrier.wait(CALL_TIMEOUT)
+            durations = []
+            for _ in range(cycles):
+                begin = time.perf_counter()
+                _terminate(client, _create(client))
+                durations.append(time.perf_counter() - begin)
+            return durations
+
+        futures = [
+            self._executor.submit(client_loop, client)
+            for client in self._clients[:clients]
+        ]
+        barrier.wait(CALL_TIMEOUT)
+        start = time.perf_counter()
+        durations = [d for future in futures for d in future.result()]
+        elapsed = time.perf_counter() - start
+        return Sample(clients * cycles / elapsed, {"cycle_seconds": durations})
+
+    def close(self) -> None:
+        """Terminate the exec sandbox and close every channel."""
+        try:
+            if self.exec_sandbox is not None:
+                _terminate(self.client, self.exec_sandbox)
+                self.exec_sandbox = None
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
+            for client in [self.client, *self._clients]:
+                client.close()
+
+
+def _spec() -> SandboxSpec:
+    return SandboxSpec(image="host", cpu=CPU_CORES, memory_mib=MEMORY_MIB, pids=PIDS)
+
+
+class EmbeddedRuns:
+    """Timed operations on an Engine that runs on the caller's event loop."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(mode=0o755, exist_ok=True)
+        self.engine = Engine(Config.from_data_dir(directory / "data"))
+        self.exec_sandbox: str | None = None
+
+    async def start(self) -> None:
+        self.engine.config.data_dir.mkdir(mode=0o755, exist_ok=True)
+        await self.engine.start()
+
+    async def _run(self, sandbox_id: str, argv: list[str]) -> int:
+        info = await self.engine.exec(sandbox_id, argv)
+        done = await self.engine.wait(sandbox_id, info.pid, timeout=CALL_TIMEOUT)
+        if done.exit_code != 0:
+            raise RuntimeError(
+                f"{argv[0]} in sandbox {sandbox_id} exited with {done.exit_code}"
+                f" {done.signal}".rstrip()
+            )
+        return info.pid
+
+    async def cold_start(self) -> float:
+        """Time create_sandbox plus exec and wait of `true`, then terminate untimed."""
+        start = time.perf_counter()
+        info = await self.engine.create_sandbox(_spec())
+        try:
+            await self._run(info.sandbox_id, TRUE_ARGV)
+            elapsed = time.perf_counter() - start
+        finally:
+            await self.engine.terminate_sandbox(info.sandbox_id)
+        return elapsed
+
+    async def start_exec_sandbox(self) -> None:
+        self.exec_sandbox = (await self.engine.create_sandbox(_spec())).sandbox_id
+
+    async def exec_round_trip(self) -> float:
+        """Time exec plus wait of `true` in the running sandbox."""
+        assert self.exec_sandbox is not None
+        start = time.perf_counter()
+        await self._run(self.exec_sandbox, TRUE_ARGV)
+        return time.perf_counter() - start
+
+    async def probe(self, argv: list[str]) -> str:
+        """Run ``argv`` in a new sandbox and return its stdout."""
+        info = await self.engine.create_sandbox(_spec())
+        try:
+            pid = await self._run(info.sandbox_id, argv)
+            output = bytearray()
+            chunks = self.engine.read_output(info.sandbox_id, pid, Stream.STDOUT)
+            async for chunk in chunks:
+                output += chunk.data
+                if chunk.eof:
+                    break
+            return output.decode(errors="replace")
+        finally:
+            await self.engine.terminate_sandbox(info.sandbox_id)
+
+    async def close(self) -> None:
+        """Terminate every sandbox and stop the engine's zygote."""
+        await self.engine.close()
+
+
+def daemon_directory(work_dir: Path) -> Path:
+    return work_dir / "grpc"
+
+
+def embedded_directory(work_dir: Path) -> Path:
+    return work_dir / "embedded"
+
+
+def requires_root_reason() -> str:
+    """Return why the engine rows cannot run, or "" when they can."""
+    if os.geteuid() != 0:
+        return "needs root: the engine creates namespaces, cgroups and mounts"
+    return ""
