@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import resource
@@ -31,13 +30,20 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
-from engine.runtime import files, libc, protocol
+from engine.runtime import files, protocol
 
 log = logging.getLogger(__name__)
 
-# Signals whose disposition Python changes at start-up; an exec'd program must
-# start with the defaults, or `yes | head` would see EPIPE instead of SIGPIPE.
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
+# PID 1 ignores nearly every signal, and ignored signals stay ignored across
+# execve, so every exec'd program gets all of them back at their defaults;
+# otherwise `yes | head` would see EPIPE instead of SIGPIPE.
+_ALL_SIGNALS = tuple(
+    number
+    for number in range(1, signal.NSIG)
+    if number not in (signal.SIGKILL, signal.SIGSTOP)
+    and number in signal.valid_signals()
+)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 # oom_score_adj of every process exec starts (-1000 to 1000; 0 is the default).
@@ -51,6 +57,8 @@ class Init:
     children: set[int] = field(default_factory=set)
     # Pids of file operation workers that have not been reaped yet.
     workers: set[int] = field(default_factory=set)
+    # RLIMIT_NOFILE now applied to PID 1, which every child inherits.
+    nofile: int = -1
 
     def serve(self) -> None:
         """Serve the Engine until it says terminate or closes the socket."""
@@ -102,26 +110,58 @@ class Init:
         protocol.send(self.control, {"op": "started", "id": request_id, "pid": pid})
 
     def _spawn(self, message: protocol.Message, fds: list[int]) -> int:
+        """Start the program with posix_spawn and return its pid.
+
+        posix_spawn uses a vfork-style clone, so its cost does not grow with
+        this process's memory, and it returns once execve has succeeded or
+        with execve's error. The child inherits PID 1's namespaces, cgroups,
+        capabilities, no_new_privs, seccomp filter and rlimits; the spawn
+        attributes give it a new session, default signal handlers, an empty
+        signal mask and the requested stdio. The one exception is glibc's two
+        internal signals, 32 and 33, which glibc's posix_spawn leaves ignored
+        and glibc programs take over at start-up. Every other descriptor of PID 1
+        is close-on-exec.
+        """
         if len(fds) != 3:
             raise OSError(
                 errno.EINVAL, f"exec needs 3 stdio descriptors, not {len(fds)}"
             )
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            _exec_child(message, fds, write_fd)
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            report = pipe.read()
-        if report:
-            # The child failed before or in execve. Reap it here, so that reap()
-            # never reports it; SIGKILL first, in case it has not exited.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise _failure(report)
+        argv = [str(arg) for arg in message["argv"]]
+        env = {str(key): str(value) for key, value in message["env"].items()}
+        self._set_nofile(int(message.get("nofile", 1024)))
+        try:
+            # PID 1 is single-threaded, so changing its own cwd around the
+            # spawn is safe, and the child inherits it.
+            os.chdir(message["cwd"])
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise OSError(
+                error.errno, f"cannot change to cwd {message['cwd']!r}: {reason}"
+            ) from None
+        try:
+            program = _find_program(argv[0], env.get("PATH", DEFAULT_PATH))
+            pid = os.posix_spawn(
+                program,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)
+                ],
+                setsid=True,
+                setsigdef=_ALL_SIGNALS,
+                setsigmask=(),
+            )
+        except OSError as error:
+            raise OSError(error.errno, _describe(error, argv[0])) from None
+        finally:
+            os.chdir("/")
+        _raise_oom_score(pid)
         return pid
+
+    def _set_nofile(self, nofile: int) -> None:
+        if nofile != self.nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            self.nofile = nofile
 
     def file(self, message: protocol.Message, fds: list[int]) -> None:
         """Fork a worker for one file operation (see engine.runtime.files).
@@ -169,10 +209,8 @@ class Init:
 
     def terminate(self) -> None:
         """Kill every other process of the namespace, report them, and return."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -181,10 +219,8 @@ class Init:
             if pid in self.children:
                 self.children.discard(pid)
                 message = {"op": "exit", "pid": pid, "status": status}
-                try:
+                with contextlib.suppress(OSError):
                     protocol.send(self.control, message)
-                except OSError:
-                    pass
 
 
 def _file_worker(message: protocol.Message, fds: list[int]) -> None:
@@ -210,14 +246,6 @@ def _file_worker(message: protocol.Message, fds: list[int]) -> None:
         os._exit(status)
 
 
-def _failure(report: bytes) -> OSError:
-    try:
-        failure = json.loads(report)
-        return OSError(int(failure["errno"]), str(failure["message"]))
-    except (ValueError, KeyError, TypeError):
-        return OSError(errno.EIO, "the exec child sent a malformed report")
-
-
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 4096):
@@ -226,68 +254,39 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _exec_child(message: protocol.Message, stdio: list[int], report_fd: int) -> None:
-    """Turn the forked child into the requested program; never returns.
+def _find_program(name: str, path: str) -> str:
+    """Return the file to execute for argv[0], searching ``path`` as execvp does."""
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise OSError(errno.ENOENT, "not found in PATH", name)
 
-    The child inherits PID 1's namespaces, cgroups, capability sets,
-    no_new_privs and seccomp filter, so what is left is per-process state.
+
+def _raise_oom_score(pid: int) -> None:
+    """Make the OOM killer pick the process before PID 1, the supervisor or the daemon.
+
+    Raising a score needs no privilege. After execve the process is
+    dumpable again and owned by the sandbox's root, which PID 1 is, so PID 1
+    can write its file; a process that has already exited is skipped.
     """
-    stage = "exec setup"
-    try:
-        os.setsid()
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        signal.set_wakeup_fd(-1)
-        for number in (*_RESET_SIGNALS, signal.SIGCHLD):
-            signal.signal(number, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        nofile = int(message.get("nofile", 1024))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        stage = "cwd"
-        os.chdir(message["cwd"])
-        stage = "exec"
-        os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, 1 << 20)
-        _raise_oom_score()
-        os.execvpe(message["argv"][0], message["argv"], message["env"])
-    except OSError as error:
-        failure = {
-            "errno": error.errno or errno.EIO,
-            "message": _describe(error, stage, message),
-        }
-        os.write(report_fd, json.dumps(failure).encode())
-    except BaseException as error:  # the child must report, then exit
-        failure = {"errno": errno.EIO, "message": f"exec setup failed: {error!r}"}
-        os.write(report_fd, json.dumps(failure).encode())
-    os._exit(127)
-
-
-def _raise_oom_score() -> None:
-    """Make the OOM killer pick this process before PID 1, the supervisor or the daemon.
-
-    Raising the score needs no privilege, but /proc/self is writable only
-    while the process is dumpable, and a child of PID 1 is not. The dumpable
-    window opens after every inherited descriptor but stdio and the report
-    pipe is closed, and execve resets the flag anyway.
-    """
-    libc.prctl(libc.PR_SET_DUMPABLE, 1)
-    with open("/proc/self/oom_score_adj", "w") as file:
+    with (
+        contextlib.suppress(OSError),
+        open(f"/proc/{pid}/oom_score_adj", "w") as file,
+    ):
         file.write(str(SANDBOX_OOM_SCORE_ADJ))
-    libc.prctl(libc.PR_SET_DUMPABLE, 0)
 
 
-def _describe(error: OSError, stage: str, message: protocol.Message) -> str:
-    program = message["argv"][0]
+def _describe(error: OSError, program: str) -> str:
     reason = error.strerror or str(error)
-    if stage == "cwd":
-        return f"cannot change to cwd {message['cwd']!r}: {reason}"
-    if stage != "exec":
-        return f"{stage} for {program!r} failed: {reason}"
     if error.errno == errno.ENOENT and "/" not in program:
         return f"executable {program!r} not found in PATH"
     if error.errno == errno.ENOENT:
         return f"executable {program!r} not found"
     if error.errno == errno.EACCES:
         return f"{program!r} is not executable: permission denied"
+    if error.errno == errno.ENOEXEC:
+        return f"{program!r} is not in an executable format"
     return f"exec of {program!r} failed: {reason}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import secrets
 from dataclasses import dataclass
 
@@ -112,6 +113,9 @@ def finish_in_init(spec: IsolationSpec, old_root: str, seccomp_program: bytes) -
 
     libc.sethostname(spec.hostname)
     network.setup_loopback()
+    # Inherited by every process PID 1 starts: a crash never writes a core
+    # file into the sandbox's root or the host's core_pattern.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     # Last, because the steps above need CAP_SYS_ADMIN. Dropping the bounding
     # set first means no process forked later can regain what it lacks.

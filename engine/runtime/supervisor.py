@@ -14,6 +14,7 @@ sandbox's PID namespace, so sandbox code cannot see or signal it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,10 +36,17 @@ def run(
     """Body of a freshly forked supervisor; never returns."""
     status = 1
     try:
+        zygote_pid = os.getppid()
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         libc.set_name("engine-sandbox")
         isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd)
+        # The kernel clears the parent-death signal when the euid changes, as
+        # it did in enter_namespaces, so set it again and check that the
+        # zygote did not die in between.
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote_pid:
+            return
         received = protocol.recv(control)
         if received is None:
             # The pool was closed before this supervisor was used.
@@ -91,13 +99,11 @@ def _ignore_signals() -> None:
     # Signals from inside the namespace reach PID 1 only if it handles them,
     # and Python handles SIGINT; ignoring everything leaves SIGCHLD, which
     # init.Init installs, as the only signal sandbox code can deliver.
-    for number in range(1, signal.NSIG):
+    for number in signal.valid_signals():
         if number in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
             continue
-        try:
+        with contextlib.suppress(OSError, ValueError):
             signal.signal(number, signal.SIG_IGN)
-        except (OSError, ValueError):
-            continue
 
 
 def _isolation_spec(spec: protocol.Message) -> isolation.IsolationSpec:
