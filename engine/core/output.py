@@ -103,7 +103,7 @@ class OutputBuffer:
         return OutputChunk(self.stream, offset, data, dropped, eof)
 
     async def follow(self, offset: int = 0) -> AsyncIterator[OutputChunk]:
-        """Yield chunks from ``offset`` as they arrive, ending with one whose eof is True."""
+        """Yield chunks from ``offset`` as they arrive; the last one has eof set."""
         while True:
             changed = self._changed
             chunk = self.read(offset)

@@ -65,7 +65,8 @@ def check_spec(spec: SandboxSpec) -> None:
     _check_text("workdir", spec.workdir)
     if spec.name and (len(spec.name) > MAX_NAME or not _NAME.match(spec.name)):
         raise InvalidArgument(
-            f"name {shorten(spec.name)} must be at most {MAX_NAME} letters, digits, '.', '_' or '-'"
+            f"name {shorten(spec.name)} must be at most {MAX_NAME} letters, "
+            "digits, '.', '_' or '-'"
         )
     check_env(spec.env)
     if len(spec.labels) > MAX_LABELS:
@@ -75,7 +76,8 @@ def check_spec(spec: SandboxSpec) -> None:
     for key, value in spec.labels.items():
         if not _LABEL_KEY.match(key):
             raise InvalidArgument(
-                f"label key {shorten(key)} must be 1-63 letters, digits, '.', '_', '/' or '-'"
+                f"label key {shorten(key)} must be 1-63 letters, digits, "
+                "'.', '_', '/' or '-'"
             )
         if len(value) > 256:
             raise InvalidArgument(
@@ -92,7 +94,8 @@ def check_env(env: dict[str, str]) -> None:
     for key, value in env.items():
         if not _ENV_NAME.match(key):
             raise InvalidArgument(
-                f"env name {shorten(key)} is invalid; use letters, digits and '_', not starting with a digit"
+                f"env name {shorten(key)} is invalid; use letters, digits and '_', "
+                "not starting with a digit"
             )
         _check_text(f"env {key}", value)
 
@@ -102,7 +105,8 @@ def check_exec(
 ) -> None:
     if not argv:
         raise InvalidArgument(
-            "argv is empty; pass the program and its arguments, e.g. ['python3', '-c', 'print(1)']"
+            "argv is empty; pass the program and its arguments, "
+            "e.g. ['python3', '-c', 'print(1)']"
         )
     if not argv[0]:
         raise InvalidArgument("argv[0] is empty; it must name the program to run")

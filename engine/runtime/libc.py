@@ -175,7 +175,7 @@ CAPABILITY_VERSION_3 = 0x20080522
 
 
 def capget(pid: int = 0) -> tuple[int, int, int]:
-    """Return the (effective, permitted, inheritable) sets of ``pid`` as 64-bit masks."""
+    """Return the effective, permitted and inheritable sets of ``pid``, 64 bits each."""
     header = CapHeader(CAPABILITY_VERSION_3, pid)
     data = (CapData * 2)()
     result = _libc.syscall(

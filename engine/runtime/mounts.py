@@ -71,7 +71,7 @@ def bind(
 
 
 def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
-    """Mount an overlayfs of the read-only ``lower`` and the writable ``upper`` on ``target``.
+    """Mount an overlayfs of read-only ``lower`` and writable ``upper`` on ``target``.
 
     ``userxattr`` makes overlayfs keep its metadata in user.* xattrs, which is
     what a mount inside a user namespace may use.

@@ -32,7 +32,7 @@ def unshare(flags: int = SANDBOX_NAMESPACES) -> None:
 
 
 def write_id_maps(pid: int, host_base: int, count: int) -> None:
-    """Map ids 0..count-1 inside the user namespace of ``pid`` to host_base.. on the host.
+    """Map ids 0..count-1 in the user namespace of ``pid`` to host ids from host_base.
 
     The caller must be root in the parent user namespace. setgroups stays
     allowed: the map is written by a privileged process, and the sandbox's
@@ -52,7 +52,7 @@ def write_id_maps(pid: int, host_base: int, count: int) -> None:
 
 
 def become_root() -> None:
-    """Switch to uid and gid 0 of the current user namespace, with no supplementary groups."""
+    """Become uid and gid 0 of the current user namespace, with no extra groups."""
     os.setresgid(0, 0, 0)
     os.setgroups([])
     os.setresuid(0, 0, 0)

@@ -25,7 +25,7 @@ Message = dict[str, Any]
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
-    """Return a connected, close-on-exec SOCK_SEQPACKET pair sized for MAX_MESSAGE_BYTES."""
+    """Return a close-on-exec SOCK_SEQPACKET pair sized for MAX_MESSAGE_BYTES."""
     left, right = socket.socketpair(
         socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
     )

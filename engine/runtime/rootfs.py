@@ -170,7 +170,7 @@ def _write(path: str, text: str, old_root: str) -> None:
 
 
 def write_etc(hostname: str, old_root: str) -> None:
-    """Generate /etc/hostname, /etc/hosts and /etc/resolv.conf, and passwd and group if absent."""
+    """Write /etc/hostname, hosts and resolv.conf, and passwd and group if absent."""
     _write("/etc/hostname", f"{hostname}\n", old_root)
     hosts = (
         f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"

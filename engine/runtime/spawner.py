@@ -151,7 +151,7 @@ class Spawner:
             self.channel.send({"op": "kill", "pid": pid})
 
     async def close(self) -> None:
-        """Close the zygote's socket, which makes it kill every supervisor, and wait for it."""
+        """Close the zygote's socket, so it kills every supervisor, and wait for it."""
         if self.channel is not None:
             self.channel.close()
         if self.process is not None:
@@ -206,7 +206,7 @@ class SupervisorClient:
         nofile: int,
         stdio: list[int],
     ) -> int:
-        """Start a process; return its pid inside the sandbox, or raise OSError with its errno."""
+        """Start a process; return its pid in the sandbox, or raise OSError."""
         message, _ = await self.channel.request(
             {"op": "exec", "argv": argv, "env": env, "cwd": cwd, "nofile": nofile},
             stdio,

@@ -5,7 +5,8 @@ is one end of a SOCK_SEQPACKET pair. Forking from here, not from the
 multi-threaded daemon, is what makes fork safe, and the imports done once here
 are why no interpreter starts on the sandbox creation path. Messages:
 
-    {"op": "prefork", "id", "uid_base", "uid_count"} + fds [cgroup.procs of every hierarchy]
+    {"op": "prefork", "id", "uid_base", "uid_count"}
+        + fds [cgroup.procs of every hierarchy]
         -> {"op": "preforked", "id", "pid"} + fds [the supervisor's control socket]
         or {"op": "failed", "id", "message"}
     {"op": "kill", "pid"}          SIGKILL a supervisor
@@ -16,6 +17,7 @@ When the Engine's socket closes, the zygote kills every supervisor and exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -128,10 +130,8 @@ def _close_all_except(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def main() -> None:
