@@ -25,6 +25,7 @@ _EXPORTS = {
     "SandboxProcessResponse": "engine.sdk.sandbox",
     "ProcessStatus": "engine.sdk.sandbox",
     "EmbeddedEngine": "engine.sdk.embedded",
+    "AsyncSandbox": "engine.sdk.aio",
     "Engine": "engine.core.engine",
     "Config": "engine.config",
     "SandboxSpec": "engine.core.models",

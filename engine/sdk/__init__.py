@@ -20,6 +20,7 @@ _EXPORTS = {
     "ProcessStatus": "engine.sdk.sandbox",
     "parse_memory": "engine.sdk.sandbox",
     "EmbeddedEngine": "engine.sdk.embedded",
+    "AsyncSandbox": "engine.sdk.aio",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,48 @@
+"""The `engine serve` command: run the daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from engine.config import Config
+
+
+def register(
+    subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        parents=[common],
+        help="run the engine daemon in the foreground",
+        description="Run the engine daemon until SIGTERM or SIGINT, which"
+        " terminate every sandbox and exit with status 0. It serves gRPC on a"
+        " unix socket with mode 0600 and, with --listen, on TCP.",
+    )
+    serve.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="unix socket to listen on (default: engine.sock in the data dir)",
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also listen on this TCP address, without authentication; port 0"
+        " picks a free port (default: no TCP)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="minimum level of the log lines written to stderr (default: INFO)",
+    )
+    serve.set_defaults(func=serve_command, daemon=True)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from engine.server.daemon import serve
+
+    config = Config.from_data_dir(args.data_dir)
+    asyncio.run(serve(config, socket_path=args.socket, listen=args.listen))
+    return 0

@@ -1,0 +1,152 @@
+"""The SDK's connection to a daemon: address lookup, the channel and error mapping.
+
+Every gRPC error that reaches SDK code passes through ``error_from_rpc``, which
+turns a status code back into the ``engine.errors`` class the daemon raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from engine import errors
+from engine.config import default_socket_path
+from engine.v1 import sandbox_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_ENVIRONMENT_VARIABLE = "ENGINE_ADDRESS"
+# Same key as engine.server.interceptor.ERROR_METADATA_KEY, repeated here so
+# the SDK does not import the server.
+ERROR_METADATA_KEY = "engine-error"
+
+
+def normalize_address(address: str) -> str:
+    """Return a gRPC target: "unix:/path" for paths, "host:port" unchanged."""
+    if address.startswith("unix:"):
+        return address
+    if address.startswith("/"):
+        return f"unix:{address}"
+    return address
+
+
+def resolve_address(
+    address: str | None = None, data_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """Return the daemon address to use.
+
+    In order: ``address``, the ENGINE_ADDRESS environment variable, then the
+    default socket of ``data_dir`` (or of the default data dir).
+    """
+    if address:
+        return normalize_address(address)
+    from_environment = os.environ.get(ADDRESS_ENVIRONMENT_VARIABLE)
+    if from_environment:
+        return normalize_address(from_environment)
+    path = default_socket_path(
+        Path(data_dir).absolute() if data_dir is not None else None
+    )
+    return f"unix:{path}"
+
+
+def _is_engine_status(error: grpc.RpcError) -> bool:
+    trailing = (
+        error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    )
+    return any(key == ERROR_METADATA_KEY for key, _ in trailing or ())
+
+
+def error_from_rpc(error: grpc.RpcError, address: str) -> errors.EngineError:
+    """Convert a gRPC error into the matching ``engine.errors`` exception."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if code == grpc.StatusCode.UNAVAILABLE and not _is_engine_status(error):
+        return errors.Unavailable(
+            f"cannot connect to the engine daemon at {address}: {details}. Start one"
+            " with `engine serve`, or set ENGINE_ADDRESS to the address of a"
+            " running daemon"
+        )
+    if code == grpc.StatusCode.CANCELLED and not _is_engine_status(error):
+        return errors.Unavailable(
+            f"the call to the engine daemon at {address} was cancelled"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not _is_engine_status(error):
+        return errors.DeadlineExceeded(
+            f"the engine daemon at {address} did not reply in time: {details}"
+        )
+    cls = errors.BY_CODE.get(code.name, errors.InternalError)
+    return cls(details)
+
+
+class Client:
+    """A channel to one daemon and its SandboxService stub.
+
+    The channel is thread-safe, so one Client may serve many threads.
+    """
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = resolve_address(address)
+        self._channel = grpc.insecure_channel(self.address)
+        self._closed = False
+        self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.FailedPrecondition(
+                f"the connection to the engine daemon at {self.address} is closed;"
+                " attach again with Sandbox.connect(sandbox_id)"
+            )
+
+    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        """Call a unary RPC and raise ``engine.errors`` classes on failure."""
+        self._check_open()
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self.address) from None
+
+    def stream(self, method: str, request: Any) -> Iterator[Any]:
+        """Iterate a server-streaming RPC, cancelling it when the iterator is closed."""
+        self._check_open()
+        call = getattr(self.stub, method)(request)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self.address) from None
+        finally:
+            call.cancel()
+
+    def open_stream(self, method: str, request: Any) -> Any:
+        """Start a server-streaming RPC and return the call, to read and cancel."""
+        self._check_open()
+        return getattr(self.stub, method)(request)
+
+    def close(self) -> None:
+        self._closed = True
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_health(address: str, timeout: float = 2.0) -> bool:
+    """Return whether a daemon at ``address`` reports SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(normalize_address(address)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,501 @@
+"""The synchronous SDK: sandboxes and the processes in them.
+
+    from engine import Sandbox
+
+    with Sandbox(image="host", cpu=1.0, memory="512Mi").create() as sb:
+        p = sb.process.exec("python3", "-c", "print(6*7)")
+        p.wait()           # 0
+        p.stdout.read()    # "42\\n"
+
+Every method raises the classes of ``engine.errors``: NotFound for an unknown
+sandbox or pid, InvalidArgument for a bad argument, Unavailable when no daemon
+accepts connections at the address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import signal as signal_module
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine import errors
+from engine.core.models import (
+    ExitReason,
+    ProcessInfo,
+    ProcessState,
+    SandboxInfo,
+    SandboxState,
+    SandboxStats,
+    Stream,
+)
+from engine.sdk.client import Client
+from engine.server import convert
+from engine.v1 import sandbox_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+# WriteStdin sends at most this many bytes per message, below gRPC's default
+# 4 MiB message limit.
+STDIN_CHUNK_BYTES = 1024 * 1024
+_MEMORY_UNITS = {"": 1, "ki": 1 / 1024, "mi": 1, "gi": 1024, "ti": 1024 * 1024}
+_MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i)?B?\s*$", re.IGNORECASE)
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """Return MiB from an int of MiB or a size string such as "512Mi" or "1Gi"."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise errors.InvalidArgument(
+            f"invalid memory {value!r}: expected MiB or a size"
+        )
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise errors.InvalidArgument(
+            f"invalid memory {value!r}: expected an int of MiB or a string like '512Mi'"
+        )
+    match = _MEMORY_PATTERN.match(value)
+    if match is None:
+        raise errors.InvalidArgument(
+            f"invalid memory {value!r}: expected MiB as a number or a size with a"
+            " unit Ki, Mi, Gi or Ti, such as '512Mi' or '1Gi'"
+        )
+    number = float(match.group(1))
+    mib = number * _MEMORY_UNITS[(match.group(2) or "").lower()]
+    if mib != int(mib):
+        raise errors.InvalidArgument(
+            f"invalid memory {value!r}: {mib} MiB is not a whole number of MiB"
+        )
+    return int(mib)
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    """State of a process. ``exit_code`` is None while it runs."""
+
+    state: ProcessState
+    exit_code: int | None
+    signal: str
+    reason: ExitReason
+
+    @classmethod
+    def from_info(cls, info: ProcessInfo) -> ProcessStatus:
+        return cls(info.state, info.exit_code, info.signal, info.reason)
+
+
+@dataclass(frozen=True)
+class SandboxProcessResponse:
+    """Result of ``run_code``: the exit code and the whole output, decoded as UTF-8."""
+
+    pid: int
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class SandboxProcessStream:
+    """One output stream of a process, read with ReadOutput from this reader's offset.
+
+    Each reader keeps its own offset, so every reader of the same process receives
+    every byte that the daemon still buffers, however late it starts. Iterating
+    yields lines with their trailing newline, as file objects do.
+    """
+
+    def __init__(self, process: SandboxProcess, stream: Stream) -> None:
+        self._process = process
+        self._stream = stream
+        self._offset = 0
+        self._pending = b""
+        self._eof = False
+        # Bytes this reader missed because the daemon's bounded buffer dropped them.
+        self.dropped = 0
+
+    @property
+    def offset(self) -> int:
+        """Offset of the next byte this reader receives from the daemon."""
+        return self._offset
+
+    def iter_bytes(self, follow: bool = True) -> Iterator[bytes]:
+        """Yield bytes as they arrive, or without ``follow`` only those buffered now."""
+        if self._eof:
+            return
+        request = pb.ReadOutputRequest(
+            sandbox_id=self._process.sandbox_id,
+            pid=self._process.pid,
+            stream=convert.STREAMS[self._stream],
+            offset=self._offset,
+            follow=follow,
+        )
+        with contextlib.closing(
+            self._process._client.stream("ReadOutput", request)
+        ) as chunks:
+            for chunk in chunks:
+                if chunk.dropped:
+                    self.dropped += chunk.dropped
+                    logger.warning(
+                        "%s of pid %d in sandbox %s: %d bytes were dropped from the"
+                        " daemon's output buffer before this reader got them",
+                        self._stream.value,
+                        self._process.pid,
+                        self._process.sandbox_id,
+                        chunk.dropped,
+                    )
+                self._offset = chunk.offset + len(chunk.data)
+                if chunk.eof:
+                    self._eof = True
+                if chunk.data:
+                    yield chunk.data
+
+    def read_bytes(self) -> bytes:
+        """Return every byte from this reader's offset up to the end of the stream.
+
+        Blocks until the process closes the stream. After the end, returns b"".
+        """
+        data = self._pending + b"".join(self.iter_bytes(follow=True))
+        self._pending = b""
+        return data
+
+    def read(self) -> str:
+        """Return ``read_bytes()`` decoded as UTF-8, with invalid bytes replaced."""
+        return self.read_bytes().decode("utf-8", errors="replace")
+
+    def read_available(self) -> bytes:
+        """Return the bytes buffered now, without waiting for more."""
+        data = self._pending + b"".join(self.iter_bytes(follow=False))
+        self._pending = b""
+        return data
+
+    def iter_lines_bytes(self) -> Iterator[bytes]:
+        """Yield lines as bytes, as they arrive, each with its trailing newline."""
+        with contextlib.closing(self.iter_bytes(follow=True)) as chunks:
+            for data in chunks:
+                self._pending += data
+                while (end := self._pending.find(b"\n")) >= 0:
+                    line = self._pending[: end + 1]
+                    self._pending = self._pending[end + 1 :]
+                    yield line
+        if self._pending:
+            line, self._pending = self._pending, b""
+            yield line
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.iter_lines_bytes():
+            yield line.decode("utf-8", errors="replace")
+
+
+class SandboxProcessStdin:
+    """The stdin pipe of a process started with ``stdin=True``."""
+
+    def __init__(self, process: SandboxProcess) -> None:
+        self._process = process
+
+    def write(self, data: str | bytes) -> None:
+        """Write ``data`` (str is encoded as UTF-8) and return once the pipe has it."""
+        if isinstance(data, str):
+            data = data.encode()
+        view = memoryview(data)
+        for start in range(0, max(len(view), 1), STDIN_CHUNK_BYTES):
+            self._process._client.call(
+                "WriteStdin",
+                pb.WriteStdinRequest(
+                    sandbox_id=self._process.sandbox_id,
+                    pid=self._process.pid,
+                    data=bytes(view[start : start + STDIN_CHUNK_BYTES]),
+                ),
+            )
+
+    def close(self) -> None:
+        """Close the pipe, so that the process reads end of file."""
+        self._process._client.call(
+            "CloseStdin",
+            pb.CloseStdinRequest(
+                sandbox_id=self._process.sandbox_id, pid=self._process.pid
+            ),
+        )
+
+
+class SandboxProcess:
+    """A process started by ``sb.process.exec``, with ``pid`` inside the sandbox."""
+
+    def __init__(self, client: Client, sandbox_id: str, pid: int) -> None:
+        self._client = client
+        self.sandbox_id = sandbox_id
+        self.pid = pid
+        self.stdout = SandboxProcessStream(self, Stream.STDOUT)
+        self.stderr = SandboxProcessStream(self, Stream.STDERR)
+        self.stdin = SandboxProcessStdin(self)
+
+    def __repr__(self) -> str:
+        return f"SandboxProcess(sandbox_id={self.sandbox_id!r}, pid={self.pid})"
+
+    def info(self, timeout: float | None = 0) -> ProcessInfo:
+        """Return the process's info, waiting up to ``timeout`` seconds for its exit.
+
+        ``timeout=None`` waits until it exits.
+        """
+        request = pb.WaitRequest(sandbox_id=self.sandbox_id, pid=self.pid)
+        if timeout is not None:
+            request.timeout_seconds = timeout
+        reply = self._client.call("Wait", request)
+        return convert.process_from_proto(reply.process)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to exit and return its exit code.
+
+        The exit code is 128 plus the signal number when a signal ended it.
+        Raises DeadlineExceeded when it still runs after ``timeout`` seconds.
+        """
+        info = self.info(timeout=timeout)
+        if info.exit_code is None:
+            raise errors.DeadlineExceeded(
+                f"pid {self.pid} in sandbox {self.sandbox_id} still runs after"
+                f" {timeout} s"
+            )
+        return info.exit_code
+
+    def status(self) -> ProcessStatus:
+        return ProcessStatus.from_info(self.info(timeout=0))
+
+    @property
+    def exit_code(self) -> int | None:
+        """Exit code, or None while the process runs."""
+        return self.info(timeout=0).exit_code
+
+    def kill(self, signal: int = signal_module.SIGKILL) -> None:
+        """Send ``signal`` (SIGKILL by default) to the process group of the process."""
+        self._client.call(
+            "Kill",
+            pb.KillRequest(
+                sandbox_id=self.sandbox_id, pid=self.pid, signal=int(signal)
+            ),
+        )
+
+
+class SandboxProcessManager:
+    """``sb.process``: starts and lists the processes of one sandbox."""
+
+    def __init__(self, client: Client, sandbox_id: str) -> None:
+        self._client = client
+        self._sandbox_id = sandbox_id
+
+    def exec(
+        self,
+        *args: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> SandboxProcess:
+        """Start ``args`` in the sandbox and return once it runs.
+
+        ``timeout`` is in seconds: after it, the engine kills the process group
+        and reports ExitReason.TIMEOUT with exit code 137. Without ``stdin``,
+        the process reads /dev/null.
+        """
+        if len(args) == 1 and isinstance(args[0], list | tuple):
+            argv = list(args[0])
+        else:
+            argv = list(args)
+        request = pb.ExecRequest(
+            sandbox_id=self._sandbox_id,
+            argv=argv,
+            cwd=cwd or "",
+            env=env or {},
+            stdin=stdin,
+        )
+        if timeout is not None:
+            request.timeout_seconds = timeout
+        # Only the started event is needed here. Cancelling the stream leaves
+        # the process running, and its output stays readable through ReadOutput.
+        with contextlib.closing(self._client.stream("Exec", request)) as events:
+            first = next(events, None)
+        if first is None or first.WhichOneof("event") != "started":
+            raise errors.InternalError(
+                f"the daemon's Exec stream in sandbox {self._sandbox_id} did not start"
+                " with a started event"
+            )
+        return SandboxProcess(self._client, self._sandbox_id, first.started.pid)
+
+    def run_code(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> SandboxProcessResponse:
+        """Run ``code`` with ``python3 -c``, wait for it and return its output."""
+        process = self.exec("python3", "-c", code, timeout=timeout, env=env)
+        exit_code = process.wait()
+        return SandboxProcessResponse(
+            pid=process.pid,
+            exit_code=exit_code,
+            stdout=process.stdout.read(),
+            stderr=process.stderr.read(),
+        )
+
+    def get_process(self, pid: int) -> SandboxProcess:
+        """Return a handle on an existing process, with its own output readers."""
+        self._client.call(
+            "Wait",
+            pb.WaitRequest(sandbox_id=self._sandbox_id, pid=pid, timeout_seconds=0),
+        )
+        return SandboxProcess(self._client, self._sandbox_id, pid)
+
+    def list_processes(self) -> dict[int, ProcessInfo]:
+        """Return every process of the sandbox, running and exited, by pid."""
+        reply = self._client.call(
+            "ListProcesses", pb.ListProcessesRequest(sandbox_id=self._sandbox_id)
+        )
+        return {p.pid: convert.process_from_proto(p) for p in reply.processes}
+
+
+class SandboxInstance:
+    """A created or connected sandbox. As a context manager, it terminates on exit."""
+
+    def __init__(self, client: Client, info: SandboxInfo) -> None:
+        self._client = client
+        self.sandbox_id = info.sandbox_id
+        self.process = SandboxProcessManager(client, info.sandbox_id)
+
+    def __repr__(self) -> str:
+        return f"SandboxInstance(sandbox_id={self.sandbox_id!r})"
+
+    @property
+    def address(self) -> str:
+        return self._client.address
+
+    def status(self) -> SandboxInfo:
+        reply = self._client.call("Get", pb.GetRequest(sandbox_id=self.sandbox_id))
+        return convert.sandbox_from_proto(reply.sandbox)
+
+    def update_ttl(self, ttl: float) -> SandboxInfo:
+        """Set the idle timeout in seconds; 0 or a negative value means no expiry."""
+        reply = self._client.call(
+            "UpdateTTL",
+            pb.UpdateTTLRequest(sandbox_id=self.sandbox_id, ttl_seconds=ttl),
+        )
+        return convert.sandbox_from_proto(reply.sandbox)
+
+    def stats(self) -> SandboxStats:
+        reply = self._client.call("Stats", pb.StatsRequest(sandbox_id=self.sandbox_id))
+        return convert.stats_from_proto(reply)
+
+    def terminate(self) -> SandboxInfo:
+        """Kill every process and remove the sandbox; a second call changes nothing."""
+        reply = self._client.call(
+            "Terminate", pb.TerminateRequest(sandbox_id=self.sandbox_id)
+        )
+        return convert.sandbox_from_proto(reply.sandbox)
+
+    def close(self) -> None:
+        """Close the connection to the daemon, leaving the sandbox running."""
+        self._client.close()
+
+    def __enter__(self) -> SandboxInstance:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.terminate()
+        finally:
+            self.close()
+
+
+class Sandbox:
+    """Settings of a sandbox to create.
+
+    ``cpu`` is in cores, ``memory`` in MiB (an int) or a size string such as
+    "512Mi" or "1Gi", ``ttl`` in seconds of inactivity (0 or negative for no
+    expiry). ``None`` means the daemon's default: no CPU or memory limit, 512
+    pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
+    "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
+    """
+
+    def __init__(
+        self,
+        image: str = "host",
+        *,
+        cpu: float | None = None,
+        memory: int | str | None = None,
+        pids: int | None = None,
+        env: dict[str, str] | None = None,
+        workdir: str | None = None,
+        name: str = "",
+        labels: dict[str, str] | None = None,
+        ttl: float | None = None,
+        address: str | None = None,
+    ) -> None:
+        self.image = image
+        self.cpu = cpu
+        self.memory_mib = parse_memory(memory)
+        self.pids = pids
+        self.env = dict(env or {})
+        self.workdir = workdir
+        self.name = name
+        self.labels = dict(labels or {})
+        self.ttl = ttl
+        self.address = address
+
+    def spec_proto(self) -> pb.SandboxSpec:
+        spec = pb.SandboxSpec(
+            image=self.image,
+            env=self.env,
+            workdir=self.workdir or "",
+            name=self.name,
+            labels=self.labels,
+        )
+        optional: dict[str, Any] = {
+            "cpu": self.cpu,
+            "memory_mib": self.memory_mib,
+            "pids": self.pids,
+            "ttl_seconds": self.ttl,
+        }
+        for field, value in optional.items():
+            if value is not None:
+                setattr(spec, field, value)
+        return spec
+
+    def create(self) -> SandboxInstance:
+        """Create the sandbox and return it once it runs."""
+        client = Client(self.address)
+        try:
+            reply = client.call("Create", pb.CreateRequest(spec=self.spec_proto()))
+        except BaseException:
+            client.close()
+            raise
+        return SandboxInstance(client, convert.sandbox_from_proto(reply.sandbox))
+
+    @staticmethod
+    def connect(sandbox_id: str, *, address: str | None = None) -> SandboxInstance:
+        """Attach to an existing sandbox without changing its TTL or lifetime.
+
+        Raises NotFound when the daemon has no sandbox ``sandbox_id``.
+        """
+        client = Client(address)
+        try:
+            reply = client.call("Get", pb.GetRequest(sandbox_id=sandbox_id))
+        except BaseException:
+            client.close()
+            raise
+        return SandboxInstance(client, convert.sandbox_from_proto(reply.sandbox))
+
+    @staticmethod
+    def list(
+        *,
+        address: str | None = None,
+        state: SandboxState | None = None,
+        labels: dict[str, str] | None = None,
+        name: str = "",
+    ) -> list[SandboxInfo]:
+        """Return the daemon's sandboxes that match every filter given."""
+        request = pb.ListRequest(labels=labels or {}, name=name)
+        if state is not None:
+            request.state = convert.SANDBOX_STATES[state]
+        with Client(address) as client:
+            reply = client.call("List", request)
+        return [convert.sandbox_from_proto(s) for s in reply.sandboxes]

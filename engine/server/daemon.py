@@ -1,0 +1,76 @@
+"""Run the engine daemon until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from engine.config import Config
+
+logger = logging.getLogger(__name__)
+
+# Seconds that running RPCs get to finish when the daemon stops.
+STOP_GRACE_SECONDS = 5.0
+
+
+async def serve(
+    config: Config,
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    listen: str | None = None,
+    grace: float = STOP_GRACE_SECONDS,
+) -> None:
+    """Start an Engine and its gRPC server, and stop both on SIGTERM or SIGINT.
+
+    ``socket_path`` defaults to the data dir's engine.sock. The socket is bound
+    before the Engine starts, so a second daemon on the same socket fails
+    before it touches the data dir.
+    """
+    from engine.core.engine import Engine
+    from engine.server.app import create_server
+
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    received: list[str] = []
+
+    def request_stop(signum: int) -> None:
+        received.append(signal.Signals(signum).name)
+        stop_requested.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(socket_path) if socket_path is not None else config.socket_path
+    engine = Engine(config)
+    server, addresses = create_server(engine, socket_path=path, listen=listen)
+    try:
+        await engine.start()
+    except BaseException:
+        server.remove_socket()
+        raise
+
+    try:
+        await server.start()
+        logger.info(
+            "engine daemon serving on %s (data dir %s, pid %d)",
+            ", ".join(addresses.values()),
+            config.data_dir,
+            os.getpid(),
+        )
+        await stop_requested.wait()
+        logger.info("stopping on %s", received[0] if received else "request")
+    finally:
+        # Terminating the sandboxes ends their processes' output streams, so
+        # the Exec and ReadOutput streams still open finish during the grace.
+        stop_server = asyncio.create_task(server.stop(grace))
+        try:
+            await engine.close()
+        finally:
+            await stop_server
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+    logger.info("engine daemon stopped")

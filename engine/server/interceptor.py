@@ -1,0 +1,167 @@
+"""The one place where exceptions become gRPC status codes.
+
+``ErrorInterceptor`` wraps every SandboxService method. An
+``engine.errors.EngineError`` becomes the status its ``code`` attribute names,
+with the exception's message as the details. Any other exception becomes
+INTERNAL with a generic message and an error id, and its traceback goes only to
+the daemon's log under that id. A request that protobuf cannot decode becomes
+INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from engine.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/engine.v1.SandboxService/"
+# Trailing metadata key set on every status that the engine sent on purpose.
+# Its value is the exception class name, such as "NotFound". The SDK uses it to
+# tell an engine error from a transport failure with the same status code.
+ERROR_METADATA_KEY = "engine-error"
+
+
+class UndecodableRequest:
+    """Stand-in for a request whose bytes protobuf rejected."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _wrap_deserializer(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return UndecodableRequest(error)
+
+    return deserialize
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    method: str,
+    request: Any,
+    error: BaseException,
+) -> None:
+    """Abort the RPC with the status for ``error``; this always raises."""
+    sandbox_id = getattr(request, "sandbox_id", "") or "-"
+    if isinstance(error, EngineError):
+        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+        logger.info(
+            "%s for sandbox %s failed: %s: %s", method, sandbox_id, code.name, error
+        )
+        await context.abort(
+            code,
+            str(error),
+            trailing_metadata=((ERROR_METADATA_KEY, type(error).__name__),),
+        )
+    error_id = uuid.uuid4().hex[:12]
+    logger.error(
+        "%s for sandbox %s failed with internal error %s",
+        method,
+        sandbox_id,
+        error_id,
+        exc_info=error,
+    )
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error {error_id} in the engine daemon; its log has the details",
+        trailing_metadata=((ERROR_METADATA_KEY, "InternalError"),),
+    )
+
+
+async def _reject_undecodable(
+    context: grpc.aio.ServicerContext, method: str, request: UndecodableRequest
+) -> None:
+    logger.info("%s failed: request not decodable: %s", method, request.error)
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"invalid request to {method}: {request.error}",
+        trailing_metadata=((ERROR_METADATA_KEY, "InvalidArgument"),),
+    )
+
+
+def _wrap_unary(
+    method: str,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, UndecodableRequest):
+            await _reject_undecodable(context, method, request)
+        try:
+            return await behavior(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            await _abort(context, method, request, error)
+
+    return wrapped
+
+
+def _wrap_stream(
+    method: str,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def wrapped(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        if isinstance(request, UndecodableRequest):
+            await _reject_undecodable(context, method, request)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            await _abort(context, method, request, error)
+
+    return wrapped
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Map the exceptions of SandboxService methods to gRPC statuses.
+
+    Methods of other services (health, reflection) pass through unchanged.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        name = method.removeprefix(SERVICE_PREFIX)
+        deserializer = _wrap_deserializer(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(name, handler.unary_unary),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(name, handler.unary_stream),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

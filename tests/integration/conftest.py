@@ -1,0 +1,263 @@
+"""Fixtures of the integration tests: a real daemon subprocess and an embedded engine.
+
+The daemon is `.venv/bin/engine serve` on a unix socket in a short temporary
+directory under /tmp, because sun_path has room for at most 107 bytes. Each
+fixture stops what it started with SIGTERM and checks that the daemon exits
+with status 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine import Sandbox, SandboxInstance
+from engine.sdk.embedded import EmbeddedEngine
+from engine.v1 import sandbox_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE_BIN = ROOT / ".venv" / "bin" / "engine"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    socket_path: Path
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process below the daemon, sandbox processes included."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int:
+        """Send SIGTERM and return the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"daemon {self.pid} ignored SIGTERM for {STOP_TIMEOUT} s;"
+                f" log:\n{self.log()}"
+            ) from None
+
+
+def make_data_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="eng-", dir="/tmp"))
+    # mkdtemp makes the directory 0700, but the sandbox's mapped uids must be
+    # able to traverse the data dir to reach the image and overlay dirs.
+    path.chmod(0o755)
+    return path
+
+
+def wait_healthy(
+    address: str, process: subprocess.Popen[bytes], log_path: Path
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {process.returncode} during start; log:\n"
+                    + log_path.read_text(errors="replace")
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            except grpc.RpcError:
+                time.sleep(0.05)
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.05)
+    raise AssertionError(
+        f"daemon not SERVING after {START_TIMEOUT} s; log:\n"
+        + log_path.read_text(errors="replace")
+    )
+
+
+def start_daemon(
+    data_dir: Path, *extra: str, socket_path: Path | None = None
+) -> Daemon:
+    socket_path = socket_path or data_dir / "engine.sock"
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(ENGINE_BIN),
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--socket",
+                str(socket_path),
+                *extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    daemon = Daemon(process, data_dir, socket_path, log_path)
+    try:
+        wait_healthy(daemon.address, process, log_path)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+def remove_data_dir(daemon: Daemon) -> None:
+    shutil.rmtree(daemon.data_dir, ignore_errors=True)
+    daemon.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """One daemon shared by the tests that do not stop or restart it."""
+    data_dir = make_data_dir()
+    running = start_daemon(data_dir)
+    try:
+        yield running
+    finally:
+        status = running.stop()
+        log = running.log()
+        if os.environ.get("ENGINE_KEEP_DAEMON_LOG"):
+            print(f"shared daemon log:\n{log}")
+        remove_data_dir(running)
+        assert status == 0, f"daemon exited with {status}; log:\n{log}"
+        assert not running.socket_path.exists()
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., Daemon]]:
+    """Start private daemons; each is stopped and checked for status 0 at teardown."""
+    started: list[Daemon] = []
+
+    def start(*extra: str, data_dir: Path | None = None) -> Daemon:
+        running = start_daemon(data_dir or make_data_dir(), *extra)
+        started.append(running)
+        return running
+
+    yield start
+    failures = []
+    for running in started:
+        status = running.stop()
+        if status != 0:
+            failures.append(
+                f"daemon {running.pid} exited with {status}:\n{running.log()}"
+            )
+        remove_data_dir(running)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """An empty data dir under /tmp, removed at teardown."""
+    path = make_data_dir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def address(daemon: Daemon) -> str:
+    return daemon.address
+
+
+@pytest.fixture
+def channel(address: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(address) as opened:
+        yield opened
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> sandbox_pb2_grpc.SandboxServiceStub:
+    return sandbox_pb2_grpc.SandboxServiceStub(channel)
+
+
+@pytest.fixture
+def sandbox(address: str) -> Iterator[SandboxInstance]:
+    """A sandbox on the shared daemon, terminated at teardown."""
+    with Sandbox(address=address).create() as created:
+        yield created
+
+
+@pytest.fixture
+def embedded() -> Iterator[EmbeddedEngine]:
+    """An Engine with its gRPC server in this process, on a private data dir."""
+    data_dir = make_data_dir()
+    engine = EmbeddedEngine(data_dir=data_dir)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cli_env(address: str) -> dict[str, str]:
+    """Environment for `engine` subprocesses that points them at the shared daemon."""
+    env = dict(os.environ)
+    env["ENGINE_ADDRESS"] = address
+    return env
+
+
+CliRunner = Callable[..., subprocess.CompletedProcess[Any]]
+
+
+@pytest.fixture
+def cli(cli_env: dict[str, str]) -> CliRunner:
+    """Run `.venv/bin/engine ARGS...` against the shared daemon, capturing output."""
+
+    def run(
+        *args: str,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+        timeout: float = 120,
+        text: bool = True,
+    ) -> subprocess.CompletedProcess[Any]:
+        return subprocess.run(
+            [str(ENGINE_BIN), *args],
+            env=env if env is not None else cli_env,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=text,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run

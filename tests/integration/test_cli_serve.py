@@ -1,0 +1,155 @@
+"""`engine serve`: the socket, a second daemon, TCP, and stopping on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine import Sandbox
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+ENGINE_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "engine"
+
+
+def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `engine serve` expecting it to fail at start, and return its result."""
+    return subprocess.run(
+        [str(ENGINE_BIN), "serve", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def healthy(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_socket_mode_0600(daemon: Daemon) -> None:
+    mode = os.stat(daemon.socket_path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_start_log_names_address(daemon: Daemon) -> None:
+    log = daemon.log()
+    assert f"serving on {daemon.address}" in log
+    assert "TCP" not in log
+
+
+def test_second_daemon_same_socket_rejected(daemon: Daemon, data_dir: Path) -> None:
+    result = serve("--data-dir", str(data_dir), "--socket", str(daemon.socket_path))
+    assert result.returncode == 1
+    assert "another engine daemon is running" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert healthy(daemon.address)
+    assert daemon.socket_path.exists()
+
+
+def test_second_daemon_same_data_dir_rejected(daemon: Daemon, data_dir: Path) -> None:
+    other_socket = data_dir / "other.sock"
+    result = serve("--data-dir", str(daemon.data_dir), "--socket", str(other_socket))
+    assert result.returncode == 1
+    assert "engine: error: " in result.stderr
+    assert "in use" in result.stderr
+    assert not other_socket.exists()
+    assert healthy(daemon.address)
+
+
+def test_stale_socket_replaced(
+    daemon_factory: Callable[..., Daemon], data_dir: Path
+) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(data_dir / "engine.sock"))
+    stale.close()
+    assert (data_dir / "engine.sock").exists()
+    started = daemon_factory(data_dir=data_dir)
+    assert healthy(started.address)
+    assert "removing stale socket" in started.log()
+
+
+def test_socket_path_not_socket(data_dir: Path) -> None:
+    path = data_dir / "engine.sock"
+    path.write_text("not a socket")
+    result = serve("--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert "is not a socket" in result.stderr
+    assert path.read_text() == "not a socket"
+
+
+def test_socket_path_too_long(data_dir: Path) -> None:
+    long_path = data_dir / ("s" * 120) / "engine.sock"
+    result = serve("--data-dir", str(data_dir), "--socket", str(long_path))
+    assert result.returncode == 1
+    assert "107 bytes" in result.stderr
+
+
+def test_listen_tcp_with_warning(daemon_factory: Callable[..., Daemon]) -> None:
+    started = daemon_factory("--listen", "127.0.0.1:0")
+    match = re.search(r"serving on unix:\S+, (127\.0\.0\.1:\d+)", started.log())
+    assert match is not None, started.log()
+    assert "WARNING" in started.log()
+    assert "without authentication" in started.log()
+    with Sandbox(address=match.group(1)).create() as sb:
+        assert sb.process.run_code("print('tcp')").stdout == "tcp\n"
+
+
+def test_listen_invalid_address(data_dir: Path) -> None:
+    result = serve("--data-dir", str(data_dir), "--listen", "nonsense")
+    assert result.returncode == 1
+    assert "invalid listen address 'nonsense'" in result.stderr
+    assert not (data_dir / "engine.sock").exists()
+
+
+def test_sigterm_terminates_sandboxes(daemon_factory: Callable[..., Daemon]) -> None:
+    started = daemon_factory()
+    created = []
+    for _ in range(2):
+        sb = Sandbox(address=started.address).create()
+        sb.process.exec("sleep", "300")
+        created.append(sb)
+    sandbox_dirs = [started.data_dir / "sandboxes" / sb.sandbox_id for sb in created]
+    assert all(path.exists() for path in sandbox_dirs)
+    below = started.descendants()
+    assert len(below) >= 2
+    for sb in created:
+        sb.close()
+
+    status = started.stop()
+    assert status == 0, started.log()
+    assert not started.socket_path.exists()
+    assert list((started.data_dir / "sandboxes").iterdir()) == []
+    deadline = time.monotonic() + 5
+    while any(p.is_running() for p in below) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p.pid for p in below if p.is_running()] == []
+
+
+def test_sigint_stops_cleanly(daemon_factory: Callable[..., Daemon]) -> None:
+    started = daemon_factory()
+    sb = Sandbox(address=started.address).create()
+    sandbox_dir = started.data_dir / "sandboxes" / sb.sandbox_id
+    sb.close()
+    started.process.send_signal(signal.SIGINT)
+    assert started.process.wait(60) == 0
+    assert "stopping on SIGINT" in started.log()
+    assert not sandbox_dir.exists()
+    assert not started.socket_path.exists()
