@@ -63,6 +63,8 @@ OUTPUT_GRACE_SECONDS = 1.0
 REAPER_INTERVAL = 1.0
 # Seconds terminate waits for the supervisor before killing it.
 TERMINATE_TIMEOUT = 10.0
+# Terminated sandboxes of earlier engine runs loaded from the database at start.
+MAX_REMEMBERED_SANDBOXES = 1000
 # Seconds a resolved image is reused before the image store is asked again.
 IMAGE_CACHE_SECONDS = 30.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -205,6 +207,11 @@ class Engine:
         for entry in self.config.sandboxes_dir.iterdir():
             log.warning("removing leftover sandbox directory %s", entry)
             shutil.rmtree(entry, ignore_errors=True)
+        # Earlier sandboxes stay visible to Get and List, as TERMINATED.
+        for info in self.store.sandboxes()[-MAX_REMEMBERED_SANDBOXES:]:
+            sandbox = _Sandbox(info, self.config.sandboxes_dir / info.sandbox_id)
+            sandbox.finished = self.store.processes(info.sandbox_id)
+            self.sandboxes[info.sandbox_id] = sandbox
 
     async def close(self) -> None:
         """Terminate every sandbox, stop the zygote and release the data dir."""
@@ -278,7 +285,7 @@ class Engine:
                 raise
             if isinstance(error, OSError):
                 raise Unavailable(
-                    f"sandbox {sandbox_id} failed to start: {error}"
+                    f"sandbox {sandbox_id} failed to start: {_os_message(error)}"
                 ) from error
             raise
         self._set_info(sandbox, state=SandboxState.RUNNING)
@@ -444,7 +451,9 @@ class Engine:
                 )
                 self.spawner.kill(sandbox.supervisor_pid)
                 supervisor.channel.close()
-        if sandbox.supervisor_pid:
+        zygote = self.spawner.channel
+        # A zygote that has died never reports the supervisor as reaped.
+        if sandbox.supervisor_pid and zygote is not None and not zygote.closed.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self.spawner.reaped_future(sandbox.supervisor_pid),
@@ -470,6 +479,11 @@ class Engine:
             for sandbox in list(self.sandboxes.values()):
                 info = sandbox.info
                 if info.state != SandboxState.RUNNING or info.spec.ttl <= 0:
+                    continue
+                # A process that exec started and that still runs counts as
+                # activity, so a long command is never cut off by the ttl.
+                if any(not p.exited.is_set() for p in sandbox.processes.values()):
+                    self._touch(sandbox)
                     continue
                 if now - info.last_activity_at >= info.spec.ttl:
                     log.info(
@@ -718,7 +732,12 @@ class Engine:
                     f"process {pid} in sandbox {sandbox_id} has closed its stdin"
                 ) from None
             writable = loop.create_future()
-            loop.add_writer(fd, writable.set_result, None)
+
+            def ready(future: asyncio.Future[None] = writable) -> None:
+                if not future.done():
+                    future.set_result(None)
+
+            loop.add_writer(fd, ready)
             try:
                 done, _ = await asyncio.wait(
                     [writable, asyncio.ensure_future(process.exited.wait())],
@@ -800,6 +819,15 @@ async def _closed(process: _Process) -> None:
         async for chunk in buffer.follow(buffer.end):
             if chunk.eof:
                 break
+
+
+def _os_message(error: OSError) -> str:
+    """Return an OSError's text without the "[Errno N]" prefix."""
+    if error.strerror:
+        if error.filename is not None:
+            return f"{error.filename!r}: {error.strerror}"
+        return error.strerror
+    return str(error)
 
 
 def _check_traversable(data_dir: Path, uid: int) -> None:
