@@ -363,11 +363,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _run_with(args: argparse.Namespace, argv: list[str], address: str) -> int:
     settings = _sandbox_settings(args, address)
-    # The sandbox lives only as long as this command, so it gets no idle TTL,
-    # unless the command has a timeout, which bounds it.
-    # NOTE: if this process is killed with SIGKILL, a sandbox on a daemon stays
-    # until `engine sandbox rm`.
-    settings.ttl = args.timeout + 60 if args.timeout else 0
+    # The default ttl is kept: the running command counts as activity, and if
+    # this process is killed with SIGKILL, the daemon reaps the sandbox a ttl
+    # after the command ends.
     sandbox = settings.create()
     try:
         request = _exec_request(
