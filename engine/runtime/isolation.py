@@ -39,6 +39,8 @@ class IsolationSpec:
     root: rootfs.RootSpec
     workdir: str
     tmp_size: str | None
+    # (host directory, path inside the sandbox, read-only) of each volume.
+    volumes: tuple[tuple[str, str, bool], ...] = ()
 
 
 def enter_namespaces(cgroup_fds: list[int], notify_fd: int, wait_fd: int) -> None:
@@ -90,6 +92,8 @@ def build_root(spec: IsolationSpec) -> str:
     rootfs.mount_dev(old_root)
     rootfs.mount_tmp(old_root, spec.tmp_size)
     rootfs.write_etc(spec.hostname, old_root)
+    for source, target, read_only in spec.volumes:
+        rootfs.mount_volume(old_root + source, target, old_root, read_only=read_only)
     workdir = rootfs.check_inside(spec.workdir, old_root)
     os.makedirs(workdir, exist_ok=True)
     return old_root

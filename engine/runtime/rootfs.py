@@ -134,6 +134,24 @@ def mount_tmp(old_root: str, size: str | None) -> None:
     mounts.mount_tmpfs("/tmp", mode=0o1777, size=size)
 
 
+def mount_volume(source: str, target: str, old_root: str, *, read_only: bool) -> None:
+    """Bind-mount a volume's directory (under ``old_root``) on ``target``.
+
+    The target is created inside the sandbox's root, and a symlink the image
+    placed at its last component is replaced by a directory. A symlink
+    higher up resolves inside the root, and ``check_inside`` rejects one that
+    leads to the host's root.
+    """
+    if not target.startswith("/") or target == "/":
+        raise OSError(errno.EINVAL, f"volume mount path {target!r} must be absolute")
+    parent = check_inside(os.path.dirname(target), old_root)
+    os.makedirs(parent, exist_ok=True)
+    target = os.path.join(parent, os.path.basename(target))
+    _mkdir(target)
+    check_inside(target, old_root)
+    mounts.bind(source, target, read_only=read_only)
+
+
 def prepare_dirs(old_root: str) -> None:
     """Create the directories the image may lack; /sys stays an empty directory."""
     for name in ("/proc", "/sys", "/root", "/etc"):

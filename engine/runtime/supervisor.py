@@ -121,4 +121,8 @@ def _isolation_spec(spec: protocol.Message) -> isolation.IsolationSpec:
         ),
         workdir=spec["workdir"],
         tmp_size=spec.get("tmp_size"),
+        volumes=tuple(
+            (volume["source"], volume["target"], bool(volume["read_only"]))
+            for volume in spec.get("volumes", ())
+        ),
     )
