@@ -101,7 +101,9 @@ def main() -> int:
                 process = sandbox.process.exec("sleep", "10", timeout=1)
                 code = process.wait()
                 elapsed = time.perf_counter() - started
-                print(f"-> exit {code}, {process.status().reason.value} after {elapsed:.2f} s")
+                print(
+                    f"-> exit {code}, {process.status().reason.value} after {elapsed:.2f} s"
+                )
 
                 _step("usage")
                 stats = sandbox.stats()
