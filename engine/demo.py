@@ -101,14 +101,14 @@ def main() -> int:
                 process = sandbox.process.exec("sleep", "10", timeout=1)
                 code = process.wait()
                 elapsed = time.perf_counter() - started
-                print(
-                    f"-> exit {code}, {process.status().reason.value} after {elapsed:.2f} s"
-                )
+                reason = process.status().reason.value
+                print(f"-> exit {code}, {reason} after {elapsed:.2f} s")
 
                 _step("usage")
                 stats = sandbox.stats()
                 print(
-                    f"cpu {stats.cpu_seconds:.2f} s, memory {stats.memory_bytes >> 20} MiB "
+                    f"cpu {stats.cpu_seconds:.2f} s, "
+                    f"memory {stats.memory_bytes >> 20} MiB "
                     f"(peak {stats.memory_peak_bytes >> 20} MiB), pids {stats.pids}"
                 )
             print(f"\nterminated {sandbox.sandbox_id}; nothing is left on the host")

@@ -113,8 +113,11 @@ class SupervisorPool:
         """Stop an unused slot's supervisor and remove its cgroup."""
         # A supervisor that reads end of stream instead of a spec exits.
         slot.control.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.spawner.reaped_future(slot.pid), 5.0)
+        zygote = self.spawner.channel
+        # A zygote that has died never reports the supervisor as reaped.
+        if zygote is not None and not zygote.closed.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.spawner.reaped_future(slot.pid), 5.0)
         self.spawner.reaped.pop(slot.pid, None)
         await asyncio.get_running_loop().run_in_executor(None, slot.cgroup.destroy)
 

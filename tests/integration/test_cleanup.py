@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
-import pytest
 
 from engine.core.models import SandboxState, TerminationReason
 from engine.errors import EngineError
@@ -247,11 +246,6 @@ def test_zygote_crash_kills_sandboxes(
     assert _new_processes(processes_before) == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SupervisorPool.discard waits 5 s per unused slot for a reaped message "
-    "that a dead zygote never sends",
-)
 def test_close_prompt_after_zygote_crash(
     engine_factory: Callable[[], EngineRunner],
 ) -> None:
