@@ -43,11 +43,15 @@ class IsolationSpec:
     volumes: tuple[tuple[str, str, bool], ...] = ()
 
 
-def enter_namespaces(cgroup_fds: list[int], notify_fd: int, wait_fd: int) -> None:
+def enter_namespaces(
+    cgroup_fds: list[int], notify_fd: int, wait_fd: int, owner_uid: int | None
+) -> None:
     """Join the sandbox's cgroups and move into new namespaces, as uid 0 inside.
 
     ``notify_fd`` and ``wait_fd`` are pipes to the zygote, which writes the id
-    maps when told that the user namespace exists.
+    maps when told that the user namespace exists. With ``owner_uid`` the
+    process first becomes that unprivileged host uid, which then owns the new
+    user namespace.
     """
     # Joining first makes the cgroup namespace below rooted at the sandbox's
     # own cgroup, and every process forked later starts inside it, so no exec
@@ -59,6 +63,13 @@ def enter_namespaces(cgroup_fds: list[int], notify_fd: int, wait_fd: int) -> Non
     # Supplementary groups survive unshare(CLONE_NEWUSER) and would keep
     # granting the host's root group inside the sandbox.
     os.setgroups([])
+
+    # The kernel charges per-user limits (inotify instances, pending signals,
+    # POSIX message queues) to the owner of each user namespace on the way up,
+    # so a root-owned namespace would let sandbox code use up host root's.
+    if owner_uid is not None:
+        os.setresgid(owner_uid, owner_uid, owner_uid)
+        os.setresuid(owner_uid, owner_uid, owner_uid)
 
     # One unshare call, so that the new user namespace owns all the others and
     # the capabilities it grants apply to them. CLONE_NEWPID affects only the
@@ -73,6 +84,30 @@ def enter_namespaces(cgroup_fds: list[int], notify_fd: int, wait_fd: int) -> Non
     os.close(notify_fd)
     os.close(wait_fd)
     namespaces.become_root()
+
+
+def can_own_user_namespace(uid: int) -> bool:
+    """Return True if host uid ``uid`` may create a user namespace here.
+
+    Some hosts restrict unprivileged user namespaces (the
+    kernel.apparmor_restrict_unprivileged_userns sysctl of Ubuntu, for
+    example). The probe runs in a forked child, so the caller stays root.
+    """
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            namespaces.unshare(libc.CLONE_NEWUSER)
+            status = 0
+        except OSError:
+            pass
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def build_root(spec: IsolationSpec) -> str:

@@ -32,6 +32,7 @@ def run(
     notify_fd: int,
     wait_fd: int,
     seccomp_program: bytes,
+    owner_uid: int | None,
 ) -> None:
     """Body of a freshly forked supervisor; never returns."""
     status = 1
@@ -40,7 +41,7 @@ def run(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         libc.set_name("engine-sandbox")
-        isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd)
+        isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd, owner_uid)
         # The kernel clears the parent-death signal when the euid changes, as
         # it did in enter_namespaces, so set it again and check that the
         # zygote did not die in between.

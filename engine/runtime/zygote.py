@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 
-from engine.runtime import namespaces, protocol, seccomp, supervisor
+from engine.runtime import isolation, namespaces, protocol, seccomp, supervisor
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,23 @@ class Zygote:
         self.pidfds: dict[int, int] = {}
         # Compiled once; every sandbox installs this same program.
         self.seccomp_program = seccomp.export_bpf(seccomp.build_filter())
+        # uid base -> whether that host uid may own the sandboxes' user namespaces.
+        self.unprivileged_owner: dict[int, bool] = {}
+
+    def owner_uid(self, uid_base: int) -> int | None:
+        """Return the host uid that will own new user namespaces, None for root."""
+        if uid_base not in self.unprivileged_owner:
+            allowed = isolation.can_own_user_namespace(uid_base)
+            self.unprivileged_owner[uid_base] = allowed
+            if not allowed:
+                log.warning(
+                    "host uid %d may not create user namespaces here, so sandbox "
+                    "user namespaces are owned by root and share root's per-user "
+                    "kernel limits (inotify instances, pending signals, message "
+                    "queues); allow unprivileged user namespaces to separate them",
+                    uid_base,
+                )
+        return uid_base if self.unprivileged_owner[uid_base] else None
 
     def serve(self) -> None:
         self.selector.register(self.engine, selectors.EVENT_READ, None)
@@ -70,6 +87,7 @@ class Zygote:
         engine_end, supervisor_end = protocol.socketpair()
         notify_read, notify_write = os.pipe2(os.O_CLOEXEC)
         wait_read, wait_write = os.pipe2(os.O_CLOEXEC)
+        owner_uid = self.owner_uid(message["uid_base"])
         pid = os.fork()
         if pid == 0:
             keep = {supervisor_end.fileno(), notify_write, wait_read, *cgroup_fds}
@@ -80,6 +98,7 @@ class Zygote:
                 notify_write,
                 wait_read,
                 self.seccomp_program,
+                owner_uid,
             )
         supervisor_end.close()
         os.close(notify_write)

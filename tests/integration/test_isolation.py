@@ -8,6 +8,7 @@ host's own binaries.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from engine.core.models import SandboxState
+from engine.core.engine import Engine
+from engine.core.models import SandboxState, Stream
 from engine.runtime import capabilities
 
 if TYPE_CHECKING:
@@ -534,3 +536,42 @@ def test_only_stdio_descriptors_with_stdin(
     assert sorted(fds) == [0, 1, 2, 3]
     assert fds[0].startswith("pipe:")
     assert fds[3] == f"/proc/{report['pid']}/fd"
+
+
+def test_inotify_exhaustion_spares_host_root(
+    engine: EngineRunner, sandbox_id: str
+) -> None:
+    """Per-user kernel limits of sandbox code are not charged to host root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    script = (
+        "import ctypes, os, sys, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "fds = []\n"
+        "while len(fds) < 100000:\n"
+        "    fd = libc.inotify_init1(0)\n"
+        "    if fd < 0:\n"
+        "        break\n"
+        "    fds.append(fd)\n"
+        "print(len(fds), ctypes.get_errno(), flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    process = engine.exec(sandbox_id, ["python3", "-c", script])
+    chunks = engine.call(_first_line(engine.engine, sandbox_id, process.pid))
+    count, error = (int(part) for part in chunks.split())
+    try:
+        host_fd = libc.inotify_init1(0)
+        assert host_fd >= 0, os.strerror(ctypes.get_errno())
+        os.close(host_fd)
+    finally:
+        engine.call(engine.engine.kill(sandbox_id, process.pid))
+    assert count > 0
+    assert error in (errno.EMFILE, errno.ENFILE)
+
+
+async def _first_line(engine: Engine, sandbox_id: str, pid: int) -> str:
+    data = b""
+    async for chunk in engine.read_output(sandbox_id, pid, Stream.STDOUT):
+        data += chunk.data
+        if b"\n" in data or chunk.eof:
+            break
+    return data.decode()
