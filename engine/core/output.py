@@ -1,11 +1,13 @@
 """Bounded, offset-addressed buffers for process output.
 
-Each stream of each process keeps at most ``capacity`` bytes. When a process
-writes more, the oldest bytes are dropped, never the newest, and the daemon's
-memory stays bounded however much a sandbox prints. Offsets are absolute byte
-positions in the stream, so any number of readers, early, late or repeated,
-read the same bytes, and a reader whose offset fell out of the buffer is told
-how many bytes it missed.
+Each stream of each process keeps at most ``capacity`` bytes, and all the
+streams of one sandbox together at most their ``OutputBudget``. When more
+arrives, the oldest bytes are dropped, never the newest: first from streams
+that have ended, then from the oldest streams still open. The daemon's memory
+stays bounded however much a sandbox prints and however many processes it
+starts. Offsets are absolute byte positions in the stream, so any number of
+readers, early, late or repeated, read the same bytes, and a reader whose
+offset fell out of the buffer is told how many bytes it missed.
 """
 
 from __future__ import annotations
@@ -16,25 +18,63 @@ from collections.abc import AsyncIterator
 
 from engine.core.models import OutputChunk, Stream
 
-# Largest chunk a reader receives at once.
+# Largest chunk a reader receives at once, and the size at which small writes
+# are gathered into one chunk, so that a process writing one byte at a time
+# costs the same memory per byte as one writing megabytes.
 MAX_CHUNK_BYTES = 64 * 1024
 
 
+class OutputBudget:
+    """The bytes that all output buffers of one sandbox may hold together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.buffers: list[OutputBuffer] = []
+
+    def reclaim(self) -> None:
+        """Drop the oldest bytes until the buffers fit the limit again."""
+        if self.used <= self.limit:
+            return
+        # Ended streams go first, then open ones, each oldest first.
+        for only_closed in (True, False):
+            for buffer in self.buffers:
+                if self.used <= self.limit:
+                    break
+                if buffer.closed or not only_closed:
+                    buffer.drop_front(self.used - self.limit)
+        # Ended streams with nothing left need no more visits.
+        self.buffers = [b for b in self.buffers if b.held or not b.closed]
+
+    def release(self) -> None:
+        """Drop everything every buffer holds; their readers see the gap as dropped."""
+        for buffer in self.buffers:
+            buffer.drop_front(buffer.held)
+        self.buffers.clear()
+
+
 class OutputBuffer:
-    def __init__(self, stream: Stream, capacity: int) -> None:
+    def __init__(
+        self, stream: Stream, capacity: int, budget: OutputBudget | None = None
+    ) -> None:
         self.stream = stream
         self.capacity = capacity
+        self.budget = budget
         self._chunks: deque[bytes] = deque()
-        self._size = 0
+        # Small writes gather here until MAX_CHUNK_BYTES.
+        self._tail = bytearray()
+        self.held = 0
         # Absolute offset of the first byte still held.
         self.start = 0
         self.closed = False
         self._changed = asyncio.Event()
+        if budget is not None:
+            budget.buffers.append(self)
 
     @property
     def end(self) -> int:
         """Absolute offset one past the last byte written so far."""
-        return self.start + self._size
+        return self.start + self.held
 
     @property
     def dropped(self) -> int:
@@ -44,26 +84,38 @@ class OutputBuffer:
     def append(self, data: bytes) -> None:
         if not data:
             return
-        if len(data) > self.capacity:
-            skipped = len(data) - self.capacity
-            data = data[skipped:]
-            self.start += self._size + skipped
-            self._chunks.clear()
-            self._size = 0
-        self._chunks.append(data)
-        self._size += len(data)
-        while self._size > self.capacity:
-            first = self._chunks[0]
-            excess = self._size - self.capacity
-            if len(first) <= excess:
-                self._chunks.popleft()
-                self._size -= len(first)
-                self.start += len(first)
-            else:
-                self._chunks[0] = first[excess:]
-                self._size -= excess
-                self.start += excess
+        self._tail += data
+        if len(self._tail) >= MAX_CHUNK_BYTES:
+            self._chunks.append(bytes(self._tail))
+            self._tail = bytearray()
+        self._grow(len(data))
+        if self.held > self.capacity:
+            self.drop_front(self.held - self.capacity)
+        if self.budget is not None:
+            self.budget.reclaim()
         self._notify()
+
+    def _grow(self, count: int) -> None:
+        self.held += count
+        if self.budget is not None:
+            self.budget.used += count
+
+    def drop_front(self, count: int) -> None:
+        """Drop up to ``count`` of the oldest bytes held."""
+        count = min(count, self.held)
+        remaining = count
+        while remaining and self._chunks:
+            first = self._chunks[0]
+            if len(first) <= remaining:
+                self._chunks.popleft()
+                remaining -= len(first)
+            else:
+                self._chunks[0] = first[remaining:]
+                remaining = 0
+        if remaining:
+            del self._tail[:remaining]
+        self.start += count
+        self._grow(-count)
 
     def close(self) -> None:
         self.closed = True
@@ -89,10 +141,10 @@ class OutputBuffer:
         parts: list[bytes] = []
         position = self.start
         wanted = max_bytes
-        for chunk in self._chunks:
+        for chunk in (*self._chunks, self._tail):
             chunk_end = position + len(chunk)
             if chunk_end > offset and wanted > 0:
-                piece = chunk[max(offset - position, 0) :][:wanted]
+                piece = bytes(chunk[max(offset - position, 0) :][:wanted])
                 parts.append(piece)
                 wanted -= len(piece)
             position = chunk_end

@@ -201,6 +201,7 @@ class Init:
                 return
             if pid == 0:
                 return
+            self.workers.discard(pid)
             if pid in self.children:
                 self.children.discard(pid)
                 protocol.send(

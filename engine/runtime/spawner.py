@@ -43,6 +43,10 @@ class _Channel:
     def _readable(self) -> None:
         try:
             received = protocol.recv(self.sock)
+        except ConnectionResetError:
+            # The peer exited with a message unread, as PID 1 does when it
+            # is killed: the same end of stream as a clean close.
+            received = None
         except (OSError, ValueError) as error:
             log.error("channel read failed: %s", error)
             received = None
