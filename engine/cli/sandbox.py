@@ -29,6 +29,7 @@ from engine.cli.common import (
     print_table,
     write_output,
 )
+from engine.cli.volume import add_volume_option, parse_volume_options
 from engine.core.models import ExitReason, SandboxInfo, SandboxState, Stream
 from engine.sdk.client import (
     ADDRESS_ENVIRONMENT_VARIABLE,
@@ -63,6 +64,7 @@ def register(
         " process for the duration of CMD.",
     )
     add_limit_options(run)
+    add_volume_option(run)
     run.add_argument(
         "--timeout",
         type=float,
@@ -96,6 +98,7 @@ def register(
         " its TTL of inactivity ends.",
     )
     add_limit_options(create)
+    add_volume_option(create)
     create.add_argument("--name", default="", help="name shown by ls (default: none)")
     create.add_argument(
         "--label",
@@ -266,6 +269,7 @@ def _sandbox_settings(args: argparse.Namespace, address: str | None) -> Sandbox:
         labels=parse_labels(getattr(args, "label", None)),
         ttl=getattr(args, "ttl", None),
         address=address,
+        volumes=parse_volume_options(args.volume),
     )
 
 

@@ -15,18 +15,19 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal as signals
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from engine.config import Config
 from engine.core import validation
 from engine.core.files import SandboxFiles
 from engine.core.models import (
     DEFAULT_OUTPUT_BUFFER_BYTES,
+    DEFAULT_SANDBOX_OUTPUT_BYTES,
     ExitReason,
     OutputChunk,
     ProcessInfo,
@@ -38,7 +39,7 @@ from engine.core.models import (
     Stream,
     TerminationReason,
 )
-from engine.core.output import OutputBuffer
+from engine.core.output import OutputBudget, OutputBuffer
 from engine.core.pool import SupervisorPool
 from engine.core.store import Store
 from engine.errors import (
@@ -53,6 +54,8 @@ from engine.errors import (
 from engine.runtime import cgroups
 from engine.runtime.spawner import Spawner, SupervisorClient
 from engine.storage.images import Image, ImageStore
+from engine.storage.trees import remove_tree
+from engine.storage.volumes import VolumeInfo, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ OUTPUT_GRACE_SECONDS = 1.0
 REAPER_INTERVAL = 1.0
 # Seconds terminate waits for the supervisor before killing it.
 TERMINATE_TIMEOUT = 10.0
+# ProcessInfo of exited processes whose pid a later process reuses, per sandbox.
+MAX_FINISHED_PROCESSES = 10_000
 # Terminated sandboxes of earlier engine runs loaded from the database at start.
 MAX_REMEMBERED_SANDBOXES = 1000
 # Seconds a resolved image is reused before the image store is asked again.
@@ -115,6 +120,9 @@ class _Sandbox:
     # Processes whose pid was reused by a later one, kept for list_processes.
     finished: list[ProcessInfo] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    output: OutputBudget = field(
+        default_factory=lambda: OutputBudget(DEFAULT_SANDBOX_OUTPUT_BYTES)
+    )
 
 
 class Engine:
@@ -126,6 +134,11 @@ class Engine:
         self.images = ImageStore(config.data_dir, config.uid_base, config.uid_count)
         # File operations on running sandboxes: engine.files.stat_file(...) etc.
         self.files = SandboxFiles(self)
+        # Paths inside volumes: engine.volumes.list_path(...) etc. Create,
+        # list and delete volumes with the Engine's own methods.
+        self.volumes = VolumeStore(config.data_dir, config.uid_base)
+        # Volume name -> ids of the PENDING or RUNNING sandboxes that mount it.
+        self._volume_users: dict[str, set[str]] = {}
         self.spawner = Spawner()
         self.store: Store | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None
@@ -134,12 +147,14 @@ class Engine:
         # Image name -> (Image, monotonic time it was resolved).
         self._images: dict[str, tuple[Image, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Terminations started by the reaper or by a supervisor's exit.
+        self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
 
     # Lifecycle of the Engine itself.
 
     async def start(self) -> None:
-        """Lock the data dir, sweep what a crash left, and start the zygote and the reaper."""
+        """Lock the data dir, sweep crash leftovers, start the zygote and the reaper."""
         if os.geteuid() != 0:
             raise PermissionDenied(
                 "the engine must run as root to create namespaces, cgroups and "
@@ -148,6 +163,8 @@ class Engine:
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
+        # After the lock: it removes what an interrupted create or delete left.
+        self.volumes.prepare()
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
@@ -177,7 +194,8 @@ class Engine:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise Unavailable(
-                f"data dir {self.config.data_dir} is in use by another engine (pid {owner or 'unknown'}); "
+                f"data dir {self.config.data_dir} is in use by another engine "
+                f"(pid {owner or 'unknown'}); "
                 "stop it or pass another --data-dir"
             ) from None
         os.ftruncate(fd, 0)
@@ -206,7 +224,7 @@ class Engine:
             self.cgroup_driver.open(name).destroy()
         for entry in self.config.sandboxes_dir.iterdir():
             log.warning("removing leftover sandbox directory %s", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)
         # Earlier sandboxes stay visible to Get and List, as TERMINATED.
         for info in self.store.sandboxes()[-MAX_REMEMBERED_SANDBOXES:]:
             sandbox = _Sandbox(info, self.config.sandboxes_dir / info.sandbox_id)
@@ -225,6 +243,7 @@ class Engine:
             if sb.info.state != SandboxState.TERMINATED
         ]
         await asyncio.gather(
+            *self._tasks,
             *(self._terminate(sb, TerminationReason.SHUTDOWN) for sb in live),
             return_exceptions=True,
         )
@@ -295,7 +314,7 @@ class Engine:
         return sandbox.info
 
     def _resolve_image(self, name: str) -> Image:
-        """Resolve an image name, reusing a resolution younger than IMAGE_CACHE_SECONDS."""
+        """Resolve an image name; reuse a resolution for IMAGE_CACHE_SECONDS."""
         cached = self._images.get(name)
         now = time.monotonic()
         if cached is not None and now - cached[1] < IMAGE_CACHE_SECONDS:
@@ -332,6 +351,7 @@ class Engine:
                 "work": str(directory / "work"),
                 "binds": [list(pair) for pair in image.binds],
             },
+            "volumes": self._acquire_volumes(sandbox),
         }
         assert self.pool is not None
         slot = await self.pool.take()
@@ -351,7 +371,13 @@ class Engine:
             log.error(
                 "sandbox %s: supervisor exited unexpectedly", sandbox.info.sandbox_id
             )
-            asyncio.ensure_future(self._terminate(sandbox, TerminationReason.ERROR))
+            self._background(self._terminate(sandbox, TerminationReason.ERROR))
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as a task that close() waits for."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _set_info(self, sandbox: _Sandbox, **changes: object) -> None:
         sandbox.info = replace(sandbox.info, **changes)
@@ -433,6 +459,17 @@ class Engine:
                 terminated_at=time.time(),
             )
         log.info("sandbox %s terminated (%s)", sandbox.info.sandbox_id, reason.value)
+        self._forget_old_sandboxes()
+
+    def _forget_old_sandboxes(self) -> None:
+        """Keep at most MAX_REMEMBERED_SANDBOXES terminated sandboxes in memory."""
+        terminated = [
+            sandbox_id
+            for sandbox_id, sandbox in self.sandboxes.items()
+            if sandbox.info.state == SandboxState.TERMINATED
+        ]
+        for sandbox_id in terminated[:-MAX_REMEMBERED_SANDBOXES]:
+            del self.sandboxes[sandbox_id]
 
     async def _release(self, sandbox: _Sandbox) -> None:
         """Kill every process of the sandbox and free its cgroup and directory."""
@@ -467,10 +504,22 @@ class Engine:
             if not process.exited.is_set():
                 process.killed = True
                 self._finish(sandbox, process, -signals.SIGKILL, now)
+        # Output of a terminated sandbox is not kept: readers see it as dropped.
+        sandbox.output.release()
         loop = asyncio.get_running_loop()
+        # A failure here must not keep the sandbox RUNNING: the sweep at the
+        # next start removes whatever is left.
         if sandbox.cgroup is not None:
-            await loop.run_in_executor(None, sandbox.cgroup.destroy)
-        await loop.run_in_executor(None, shutil.rmtree, sandbox.directory, True)
+            try:
+                await loop.run_in_executor(None, sandbox.cgroup.destroy)
+            except EngineError as error:
+                log.error(
+                    "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
+                )
+        await loop.run_in_executor(None, remove_tree, sandbox.directory)
+        # Every process of the sandbox is gone, so are its volume mounts.
+        for users in self._volume_users.values():
+            users.discard(sandbox.info.sandbox_id)
 
     async def _reap_expired(self) -> None:
         while True:
@@ -491,9 +540,8 @@ class Engine:
                         info.sandbox_id,
                         info.spec.ttl,
                     )
-                    asyncio.ensure_future(
-                        self._terminate(sandbox, TerminationReason.TTL)
-                    )
+                    expire = self._terminate(sandbox, TerminationReason.TTL)
+                    self._background(expire)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         sandbox = self._get_running(sandbox_id)
@@ -505,6 +553,69 @@ class Engine:
             memory_peak_bytes=usage.memory_peak_bytes,
             pids=usage.pids,
         )
+
+    # Volumes.
+
+    def _acquire_volumes(self, sandbox: _Sandbox) -> list[dict[str, object]]:
+        """Create the sandbox's volumes as needed and record it as their user.
+
+        This runs before the first await of sandbox creation, so a concurrent
+        delete_volume either finds the sandbox among the users or has already
+        detached the volume, and then a new, empty one is created here.
+        """
+        sandbox_id = sandbox.info.sandbox_id
+        mounts = []
+        # Parents first, so that a volume mounted below another one is not
+        # hidden by it.
+        ordered = sorted(
+            sandbox.info.spec.volumes, key=lambda mount: mount.mount_path.count("/")
+        )
+        for mount in ordered:
+            self._volume_users.setdefault(mount.name, set()).add(sandbox_id)
+            _, created = self.volumes.create(mount.name)
+            if created:
+                log.info("sandbox %s: created volume %s", sandbox_id, mount.name)
+            mounts.append(
+                {
+                    "source": str(self.volumes.data_path(mount.name)),
+                    "target": mount.mount_path,
+                    "read_only": mount.read_only,
+                }
+            )
+        return mounts
+
+    def _with_users(self, info: VolumeInfo) -> VolumeInfo:
+        users = tuple(sorted(self._volume_users.get(info.name, ())))
+        return replace(info, sandbox_ids=users)
+
+    async def create_volume(self, name: str) -> tuple[VolumeInfo, bool]:
+        """Create volume ``name`` unless it exists; return it and whether it is new."""
+        self._check_started()
+        info, created = self.volumes.create(name)
+        return self._with_users(info), created
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        """Return every volume with its usage and the sandboxes that mount it."""
+        self._check_started()
+        loop = asyncio.get_running_loop()
+        infos = await loop.run_in_executor(None, self.volumes.list)
+        return [self._with_users(info) for info in infos]
+
+    async def delete_volume(self, name: str) -> None:
+        """Delete volume ``name`` and its files, unless a sandbox mounts it."""
+        self._check_started()
+        users = sorted(self._volume_users.get(name, ()))
+        if users:
+            raise FailedPrecondition(
+                f"volume {name!r} is mounted by sandbox {', '.join(users)};"
+                " terminate those sandboxes first"
+            )
+        # Detaching is one rename, done before any await, so no sandbox can
+        # start to mount the volume between the check above and here.
+        trash = self.volumes.detach(name)
+        self._volume_users.pop(name, None)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.volumes.purge, trash)
 
     # Processes.
 
@@ -534,6 +645,13 @@ class Engine:
         full_env.update(env)
         self._touch(sandbox)
         assert sandbox.supervisor is not None and sandbox.cgroup is not None
+        try:
+            oom_kills = sandbox.cgroup.oom_kills()
+        except EngineError:
+            # The cgroup is gone: the sandbox is being terminated.
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is terminating; create a new one"
+            ) from None
 
         fds: list[int] = []
         try:
@@ -556,7 +674,6 @@ class Engine:
                 f"cannot create pipes for exec: {error.strerror}"
             ) from error
 
-        oom_kills = sandbox.cgroup.oom_kills()
         try:
             pid = await sandbox.supervisor.exec(
                 list(argv),
@@ -565,11 +682,15 @@ class Engine:
                 spec.nofile,
                 [stdin_read, stdout_write, stderr_write],
             )
-        except (OSError, ConnectionError) as error:
-            for fd in (stdin_read, stdin_write, stdout_read, stderr_read):
+        except BaseException as error:
+            # Cancellation included: an RPC aborted mid-exec must not leak the
+            # daemon's ends of the pipes. The child's ends close below.
+            for fd in (stdin_write, stdout_read, stderr_read):
                 if fd is not None:
                     os.close(fd)
-            raise _exec_error(sandbox_id, argv, cwd, error) from error
+            if isinstance(error, OSError | ConnectionError):
+                raise _exec_error(sandbox_id, argv, cwd, error) from error
+            raise
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):
                 with contextlib.suppress(OSError):
@@ -580,8 +701,12 @@ class Engine:
             argv=list(argv),
             cwd=cwd,
             started_at=time.time(),
-            stdout=OutputBuffer(Stream.STDOUT, DEFAULT_OUTPUT_BUFFER_BYTES),
-            stderr=OutputBuffer(Stream.STDERR, DEFAULT_OUTPUT_BUFFER_BYTES),
+            stdout=OutputBuffer(
+                Stream.STDOUT, DEFAULT_OUTPUT_BUFFER_BYTES, sandbox.output
+            ),
+            stderr=OutputBuffer(
+                Stream.STDERR, DEFAULT_OUTPUT_BUFFER_BYTES, sandbox.output
+            ),
             stdin_fd=stdin_write,
             oom_kills_at_start=oom_kills,
         )
@@ -592,6 +717,7 @@ class Engine:
         old = sandbox.processes.get(pid)
         if old is not None:
             sandbox.finished.append(old.info())
+            del sandbox.finished[:-MAX_FINISHED_PROCESSES]
         sandbox.processes[pid] = process
         if timeout is not None and timeout > 0:
             loop = asyncio.get_running_loop()
@@ -647,7 +773,7 @@ class Engine:
     def _finish(
         self, sandbox: _Sandbox, process: _Process, code: int, now: float
     ) -> None:
-        """Record how a process ended: ``code`` is an exit status, or -N for signal N."""
+        """Record how a process ended; ``code`` is an exit status or -N for signal N."""
         if process.timer is not None:
             process.timer.cancel()
         if code < 0:
@@ -669,6 +795,8 @@ class Engine:
             )
         process.ended_at = now
         process.exited.set()
+        # Nobody can write to an exited process, so its stdin pipe goes now.
+        self._close_stdin(process)
         if self.store is not None:
             self.store.put_process(sandbox.info.sandbox_id, process.info())
         log.info(
@@ -747,24 +875,30 @@ class Engine:
                 loop.remove_writer(fd)
             if writable not in done:
                 raise FailedPrecondition(
-                    f"process {pid} in sandbox {sandbox_id} has exited; its stdin is closed"
+                    f"process {pid} in sandbox {sandbox_id} has exited; "
+                    "its stdin is closed"
                 )
             fd = self._stdin_fd(sandbox_id, process)
 
     def _stdin_fd(self, sandbox_id: str, process: _Process) -> int:
         if process.exited.is_set():
             raise FailedPrecondition(
-                f"process {process.pid} in sandbox {sandbox_id} has exited; its stdin is closed"
+                f"process {process.pid} in sandbox {sandbox_id} has exited; "
+                "its stdin is closed"
             )
         if process.stdin_fd is None:
             raise FailedPrecondition(
-                f"stdin of process {process.pid} in sandbox {sandbox_id} is closed or was not opened; pass stdin=True to exec"
+                f"stdin of process {process.pid} in sandbox {sandbox_id} is closed "
+                "or was not opened; pass stdin=True to exec"
             )
         return process.stdin_fd
 
     async def close_stdin(self, sandbox_id: str, pid: int) -> None:
         sandbox, process = self._process(sandbox_id, pid)
         self._touch(sandbox)
+        if process.exited.is_set():
+            # The pipe closed with the process; closing again is harmless.
+            return
         self._stdin_fd(sandbox_id, process)
         self._close_stdin(process)
 
@@ -777,7 +911,7 @@ class Engine:
     async def wait(
         self, sandbox_id: str, pid: int, timeout: float | None = None
     ) -> ProcessInfo:
-        """Wait for the process to exit and its output to end, or for ``timeout`` seconds."""
+        """Wait until the process exits and its output ends, or ``timeout`` seconds."""
         _, process = self._process(sandbox_id, pid)
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout must be 0 or more seconds, got {timeout}")
@@ -842,7 +976,8 @@ def _check_traversable(data_dir: Path, uid: int) -> None:
             continue
         raise PermissionDenied(
             f"data dir {data_dir} is not reachable by sandbox uid {uid}: "
-            f"{directory} has mode {mode.st_mode & 0o7777:o}; run `chmod o+x {directory}` "
+            f"{directory} has mode {mode.st_mode & 0o7777:o}; "
+            f"run `chmod o+x {directory}` "
             "or choose another --data-dir"
         )
 

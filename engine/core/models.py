@@ -13,6 +13,9 @@ DEFAULT_NOFILE = 1024
 # Bytes of stdout (and, separately, of stderr) kept per process. Older bytes are
 # dropped first and readers are told how many they missed.
 DEFAULT_OUTPUT_BUFFER_BYTES = 8 * 1024 * 1024
+# Bytes of output kept for all processes of one sandbox together; past it the
+# oldest bytes of ended processes go first.
+DEFAULT_SANDBOX_OUTPUT_BYTES = 32 * 1024 * 1024
 
 
 class SandboxState(enum.StrEnum):
@@ -52,6 +55,18 @@ class Stream(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    """A named volume mounted at ``mount_path``, an absolute path inside the sandbox.
+
+    The volume is created on first use, and its files outlive the sandbox.
+    """
+
+    name: str
+    mount_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """What a caller asks for when creating a sandbox.
 
@@ -70,6 +85,7 @@ class SandboxSpec:
     labels: dict[str, str] = field(default_factory=dict)
     ttl: float = DEFAULT_TTL_SECONDS
     nofile: int = DEFAULT_NOFILE
+    volumes: tuple[VolumeMount, ...] = ()
 
 
 @dataclass(frozen=True)

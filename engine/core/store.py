@@ -15,6 +15,7 @@ from engine.core.models import (
     SandboxSpec,
     SandboxState,
     TerminationReason,
+    VolumeMount,
 )
 
 SCHEMA = """
@@ -86,7 +87,11 @@ class Store:
 
     @staticmethod
     def _sandbox(row: tuple) -> SandboxInfo:
-        spec = SandboxSpec(**json.loads(row[2]))
+        fields = json.loads(row[2])
+        # dataclasses.asdict stored each VolumeMount as a dict; rows written
+        # before volumes existed have no "volumes" key.
+        volumes = tuple(VolumeMount(**item) for item in fields.pop("volumes", ()))
+        spec = SandboxSpec(**fields, volumes=volumes)
         return SandboxInfo(
             sandbox_id=row[0],
             spec=spec,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 
-from engine.core.models import SandboxSpec
+from engine.core.models import SandboxSpec, VolumeMount
 from engine.errors import InvalidArgument
+from engine.storage.volumes import check_name as check_volume_name
 
 # argv plus env, in bytes. The kernel allows 128 KiB per string and about a
 # quarter of the stack limit in all; 1 MiB fits the default 8 MiB stack.
@@ -16,6 +18,10 @@ MIN_MEMORY_MIB = 8
 MAX_PIDS = 1 << 22
 MAX_NAME = 63
 MAX_LABELS = 64
+MAX_VOLUMES = 32
+MAX_MOUNT_PATH_BYTES = 4096
+# The runtime mounts its own file systems here, and a volume must not hide them.
+RESERVED_MOUNT_PATHS = ("/proc", "/dev", "/sys")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
@@ -69,6 +75,7 @@ def check_spec(spec: SandboxSpec) -> None:
             "digits, '.', '_' or '-'"
         )
     check_env(spec.env)
+    check_volumes(spec.volumes)
     if len(spec.labels) > MAX_LABELS:
         raise InvalidArgument(
             f"{len(spec.labels)} labels given; the maximum is {MAX_LABELS}"
@@ -84,6 +91,53 @@ def check_spec(spec: SandboxSpec) -> None:
                 f"label {key!r} value is {len(value)} characters; the maximum is 256"
             )
         _check_text(f"label {key!r}", value)
+
+
+def check_volumes(volumes: tuple[VolumeMount, ...]) -> None:
+    """Check volume names and mount paths: absolute, normal, unreserved, distinct."""
+    if len(volumes) > MAX_VOLUMES:
+        raise InvalidArgument(
+            f"{len(volumes)} volumes given; the maximum is {MAX_VOLUMES}"
+        )
+    seen: set[str] = set()
+    for mount in volumes:
+        check_volume_name(mount.name)
+        path = mount.mount_path
+        display = shorten(repr(path))
+        _check_text("volume mount path", path)
+        if len(path.encode()) > MAX_MOUNT_PATH_BYTES:
+            raise InvalidArgument(
+                f"volume mount path {display} is longer than"
+                f" {MAX_MOUNT_PATH_BYTES} bytes"
+            )
+        if not path.startswith("/"):
+            raise InvalidArgument(
+                f"volume mount path {display} must be an absolute path, such as /data"
+            )
+        normal = "/" + posixpath.normpath(path).lstrip("/")
+        if normal == "/":
+            raise InvalidArgument(
+                f"volume mount path {display} is the sandbox's root; mount the"
+                " volume on a directory such as /data"
+            )
+        # A path with "..", "." or "//" could name a reserved directory, so
+        # only the normal spelling is accepted.
+        if normal != path:
+            raise InvalidArgument(
+                f"volume mount path {display} is not in normal form; use {normal!r}"
+            )
+        for reserved in RESERVED_MOUNT_PATHS:
+            if path == reserved or path.startswith(reserved + "/"):
+                raise InvalidArgument(
+                    f"volume mount path {display} is inside {reserved}, which the"
+                    " engine mounts itself; choose another path"
+                )
+        if path in seen:
+            raise InvalidArgument(
+                f"volume mount path {display} is given twice; mount each volume"
+                " on its own path"
+            )
+        seen.add(path)
 
 
 def check_env(env: dict[str, str]) -> None:

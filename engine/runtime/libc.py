@@ -58,6 +58,14 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 SYS_pivot_root = 155
 SYS_capget = 125
 SYS_capset = 126
+SYS_openat2 = 437
+
+# openat2 resolve flags from <linux/openat2.h>.
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
 
 _libc.mount.argtypes = [
     ctypes.c_char_p,
@@ -202,3 +210,37 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     )
     call = f"capset({effective:#x}, {permitted:#x}, {inheritable:#x})"
     _check(result, call)
+
+
+class OpenHow(ctypes.Structure):
+    """struct open_how of openat2(2)."""
+
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def openat2(
+    dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = 0
+) -> int:
+    """Call openat2(2), which glibc does not wrap, and return the new descriptor.
+
+    With RESOLVE_IN_ROOT, ``path`` resolves as if ``dirfd`` were the root, so
+    neither ".." nor a symlink, absolute or relative, leads out of it.
+    """
+    how = OpenHow(flags, mode, resolve)
+    raw = _bytes(path)
+    result = _libc.syscall(
+        ctypes.c_long(SYS_openat2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(raw),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        call = f"openat2({dirfd}, {path!r}, {flags:#x}, {mode:#o}, {resolve:#x})"
+        raise OSError(err, f"{call} failed: {os.strerror(err)}")
+    return result

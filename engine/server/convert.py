@@ -19,6 +19,7 @@ from engine.core.models import (
     SandboxStats,
     Stream,
     TerminationReason,
+    VolumeMount,
 )
 from engine.v1 import sandbox_pb2 as pb
 
@@ -89,12 +90,19 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
         labels=spec.labels,
         ttl_seconds=spec.ttl,
         nofile=spec.nofile,
+        volumes=[volume_mount_to_proto(mount) for mount in spec.volumes],
     )
     if spec.cpu is not None:
         message.cpu = spec.cpu
     if spec.memory_mib is not None:
         message.memory_mib = spec.memory_mib
     return message
+
+
+def volume_mount_to_proto(mount: VolumeMount) -> pb.VolumeMount:
+    return pb.VolumeMount(
+        name=mount.name, mount_path=mount.mount_path, read_only=mount.read_only
+    )
 
 
 def sandbox_to_proto(info: SandboxInfo) -> pb.Sandbox:
@@ -168,6 +176,13 @@ def spec_from_proto(message: pb.SandboxSpec) -> SandboxSpec:
         labels=dict(message.labels),
         ttl=message.ttl_seconds if message.HasField("ttl_seconds") else defaults.ttl,
         nofile=message.nofile if message.HasField("nofile") else defaults.nofile,
+        volumes=tuple(volume_mount_from_proto(mount) for mount in message.volumes),
+    )
+
+
+def volume_mount_from_proto(message: pb.VolumeMount) -> VolumeMount:
+    return VolumeMount(
+        name=message.name, mount_path=message.mount_path, read_only=message.read_only
     )
 
 

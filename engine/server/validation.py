@@ -13,7 +13,7 @@ import math
 import signal
 from dataclasses import dataclass
 
-from engine.core.models import DEFAULT_TTL_SECONDS, SandboxSpec, Stream
+from engine.core.models import DEFAULT_TTL_SECONDS, SandboxSpec, Stream, VolumeMount
 from engine.errors import InvalidArgument
 from engine.server.convert import STREAMS_FROM_PROTO
 from engine.v1 import sandbox_pb2 as pb
@@ -120,6 +120,12 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
     for key, value in labels.items():
         check_name("spec.labels key", key)
         check_text(f"spec.labels[{show(key)}]", value)
+    # The Engine checks volume names and mount paths (check_volumes).
+    volumes = []
+    for index, mount in enumerate(message.volumes):
+        check_name(f"spec.volumes[{index}].name", mount.name)
+        check_name(f"spec.volumes[{index}].mount_path", mount.mount_path)
+        volumes.append(VolumeMount(mount.name, mount.mount_path, mount.read_only))
 
     return SandboxSpec(
         image=message.image or defaults.image,
@@ -132,6 +138,7 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         labels=labels,
         ttl=ttl,
         nofile=nofile,
+        volumes=tuple(volumes),
     )
 
 

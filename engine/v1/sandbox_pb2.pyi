@@ -70,7 +70,7 @@ STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile")
+    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class SandboxSpec(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOFILE_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
     image: str
     cpu: float
     memory_mib: int
@@ -105,7 +106,18 @@ class SandboxSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     ttl_seconds: float
     nofile: int
-    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ...) -> None: ...
+    volumes: _containers.RepeatedCompositeFieldContainer[VolumeMount]
+    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ...) -> None: ...
+
+class VolumeMount(_message.Message):
+    __slots__ = ("name", "mount_path", "read_only")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_PATH_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mount_path: str
+    read_only: bool
+    def __init__(self, name: _Optional[str] = ..., mount_path: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class Sandbox(_message.Message):
     __slots__ = ("sandbox_id", "spec", "state", "termination_reason", "created_at", "terminated_at", "last_activity_at", "expires_at", "error")

@@ -343,3 +343,25 @@ def test_restart_sweeps_unclean_stop(
     finally:
         restarted.close()
     assert _new_processes(processes_before) == set()
+
+
+def test_terminate_removes_deep_tree(engine: EngineRunner) -> None:
+    """A tree thousands of levels deep does not keep a sandbox alive."""
+    sandbox_id = engine.create()
+    script = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
+    result = engine.python(sandbox_id, script, cwd="/root")
+    assert result.info.exit_code == 0
+    engine.terminate(sandbox_id)
+    assert engine.state(sandbox_id) == SandboxState.TERMINATED
+    assert sandbox_id not in engine.sandbox_dirs()
+
+
+def test_terminated_sandbox_keeps_no_output(engine: EngineRunner) -> None:
+    sandbox_id = engine.create()
+    result = engine.run(sandbox_id, ["head", "-c", "1000000", "/dev/zero"])
+    assert len(result.stdout) == 1_000_000
+    engine.terminate(sandbox_id)
+    chunks = engine.chunks(sandbox_id, result.info.pid)
+    assert b"".join(chunk.data for chunk in chunks) == b""
+    assert chunks[0].dropped == 1_000_000
+    assert engine.engine.sandboxes[sandbox_id].output.used == 0

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ["sandbox_pb2.py", "sandbox_pb2.pyi", "sandbox_pb2_grpc.py"]
+PROTOS = ["sandbox", "volume", "filesystem"]
+GENERATED = [
+    f"{proto}{suffix}"
+    for proto in PROTOS
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
-            str(ROOT / "proto" / "engine" / "v1" / "sandbox.proto"),
+            *(str(ROOT / "proto" / "engine" / "v1" / f"{p}.proto") for p in PROTOS),
         ],
         check=True,
     )
@@ -41,7 +46,18 @@ def test_stub_matches_proto(regenerated: Path, name: str) -> None:
 
 
 def test_stubs_import() -> None:
-    from engine.v1 import sandbox_pb2, sandbox_pb2_grpc
+    from engine.v1 import (
+        filesystem_pb2,
+        filesystem_pb2_grpc,
+        sandbox_pb2,
+        sandbox_pb2_grpc,
+        volume_pb2,
+        volume_pb2_grpc,
+    )
 
     assert sandbox_pb2.DESCRIPTOR.package == "engine.v1"
     assert hasattr(sandbox_pb2_grpc, "SandboxServiceStub")
+    assert filesystem_pb2.DESCRIPTOR.package == "engine.v1"
+    assert hasattr(filesystem_pb2_grpc, "FileServiceStub")
+    assert volume_pb2.DESCRIPTOR.package == "engine.v1"
+    assert hasattr(volume_pb2_grpc, "VolumeServiceStub")
