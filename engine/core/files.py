@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import posixpath
 import re
-from collections.abc import AsyncIterator
+import secrets
+import signal
+import struct
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,14 +36,37 @@ from engine.errors import (
 )
 
 if TYPE_CHECKING:
-    from engine.core.engine import Engine
+    from engine.core.engine import Engine, _Sandbox
+
+logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 MAX_PATH_BYTES = 4096
+# find_in_files returns at most this many matches (the worker's MAX_MATCHES).
+MAX_MATCHES = 10_000
+# Data pipes are grown to this size (F_SETPIPE_SZ), so one read or write moves
+# a whole chunk instead of the default 64 KiB.
+PIPE_BYTES = CHUNK_BYTES
+# Length prefix of each data frame sent to write_file's worker.
+FRAME_HEADER = struct.Struct("<Q")
+# Seconds to wait for a killed worker to exit before giving up on it.
+WORKER_EXIT_TIMEOUT = 10.0
+# The OOM killer picks the process with the highest oom_score_adj (-1000 to
+# 1000) first, so a worker that reaches the sandbox's memory limit, for example
+# by filling /tmp (a tmpfs whose pages count against that limit), is killed
+# before PID 1 (0) and before sandbox processes (500).
+WORKER_OOM_SCORE_ADJ = 1000
 
 
 @dataclass(frozen=True)
 class FileInfo:
+    """Metadata of one path inside a sandbox, as lstat(2) reports it there.
+
+    ``mode`` is the permission bits (0 to 0o7777), ``mtime`` is in seconds
+    since the epoch, and ``uid`` and ``gid`` are the ids inside the sandbox.
+    Names that are not valid UTF-8 hold lone surrogates, as from os.fsdecode.
+    """
+
     path: str
     name: str
     size: int
@@ -62,6 +90,13 @@ class FileInfo:
 
 @dataclass(frozen=True)
 class Match:
+    """One match of find_in_files.
+
+    ``line`` counts from 1, and ``column`` is the 1-based byte offset of the
+    match in the line. ``text`` is the line, cut to 512 bytes around the
+    match when longer.
+    """
+
     path: str
     line: int
     column: int
@@ -76,18 +111,48 @@ _ERRORS: dict[int, type[EngineError]] = {
     errno.EROFS: PermissionDenied,
     errno.ENOSPC: ResourceExhausted,
     errno.EDQUOT: ResourceExhausted,
+    errno.EFBIG: ResourceExhausted,
     errno.ENOTEMPTY: FailedPrecondition,
     errno.EBUSY: FailedPrecondition,
 }
 
 
 def _error(sandbox_id: str, result: dict[str, Any]) -> EngineError:
+    """Return the EngineError for a worker's failure report."""
     code = int(result.get("errno", errno.EIO))
     kind = _ERRORS.get(code, InvalidArgument)
     message = result.get("message", os.strerror(code))
     if code == errno.ENOTEMPTY:
         message += "; pass recursive=True to delete a directory with its contents"
     return kind(f"{message} (sandbox {sandbox_id})")
+
+
+@dataclass(frozen=True)
+class FileContent:
+    """An open file in a sandbox: its size and mode at the open, and its bytes.
+
+    Iterate ``chunks`` to its end or call its ``aclose``, which closes the pipe.
+    """
+
+    size: int
+    mode: int
+    chunks: _PipeChunks
+
+
+@dataclass
+class _Worker:
+    """A running file operation worker and the read end of its result pipe."""
+
+    sandbox: _Sandbox
+    pid: int
+    fd: int
+    reader: asyncio.StreamReader
+    # OOM kills in the sandbox's cgroup before the worker started, or None
+    # when the cgroup does not report them.
+    oom_kills: int | None
+
+    def close(self) -> None:
+        _close_reader(self.reader, self.fd)
 
 
 class SandboxFiles:
@@ -102,27 +167,30 @@ class SandboxFiles:
         if "\0" in path:
             raise InvalidArgument(f"{field} {path!r} contains a NUL byte")
         if len(os.fsencode(path)) > MAX_PATH_BYTES:
-            raise InvalidArgument(f"{field} is longer than {MAX_PATH_BYTES} bytes")
+            raise InvalidArgument(
+                f"{field} {_shorten(path)} is longer than {MAX_PATH_BYTES} bytes"
+            )
         if not path.startswith("/"):
-            workdir = self.engine.sandboxes[sandbox_id].info.spec.workdir
+            workdir = self.engine._get(sandbox_id).info.spec.workdir
             path = posixpath.join(workdir, path)
         return path
 
-    async def _run(
+    async def _start(
         self,
         sandbox_id: str,
         action: str,
         args: dict[str, Any],
         data_fd: int | None = None,
-    ) -> tuple[int, asyncio.StreamReader]:
-        """Start a worker; return the read end of its result pipe as a reader."""
+    ) -> _Worker:
+        """Start a worker that reports on a new result pipe."""
         sandbox = self.engine._get_running(sandbox_id)
         self.engine._touch(sandbox)
         assert sandbox.supervisor is not None
+        oom_kills = _oom_kills(sandbox)
         result_read, result_write = os.pipe2(os.O_CLOEXEC)
         fds = [result_write] if data_fd is None else [result_write, data_fd]
         try:
-            await sandbox.supervisor.file(action, args, fds)
+            pid = await sandbox.supervisor.file(action, args, fds)
         except (OSError, ConnectionError) as error:
             os.close(result_read)
             raise FailedPrecondition(
@@ -130,28 +198,99 @@ class SandboxFiles:
             ) from error
         finally:
             os.close(result_write)
-        return result_read, await _reader(result_read)
+        _raise_oom_score(sandbox, pid)
+        try:
+            reader = await _reader(result_read)
+        except BaseException:
+            os.close(result_read)
+            raise
+        return _Worker(sandbox, pid, result_read, reader, oom_kills)
 
     async def _call(
-        self, sandbox_id: str, action: str, args: dict[str, Any]
+        self, sandbox_id: str, action: str, args: dict[str, Any], path: str
     ) -> dict[str, Any]:
-        fd, reader = await self._run(sandbox_id, action, args)
+        worker = await self._start(sandbox_id, action, args)
         try:
-            return _checked(sandbox_id, await reader.readline())
+            return self._checked(worker, await worker.reader.readline(), path)
         finally:
-            _close_reader(reader, fd)
+            worker.close()
+
+    def _checked(self, worker: _Worker, line: bytes, path: str) -> dict[str, Any]:
+        """Parse a worker's result line, raising its error as an EngineError."""
+        sandbox_id = worker.sandbox.info.sandbox_id
+        if not line:
+            raise self._worker_died(worker, path)
+        result = json.loads(line)
+        if not result.get("ok"):
+            raise _error(sandbox_id, result)
+        return result
+
+    def _worker_died(self, worker: _Worker, path: str) -> EngineError:
+        """Return the error for a worker that exited without a result."""
+        sandbox = worker.sandbox
+        sandbox_id = sandbox.info.sandbox_id
+        after = _oom_kills(sandbox)
+        oom_killed = (
+            worker.oom_kills is not None
+            and after is not None
+            and after > worker.oom_kills
+        )
+        if oom_killed:
+            memory = sandbox.info.spec.memory_mib
+            limit = f"{memory} MiB" if memory is not None else "no limit set"
+            return ResourceExhausted(
+                f"{path!r}: the file operation reached the memory limit of"
+                f" sandbox {sandbox_id} ({limit}) and was killed. Files in /tmp"
+                " count against that limit, because /tmp is a tmpfs; write to"
+                " another directory or create the sandbox with more memory"
+            )
+        return InternalError(
+            f"{path!r}: the file worker of sandbox {sandbox_id} exited without a result"
+        )
+
+    async def _stop(self, worker: _Worker, result: asyncio.Future[bytes]) -> None:
+        """Kill ``worker`` unless it has reported, and wait until it has exited.
+
+        The worker's end of the result pipe closes when it exits, which ends
+        ``result``.
+        """
+        supervisor = worker.sandbox.supervisor
+        if not result.done() and supervisor is not None:
+            with contextlib.suppress(ConnectionError, OSError):
+                supervisor.kill(worker.pid, signal.SIGKILL, group=False)
+        try:
+            await asyncio.wait_for(asyncio.shield(result), WORKER_EXIT_TIMEOUT)
+        except (TimeoutError, ConnectionError, OSError):
+            logger.warning(
+                "file worker %d of sandbox %s did not exit within %.0f s of SIGKILL",
+                worker.pid,
+                worker.sandbox.info.sandbox_id,
+                WORKER_EXIT_TIMEOUT,
+            )
+
+    async def _remove_quietly(self, sandbox_id: str, path: str) -> None:
+        """Delete ``path``, logging instead of raising when that fails."""
+        try:
+            await self._call(sandbox_id, "delete_file", {"path": path}, path)
+        except NotFound:
+            pass
+        except (EngineError, OSError) as error:
+            logger.warning(
+                "could not remove %r in sandbox %s: %s", path, sandbox_id, error
+            )
 
     async def stat_file(self, sandbox_id: str, path: str) -> FileInfo:
         path = self._resolve(sandbox_id, path)
-        result = await self._call(sandbox_id, "stat_file", {"path": path})
+        result = await self._call(sandbox_id, "stat_file", {"path": path}, path)
         return FileInfo(**result["info"])
 
     async def list_files(
         self, sandbox_id: str, path: str, *, recursive: bool = False
     ) -> tuple[list[FileInfo], bool]:
+        """List ``path``; return the entries and whether the list was truncated."""
         path = self._resolve(sandbox_id, path)
         args = {"path": path, "recursive": recursive}
-        result = await self._call(sandbox_id, "list_files", args)
+        result = await self._call(sandbox_id, "list_files", args, path)
         return [FileInfo(**entry) for entry in result["entries"]], result["truncated"]
 
     async def make_directory(
@@ -160,19 +299,19 @@ class SandboxFiles:
         path = self._resolve(sandbox_id, path)
         _check_mode(mode)
         args = {"path": path, "mode": mode, "parents": parents}
-        result = await self._call(sandbox_id, "make_directory", args)
+        result = await self._call(sandbox_id, "make_directory", args, path)
         return FileInfo(**result["info"])
 
     async def delete_file(self, sandbox_id: str, path: str) -> None:
         path = self._resolve(sandbox_id, path)
-        await self._call(sandbox_id, "delete_file", {"path": path})
+        await self._call(sandbox_id, "delete_file", {"path": path}, path)
 
     async def delete_directory(
         self, sandbox_id: str, path: str, *, recursive: bool = False
     ) -> None:
         path = self._resolve(sandbox_id, path)
         args = {"path": path, "recursive": recursive}
-        await self._call(sandbox_id, "delete_directory", args)
+        await self._call(sandbox_id, "delete_directory", args, path)
 
     async def move(
         self, sandbox_id: str, source: str, destination: str, *, overwrite: bool = True
@@ -182,34 +321,44 @@ class SandboxFiles:
             "destination": self._resolve(sandbox_id, destination, "destination"),
             "overwrite": overwrite,
         }
-        result = await self._call(sandbox_id, "move", args)
+        result = await self._call(sandbox_id, "move", args, args["source"])
         return FileInfo(**result["info"])
 
     async def chmod(self, sandbox_id: str, path: str, mode: int) -> FileInfo:
         path = self._resolve(sandbox_id, path)
         _check_mode(mode)
-        result = await self._call(sandbox_id, "chmod", {"path": path, "mode": mode})
+        args = {"path": path, "mode": mode}
+        result = await self._call(sandbox_id, "chmod", args, path)
         return FileInfo(**result["info"])
 
     async def find_in_files(
-        self, sandbox_id: str, path: str, pattern: str, *, max_matches: int = 10_000
+        self,
+        sandbox_id: str,
+        path: str,
+        pattern: str,
+        *,
+        max_matches: int = MAX_MATCHES,
     ) -> tuple[list[Match], bool]:
+        """Search files for ``pattern``; return the matches and whether they are cut."""
         path = self._resolve(sandbox_id, path)
         _check_pattern(pattern)
-        if max_matches < 1:
-            raise InvalidArgument(f"max_matches must be 1 or more, not {max_matches}")
+        if not 1 <= max_matches <= MAX_MATCHES:
+            raise InvalidArgument(
+                f"invalid max_matches {max_matches}: expected 1 to {MAX_MATCHES}"
+            )
         args = {"path": path, "pattern": pattern, "max_matches": max_matches}
-        result = await self._call(sandbox_id, "find_in_files", args)
+        result = await self._call(sandbox_id, "find_in_files", args, path)
         matches = [Match(**match) for match in result["matches"]]
         return matches, result["truncated"]
 
     async def replace_in_files(
         self, sandbox_id: str, path: str, pattern: str, replacement: str
     ) -> list[str]:
+        """Replace ``pattern`` in the files under ``path``; return the changed paths."""
         path = self._resolve(sandbox_id, path)
-        _check_pattern(pattern)
+        _check_pattern(pattern, replacement)
         args = {"path": path, "pattern": pattern, "replacement": replacement}
-        result = await self._call(sandbox_id, "replace_in_files", args)
+        result = await self._call(sandbox_id, "replace_in_files", args, path)
         return list(result["changed"])
 
     async def write_file(
@@ -220,34 +369,69 @@ class SandboxFiles:
         *,
         mode: int = 0o644,
         parents: bool = False,
+        overwrite: bool = True,
     ) -> int:
-        """Write the bytes of ``chunks`` to ``path`` atomically; return the size."""
+        """Write the bytes of ``chunks`` to ``path`` atomically; return the size.
+
+        If ``chunks`` raises or the call is cancelled, the worker never
+        receives the end frame, so no partial file replaces ``path``. The
+        worker is then killed and any temporary file it made is removed.
+        """
         path = self._resolve(sandbox_id, path)
         _check_mode(mode)
+        temporary = f".engine-upload-{secrets.token_hex(6)}"
+        temporary_path = posixpath.join(posixpath.dirname(path), temporary)
+        args = {
+            "path": path,
+            "mode": mode,
+            "parents": parents,
+            "overwrite": overwrite,
+            "temporary": temporary,
+        }
         data_read, data_write = os.pipe2(os.O_CLOEXEC)
-        args = {"path": path, "mode": mode, "parents": parents}
+        _grow_pipe(data_write)
         try:
-            fd, reader = await self._run(sandbox_id, "write_file", args, data_read)
+            worker = await self._start(sandbox_id, "write_file", args, data_read)
+        except BaseException:
+            os.close(data_write)
+            raise
         finally:
             os.close(data_read)
+        result_line = asyncio.ensure_future(worker.reader.readline())
         try:
-            result_line = asyncio.ensure_future(reader.readline())
             try:
-                await _pump(chunks, data_write, result_line)
+                await _pump(
+                    chunks,
+                    data_write,
+                    result_line,
+                    lambda: self.engine._touch(worker.sandbox),
+                )
+            except BaseException:
+                # Without the end frame the worker never commits the file, so
+                # stopping it here only frees its resources sooner.
+                await self._stop(worker, result_line)
+                await self._remove_quietly(sandbox_id, temporary_path)
+                raise
             finally:
                 os.close(data_write)
-            return int(_checked(sandbox_id, await result_line)["size"])
+            line = await result_line
+            if not line:
+                await self._remove_quietly(sandbox_id, temporary_path)
+            return int(self._checked(worker, line, path)["size"])
         finally:
-            _close_reader(reader, fd)
+            result_line.cancel()
+            worker.close()
 
-    async def read_file(
-        self, sandbox_id: str, path: str
-    ) -> tuple[int, AsyncIterator[bytes]]:
-        """Open ``path``; return its size and an iterator over its bytes."""
+    async def read_file(self, sandbox_id: str, path: str) -> FileContent:
+        """Open ``path``; return its size and mode and an iterator over its bytes.
+
+        The iterator raises InternalError if the file shrinks while it is read.
+        """
         path = self._resolve(sandbox_id, path)
         data_read, data_write = os.pipe2(os.O_CLOEXEC)
+        _grow_pipe(data_write)
         try:
-            fd, reader = await self._run(
+            worker = await self._start(
                 sandbox_id, "read_file", {"path": path}, data_write
             )
         except BaseException:
@@ -256,38 +440,109 @@ class SandboxFiles:
         finally:
             os.close(data_write)
         try:
-            result = _checked(sandbox_id, await reader.readline())
+            result = self._checked(worker, await worker.reader.readline(), path)
         except BaseException:
             os.close(data_read)
             raise
         finally:
-            _close_reader(reader, fd)
-        return int(result["size"]), _chunks(data_read, int(result["size"]))
+            worker.close()
+        size = int(result["size"])
+        sandbox = worker.sandbox
+
+        def check_size(received: int) -> None:
+            if received < size:
+                raise InternalError(
+                    f"{path!r} in sandbox {sandbox_id} shrank from {size} to"
+                    f" {received} bytes while it was read"
+                )
+
+        chunks = _PipeChunks(data_read, lambda: self.engine._touch(sandbox), check_size)
+        return FileContent(size=size, mode=int(result["mode"]), chunks=chunks)
+
+
+def _shorten(path: str) -> str:
+    if len(path) > 64:
+        return f"{path[:64]!r}... ({len(path)} characters)"
+    return repr(path)
+
+
+def _oom_kills(sandbox: _Sandbox) -> int | None:
+    if sandbox.cgroup is None:
+        return None
+    try:
+        return sandbox.cgroup.oom_kills()
+    except (EngineError, OSError, ValueError):
+        return None
+
+
+def _raise_oom_score(sandbox: _Sandbox, pid: int) -> None:
+    """Set the oom_score_adj of the worker with ``pid`` inside the sandbox.
+
+    The worker cannot set it itself: it is non-dumpable like PID 1, which
+    forked it, so its /proc files belong to the host's root. The daemon finds
+    its host pid through the NSpid lines of the processes in the cgroup.
+    """
+    if sandbox.cgroup is None:
+        return
+    try:
+        host_pids = sandbox.cgroup.pids()
+    except (EngineError, OSError) as error:
+        logger.debug(
+            "cannot list the processes of %s: %s", sandbox.info.sandbox_id, error
+        )
+        return
+    for host_pid in host_pids:
+        try:
+            with open(f"/proc/{host_pid}/status") as status:
+                ids = next(
+                    (line.split()[1:] for line in status if line.startswith("NSpid:")),
+                    [],
+                )
+            if len(ids) < 2 or int(ids[-1]) != pid:
+                continue
+            with open(f"/proc/{host_pid}/oom_score_adj", "w") as score:
+                score.write(str(WORKER_OOM_SCORE_ADJ))
+        except (OSError, ValueError):
+            # The worker has exited, or a process of the cgroup has.
+            continue
+        return
+
+
+def _grow_pipe(fd: int) -> None:
+    # F_SETPIPE_SZ fails above /proc/sys/fs/pipe-max-size for an unprivileged
+    # process; the pipe then keeps its default size.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _check_mode(mode: int) -> None:
-    if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-        raise InvalidArgument(f"mode {mode!r} must be between 0 and 0o7777, e.g. 0o644")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        shown = f"{mode:#o} ({mode})" if isinstance(mode, int) else repr(mode)
+        raise InvalidArgument(
+            f"invalid mode {shown}: expected permission bits from 0 to 0o7777,"
+            " such as 0o644"
+        )
 
 
-def _check_pattern(pattern: str) -> None:
+def _check_pattern(pattern: str, replacement: str | None = None) -> None:
+    """Compile ``pattern`` and ``replacement`` as the worker does, on bytes."""
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidArgument("pattern is empty; pass a regular expression")
     try:
-        re.compile(pattern)
+        compiled = re.compile(os.fsencode(pattern))
     except re.error as error:
         raise InvalidArgument(
-            f"pattern {pattern!r} is not a valid regular expression: {error}"
+            f"invalid pattern {pattern!r}: not a valid regular expression: {error}"
         ) from None
-
-
-def _checked(sandbox_id: str, line: bytes) -> dict[str, Any]:
-    if not line:
-        raise InternalError(
-            f"the file worker of sandbox {sandbox_id} exited without a result"
-        )
-    result = json.loads(line)
-    if not result.get("ok"):
-        raise _error(sandbox_id, result)
-    return result
+    if replacement is None:
+        return
+    try:
+        # Parsing the template checks its group references even without a match.
+        compiled.sub(os.fsencode(replacement), b"")
+    except (re.error, IndexError) as error:
+        raise InvalidArgument(
+            f"invalid replacement {replacement!r} for pattern {pattern!r}: {error}"
+        ) from None
 
 
 async def _reader(fd: int) -> asyncio.StreamReader:
@@ -309,30 +564,55 @@ def _close_reader(reader: asyncio.StreamReader, fd: int) -> None:
 
 
 async def _pump(
-    chunks: AsyncIterator[bytes], fd: int, result: asyncio.Future[bytes]
+    chunks: AsyncIterator[bytes],
+    fd: int,
+    result: asyncio.Future[bytes],
+    touch: Callable[[], None],
 ) -> None:
-    """Write every chunk to the pipe ``fd``; stop early if the worker reports first."""
+    """Send every chunk to the pipe ``fd`` as a frame, then the end frame.
+
+    Each frame is an 8-byte little-endian length and the bytes, and a zero
+    length ends the file, which the worker commits only then. Stops early,
+    without the end frame, if the worker reports (an error) first. ``touch``
+    runs once per chunk, so a long transfer counts as activity for the
+    sandbox's TTL.
+    """
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     async for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            if result.done():
+        touch()
+        if not chunk:
+            continue
+        header = FRAME_HEADER.pack(len(chunk))
+        for part in (header, chunk):
+            if not await _write(loop, fd, memoryview(part), result):
                 return
-            try:
-                view = view[os.write(fd, view) :]
-                continue
-            except BlockingIOError:
-                pass
-            except BrokenPipeError:
-                return
-            writable = _ready_future(loop, fd, write=True)
-            try:
-                await asyncio.wait(
-                    [writable, result], return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                loop.remove_writer(fd)
+    await _write(loop, fd, memoryview(FRAME_HEADER.pack(0)), result)
+
+
+async def _write(
+    loop: asyncio.AbstractEventLoop,
+    fd: int,
+    view: memoryview,
+    result: asyncio.Future[bytes],
+) -> bool:
+    """Write ``view`` to the non-blocking pipe ``fd``; False if the worker reported."""
+    while view:
+        if result.done():
+            return False
+        try:
+            view = view[os.write(fd, view) :]
+            continue
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            return False
+        writable = _ready_future(loop, fd, write=True)
+        try:
+            await asyncio.wait([writable, result], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_writer(fd)
+    return True
 
 
 def _ready_future(
@@ -352,21 +632,54 @@ def _ready_future(
     return future
 
 
-async def _chunks(fd: int, size: int) -> AsyncIterator[bytes]:
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    try:
+class _PipeChunks:
+    """Async iterator over the bytes of a pipe, which it closes at the end.
+
+    Unlike an async generator, ``aclose`` closes the pipe even before the
+    first chunk, so a download cancelled after its header leaks no descriptor.
+    """
+
+    def __init__(
+        self, fd: int, touch: Callable[[], None], at_end: Callable[[int], None]
+    ) -> None:
+        self._fd = fd
+        self._touch = touch
+        self._at_end = at_end
+        self._received = 0
+        os.set_blocking(fd, False)
+
+    def __aiter__(self) -> _PipeChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._fd < 0:
+            raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                data = os.read(fd, CHUNK_BYTES)
+                data = os.read(self._fd, CHUNK_BYTES)
             except BlockingIOError:
+                readable = _ready_future(loop, self._fd, write=False)
                 try:
-                    await _ready_future(loop, fd, write=False)
+                    await readable
                 finally:
-                    loop.remove_reader(fd)
+                    loop.remove_reader(self._fd)
                 continue
+            except BaseException:
+                self.close()
+                raise
             if not data:
-                return
-            yield data
-    finally:
-        os.close(fd)
+                self.close()
+                self._at_end(self._received)
+                raise StopAsyncIteration
+            self._received += len(data)
+            self._touch()
+            return data
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -19,6 +19,8 @@ _EXPORTS = {
     "SandboxProcessStream": "engine.sdk.sandbox",
     "ProcessStatus": "engine.sdk.sandbox",
     "parse_memory": "engine.sdk.sandbox",
+    "Volume": "engine.sdk.volumes",
+    "VolumeClient": "engine.sdk.volumes",
     "EmbeddedEngine": "engine.sdk.embedded",
     "AsyncSandbox": "engine.sdk.aio",
 }

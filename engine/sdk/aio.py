@@ -30,6 +30,7 @@ from engine.core.models import (
     Stream,
 )
 from engine.sdk.client import error_from_rpc, resolve_address
+from engine.sdk.files import AsyncSandboxFileSystem
 from engine.sdk.sandbox import (
     STDIN_CHUNK_BYTES,
     ProcessStatus,
@@ -307,6 +308,8 @@ class AsyncSandboxInstance:
         self._client = client
         self.sandbox_id = info.sandbox_id
         self.process = AsyncSandboxProcessManager(client, info.sandbox_id)
+        # Files and directories: await sb.fs.upload_file(...).
+        self.fs = AsyncSandboxFileSystem(client, info.sandbox_id)
 
     def __repr__(self) -> str:
         return f"AsyncSandboxInstance(sandbox_id={self.sandbox_id!r})"

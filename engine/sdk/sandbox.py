@@ -33,6 +33,8 @@ from engine.core.models import (
     Stream,
 )
 from engine.sdk.client import Client
+from engine.sdk.files import SandboxFileSystem
+from engine.sdk.volumes import Volume, check_volumes
 from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
 
@@ -361,6 +363,8 @@ class SandboxInstance:
         self._client = client
         self.sandbox_id = info.sandbox_id
         self.process = SandboxProcessManager(client, info.sandbox_id)
+        # Files and directories: sb.fs.upload_file(...), sb.fs.list_files(...).
+        self.fs = SandboxFileSystem(client, info.sandbox_id)
 
     def __repr__(self) -> str:
         return f"SandboxInstance(sandbox_id={self.sandbox_id!r})"
@@ -414,6 +418,7 @@ class Sandbox:
     expiry). ``None`` means the daemon's default: no CPU or memory limit, 512
     pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
     "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
+    ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
     """
 
     def __init__(
@@ -429,6 +434,7 @@ class Sandbox:
         labels: dict[str, str] | None = None,
         ttl: float | None = None,
         address: str | None = None,
+        volumes: list[Volume] | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
@@ -439,6 +445,7 @@ class Sandbox:
         self.name = name
         self.labels = dict(labels or {})
         self.ttl = ttl
+        self.volumes = check_volumes(volumes or [])
         self.address = address
 
     def spec_proto(self) -> pb.SandboxSpec:
@@ -448,6 +455,7 @@ class Sandbox:
             workdir=self.workdir or "",
             name=self.name,
             labels=self.labels,
+            volumes=[volume.to_proto() for volume in self.volumes],
         )
         optional: dict[str, Any] = {
             "cpu": self.cpu,

@@ -1,4 +1,4 @@
-"""Build the daemon's grpc.aio server: SandboxService, health and reflection."""
+"""Build the daemon's grpc.aio server: its services, health and reflection."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.server import files as file_service
 from engine.server.interceptor import ErrorInterceptor
 from engine.server.servicer import SandboxServicer
-from engine.v1 import sandbox_pb2, sandbox_pb2_grpc
+from engine.server.volumes import SERVICE_NAME as VOLUME_SERVICE_NAME
+from engine.server.volumes import VolumeServicer
+from engine.v1 import sandbox_pb2, sandbox_pb2_grpc, volume_pb2_grpc
 
 if TYPE_CHECKING:
     from engine.core.engine import Engine
@@ -54,7 +57,12 @@ class Server:
 
     async def start(self) -> None:
         await self.server.start()
-        for service in ("", SERVICE_NAME):
+        for service in (
+            "",
+            SERVICE_NAME,
+            VOLUME_SERVICE_NAME,
+            file_service.SERVICE_NAME,
+        ):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
@@ -178,14 +186,25 @@ def create_server(
     """
     if socket_path is None and listen is None:
         raise InvalidArgument("a socket path or a TCP listen address is required")
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), file_service.FileErrorInterceptor()]
+    )
     sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(
         SandboxServicer(engine), server
     )
+    volume_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeServicer(engine), server)
+    file_service.add_to_server(engine, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [
+            SERVICE_NAME,
+            VOLUME_SERVICE_NAME,
+            file_service.SERVICE_NAME,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ],
+        server,
     )
 
     addresses: dict[str, str] = {}
