@@ -14,6 +14,8 @@ from engine.storage.volumes import check_name as check_volume_name
 # quarter of the stack limit in all; 1 MiB fits the default 8 MiB stack.
 MAX_EXEC_BYTES = 1024 * 1024
 MAX_ENV_ENTRIES = 4096
+# PATH_MAX of Linux, for workdir and cwd.
+MAX_PATH_BYTES = 4096
 MIN_MEMORY_MIB = 8
 MAX_PIDS = 1 << 22
 MAX_NAME = 63
@@ -69,6 +71,11 @@ def check_spec(spec: SandboxSpec) -> None:
             f"workdir {shorten(spec.workdir)} must be an absolute path"
         )
     _check_text("workdir", spec.workdir)
+    if len(spec.workdir.encode()) > MAX_PATH_BYTES:
+        raise InvalidArgument(
+            f"workdir is {len(spec.workdir.encode())} bytes; the limit is "
+            f"{MAX_PATH_BYTES} bytes"
+        )
     if spec.name and (len(spec.name) > MAX_NAME or not _NAME.match(spec.name)):
         raise InvalidArgument(
             f"name {shorten(spec.name)} must be at most {MAX_NAME} letters, "

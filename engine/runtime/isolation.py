@@ -129,8 +129,7 @@ def build_root(spec: IsolationSpec) -> str:
     rootfs.write_etc(spec.hostname, old_root)
     for source, target, read_only in spec.volumes:
         rootfs.mount_volume(old_root + source, target, old_root, read_only=read_only)
-    workdir = rootfs.check_inside(spec.workdir, old_root)
-    os.makedirs(workdir, exist_ok=True)
+    rootfs.make_workdir(spec.workdir, old_root)
     return old_root
 
 

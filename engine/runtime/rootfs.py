@@ -152,6 +152,36 @@ def mount_volume(source: str, target: str, old_root: str, *, read_only: bool) ->
     mounts.bind(source, target, read_only=read_only)
 
 
+class WorkdirError(OSError):
+    """A workdir that cannot exist in the sandbox, because of the caller's input."""
+
+
+def make_workdir(path: str, old_root: str) -> None:
+    """Create the workdir and its missing parents, one level at a time.
+
+    os.makedirs recurses once per level, so a deep path would raise
+    RecursionError. A component that exists but is not a directory is the
+    caller's error, raised as WorkdirError.
+    """
+    current = "/"
+    for part in path.strip("/").split("/"):
+        if not part:
+            continue
+        current = os.path.join(current, part)
+        try:
+            os.mkdir(current, 0o755)
+        except FileExistsError:
+            if not os.path.isdir(current):
+                raise WorkdirError(
+                    errno.ENOTDIR, f"workdir {path!r}: {current!r} is not a directory"
+                ) from None
+        except OSError as error:
+            raise WorkdirError(
+                error.errno, f"workdir {path!r}: {error.strerror}"
+            ) from None
+    check_inside(path, old_root)
+
+
 def prepare_dirs(old_root: str) -> None:
     """Create the directories the image may lack; /sys stays an empty directory."""
     for name in ("/proc", "/sys", "/root", "/etc"):

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from engine.errors import InvalidArgument
 from engine.runtime import protocol
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ class SupervisorClient:
         self.channel.send({"op": "start", "spec": spec})
         message = await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT)
         if message["op"] != "ready":
+            if message.get("invalid"):
+                raise InvalidArgument(str(message.get("message")))
             raise OSError(0, f"sandbox setup failed: {message.get('message')}")
 
     async def exec(

@@ -57,6 +57,11 @@ def run(
         spec = _isolation_spec(message["spec"])
         try:
             old_root = isolation.build_root(spec)
+        except rootfs.WorkdirError as error:
+            reply = {"op": "failed", "message": error.strerror, "invalid": True}
+            protocol.send(control, reply)
+            status = 0
+            return
         except Exception as error:
             protocol.send(control, {"op": "failed", "message": str(error)})
             raise

@@ -171,6 +171,10 @@ def _bind_tcp(server: grpc.aio.Server, listen: str) -> str:
     return f"{host}:{port}"
 
 
+# Largest request message the daemon accepts, in bytes.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
 def create_server(
     engine: Engine,
     *,
@@ -187,7 +191,11 @@ def create_server(
     if socket_path is None and listen is None:
         raise InvalidArgument("a socket path or a TCP listen address is required")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), file_service.FileErrorInterceptor()]
+        interceptors=[ErrorInterceptor(), file_service.FileErrorInterceptor()],
+        # Above the engine's own 1 MiB limit on argv plus env, so that an
+        # oversized exec gets the engine's message naming the field, not
+        # gRPC's bare "message larger than max".
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
     sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(
         SandboxServicer(engine), server

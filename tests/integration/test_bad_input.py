@@ -168,3 +168,34 @@ def test_engine_works_after_bad_input(
     result = engine.run(sandbox_id, ["echo", "alive"])
     assert result.exit_code == 0
     assert result.stdout == b"alive\n"
+
+
+@pytest.mark.parametrize("workdir", ["/dev/null", "/etc/hostname/below"])
+def test_workdir_not_directory_rejected(engine: EngineRunner, workdir: str) -> None:
+    # The sandbox fails after it took a preforked supervisor, whose cgroup is
+    # then removed and replaced by the pool, so only groups outside the pool
+    # must be unchanged.
+    engine.settle_pool()
+    dirs = engine.sandbox_dirs()
+    groups = engine.cgroup_names() - engine.pool_names()
+    with pytest.raises(InvalidArgument, match="is not a directory") as raised:
+        engine.create(workdir=workdir)
+    assert workdir in str(raised.value)
+    engine.settle_pool()
+    assert engine.sandbox_dirs() == dirs
+    assert engine.cgroup_names() - engine.pool_names() == groups
+
+
+def test_workdir_over_path_max_rejected(engine: EngineRunner, unchanged: None) -> None:
+    with pytest.raises(InvalidArgument, match="workdir is 4098 bytes"):
+        engine.create(workdir="/a" * 2049)
+
+
+def test_deep_workdir_created(engine: EngineRunner) -> None:
+    workdir = "/root" + "/d" * 1500
+    sandbox_id = engine.create(workdir=workdir)
+    try:
+        result = engine.run(sandbox_id, ["pwd"])
+        assert result.stdout.decode().strip() == workdir
+    finally:
+        engine.terminate(sandbox_id)

@@ -577,3 +577,17 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:
         return []
+
+
+def test_oversized_exec_names_the_limit(
+    stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
+) -> None:
+    """A request above gRPC's default 4 MiB still gets the engine's own message."""
+    request = pb.ExecRequest(
+        sandbox_id=sandbox_id, argv=["true"], env={"BIG": "x" * (5 << 20)}
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        for _ in stub.Exec(request):
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "env['BIG']" in raised.value.details()
