@@ -93,12 +93,12 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         "--cpu",
         type=float,
         metavar="CORES",
-        help="CPU limit in cores, fractions allowed, such as 0.5 (default: no limit)",
+        help="CPU limit in cores, fractions allowed, such as 0.5 (default: 1)",
     )
     parser.add_argument(
         "--memory",
         metavar="MIB",
-        help="memory limit in MiB, or a size such as 512Mi or 1Gi (default: no limit)",
+        help="memory limit in MiB, or a size such as 512Mi or 1Gi (default: 512)",
     )
     parser.add_argument(
         "--pids",

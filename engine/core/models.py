@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 # is terminated, unless its ttl is 0 or negative.
 DEFAULT_TTL_SECONDS = 600.0
 DEFAULT_PIDS = 512
+# Limits of a sandbox whose caller sets none: untrusted code gets a bounded
+# sandbox unless it asks otherwise.
+DEFAULT_CPU = 1.0
+DEFAULT_MEMORY_MIB = 512
 DEFAULT_NOFILE = 1024
 # Bytes of stdout (and, separately, of stderr) kept per process. Older bytes are
 # dropped first and readers are told how many they missed.
@@ -70,14 +74,14 @@ class VolumeMount:
 class SandboxSpec:
     """What a caller asks for when creating a sandbox.
 
-    ``cpu`` is in cores (fractions allowed), ``memory_mib`` and ``disk_mib`` in
-    MiB. ``None`` means no limit. ``ttl`` is in seconds of inactivity, and 0 or a
-    negative value means the sandbox never expires.
+    ``cpu`` is in cores (fractions allowed) and ``memory_mib`` in MiB. Both
+    default to a bounded sandbox, and ``None`` means no limit. ``ttl`` is in
+    seconds of inactivity, and 0 or a negative value means it never expires.
     """
 
     image: str = "host"
-    cpu: float | None = None
-    memory_mib: int | None = None
+    cpu: float | None = DEFAULT_CPU
+    memory_mib: int | None = DEFAULT_MEMORY_MIB
     pids: int = DEFAULT_PIDS
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"

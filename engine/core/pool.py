@@ -80,7 +80,11 @@ class SupervisorPool:
                 for fd in fds:
                     os.close(fd)
         except BaseException:
-            await asyncio.shield(loop.run_in_executor(None, group.destroy))
+            try:
+                await asyncio.shield(loop.run_in_executor(None, group.destroy))
+            except (RuntimeError, asyncio.CancelledError):
+                # The loop is shutting down and runs no executor jobs any more.
+                group.destroy()
             raise
         return Slot(group, pid, control)
 

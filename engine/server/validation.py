@@ -91,11 +91,11 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
             f"invalid spec.workdir {show(workdir)}: expected an absolute path"
         )
 
-    cpu = None
+    cpu = defaults.cpu
     if message.HasField("cpu"):
         _check_positive("spec.cpu", message.cpu, "cores")
         cpu = message.cpu
-    memory_mib = None
+    memory_mib = defaults.memory_mib
     if message.HasField("memory_mib"):
         _check_positive("spec.memory_mib", message.memory_mib, "MiB")
         if message.memory_mib > MAX_MEMORY_MIB:

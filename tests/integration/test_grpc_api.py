@@ -88,12 +88,13 @@ def test_create_returns_running_sandbox(
     assert final.HasField("terminated_at")
 
 
-def test_unset_limits_mean_unlimited(
+def test_unset_limits_get_defaults(
     stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
 ) -> None:
     spec = stub.Get(pb.GetRequest(sandbox_id=sandbox_id)).sandbox.spec
-    assert not spec.HasField("cpu")
-    assert not spec.HasField("memory_mib")
+    assert spec.cpu == 1.0
+    assert spec.memory_mib == 512
+    assert spec.pids == 512
 
 
 def test_exec_event_order(

@@ -176,7 +176,7 @@ def test_cpu_quota_limits_usage(
     engine: EngineRunner, new_sandbox: Callable[..., str]
 ) -> None:
     limited = new_sandbox(cpu=0.25)
-    unlimited = new_sandbox()
+    unlimited = new_sandbox(cpu=None)
 
     async def measure_both() -> list[SandboxStats]:
         return await asyncio.gather(
