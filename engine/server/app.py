@@ -191,7 +191,7 @@ def create_server(
     if socket_path is None and listen is None:
         raise InvalidArgument("a socket path or a TCP listen address is required")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), file_service.FileErrorInterceptor()],
+        interceptors=[ErrorInterceptor()],
         # Above the engine's own 1 MiB limit on argv plus env, so that an
         # oversized exec gets the engine's message naming the field, not
         # gRPC's bare "message larger than max".

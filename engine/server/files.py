@@ -13,12 +13,10 @@ request may name it through its ``*_raw`` field.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -28,13 +26,6 @@ from engine.core.files import MAX_MATCHES, FileInfo, Match
 from engine.errors import InvalidArgument
 from engine.server import validation
 from engine.server.convert import timestamp_to_proto
-from engine.server.interceptor import (
-    UndecodableRequest,
-    _abort,
-    _wrap_deserializer,
-    _wrap_stream,
-    _wrap_unary,
-)
 from engine.v1 import filesystem_pb2 as pb
 from engine.v1 import filesystem_pb2_grpc
 
@@ -313,80 +304,6 @@ class FileServicer(filesystem_pb2_grpc.FileServiceServicer):
             yield pb.ReplaceInFilesResponse(files=group)
 
 
-def _wrap_client_stream(
-    method: str,
-    behavior: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[Any]],
-) -> Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Map the exceptions of a client-streaming method, as _wrap_unary does.
-
-    The sandbox id that _abort logs comes from the stream's header request.
-    """
-
-    async def wrapped(
-        request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> Any:
-        header = types.SimpleNamespace(sandbox_id="")
-
-        async def checked() -> AsyncIterator[Any]:
-            async for request in request_iterator:
-                if isinstance(request, UndecodableRequest):
-                    raise InvalidArgument(
-                        f"invalid request to {method}: {request.error}"
-                    )
-                if not header.sandbox_id and request.HasField("header"):
-                    header.sandbox_id = request.header.sandbox_id
-                yield request
-
-        try:
-            return await behavior(checked(), context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as error:
-            await _abort(context, method, header, error)
-
-    return wrapped
-
-
-class FileErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Map the exceptions of FileService methods to gRPC statuses.
-
-    Methods of other services pass through unchanged.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        name = method.removeprefix(SERVICE_PREFIX)
-        deserializer = _wrap_deserializer(handler.request_deserializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(name, handler.unary_unary),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(name, handler.unary_stream),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_client_stream(name, handler.stream_unary),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
 def add_to_server(engine: Engine, server: grpc.aio.Server) -> None:
-    """Register FileService on ``server``, which needs FileErrorInterceptor too."""
+    """Register FileService on ``server``; its errors map through ErrorInterceptor."""
     filesystem_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(engine), server)

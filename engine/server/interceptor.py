@@ -19,11 +19,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/engine.v1.SandboxService/"
+# Every service of the engine's own API; health and reflection are others.
+SERVICE_PREFIX = "/engine.v1."
 # Trailing metadata key set on every status that the engine sent on purpose.
 # Its value is the exception class name, such as "NotFound". The SDK uses it to
 # tell an engine error from a transport failure with the same status code.
@@ -52,6 +53,17 @@ def _wrap_deserializer(
     return deserialize
 
 
+def _subject(request: Any) -> str:
+    """Name what a request is about, for logs: its sandbox or its volume."""
+    sandbox_id = getattr(request, "sandbox_id", "")
+    if sandbox_id:
+        return f"sandbox {sandbox_id}"
+    volume = getattr(request, "volume", "") or getattr(request, "name", "")
+    if volume:
+        return f"volume {volume}"
+    return "-"
+
+
 async def _abort(
     context: grpc.aio.ServicerContext,
     method: str,
@@ -59,12 +71,10 @@ async def _abort(
     error: BaseException,
 ) -> None:
     """Abort the RPC with the status for ``error``; this always raises."""
-    sandbox_id = getattr(request, "sandbox_id", "") or "-"
+    subject = _subject(request)
     if isinstance(error, EngineError):
         code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
-        logger.info(
-            "%s for sandbox %s failed: %s: %s", method, sandbox_id, code.name, error
-        )
+        logger.info("%s for %s failed: %s: %s", method, subject, code.name, error)
         await context.abort(
             code,
             str(error),
@@ -72,9 +82,9 @@ async def _abort(
         )
     error_id = uuid.uuid4().hex[:12]
     logger.error(
-        "%s for sandbox %s failed with internal error %s",
+        "%s for %s failed with internal error %s",
         method,
-        sandbox_id,
+        subject,
         error_id,
         exc_info=error,
     )
@@ -133,8 +143,47 @@ def _wrap_stream(
     return wrapped
 
 
+def _wrap_client_stream(
+    method: str,
+    behavior: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Map the exceptions of a client-streaming method, as _wrap_unary does.
+
+    What _abort logs comes from the stream's first request, or from its
+    ``header`` field where it has one.
+    """
+
+    async def wrapped(
+        request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> Any:
+        first: list[Any] = []
+
+        async def checked() -> AsyncIterator[Any]:
+            async for request in request_iterator:
+                if isinstance(request, UndecodableRequest):
+                    raise InvalidArgument(
+                        f"invalid request to {method}: {request.error}"
+                    )
+                if not first:
+                    has_header = "header" in request.DESCRIPTOR.fields_by_name
+                    if has_header and request.HasField("header"):
+                        first.append(request.header)
+                    else:
+                        first.append(request)
+                yield request
+
+        try:
+            return await behavior(checked(), context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            await _abort(context, method, first[0] if first else None, error)
+
+    return wrapped
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Map the exceptions of SandboxService methods to gRPC statuses.
+    """Map the exceptions of every engine.v1 service method to gRPC statuses.
 
     Methods of other services (health, reflection) pass through unchanged.
     """
@@ -150,7 +199,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        name = method.removeprefix(SERVICE_PREFIX)
+        name = method.removeprefix(SERVICE_PREFIX).replace("/", ".")
         deserializer = _wrap_deserializer(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -161,6 +210,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(name, handler.unary_stream),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_client_stream(name, handler.stream_unary),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )

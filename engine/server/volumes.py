@@ -15,17 +15,14 @@ error id whose traceback goes only to the daemon's log.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from engine.errors import EngineError, InvalidArgument
+from engine.errors import InvalidArgument
 from engine.server.convert import timestamp_from_proto, timestamp_to_proto
-from engine.server.interceptor import ERROR_METADATA_KEY
 from engine.storage.volumes import (
     CHUNK_BYTES,
     DEFAULT_LIST_LIMIT,
@@ -53,8 +50,6 @@ PATH_TYPES: dict[PathType, int] = {
 PATH_TYPES_FROM_PROTO: dict[int, PathType] = {
     value: key for key, value in PATH_TYPES.items()
 }
-
-Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 # ------------------------------------------------------------- conversions
@@ -105,81 +100,6 @@ def path_from_proto(message: pb.VolumePath) -> PathInfo:
     )
 
 
-# ----------------------------------------------------------- error mapping
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext, method: str, volume: str, error: Exception
-) -> None:
-    """Abort the RPC with the status for ``error``; this always raises."""
-    if isinstance(error, EngineError):
-        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
-        logger.info(
-            "VolumeService.%s for volume %s failed: %s: %s",
-            method,
-            volume,
-            code.name,
-            error,
-        )
-        await context.abort(
-            code,
-            str(error),
-            trailing_metadata=((ERROR_METADATA_KEY, type(error).__name__),),
-        )
-    error_id = uuid.uuid4().hex[:12]
-    logger.error(
-        "VolumeService.%s for volume %s failed with internal error %s",
-        method,
-        volume,
-        error_id,
-        exc_info=error,
-    )
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal error {error_id} in the engine daemon; its log has the details",
-        trailing_metadata=((ERROR_METADATA_KEY, "InternalError"),),
-    )
-
-
-def _volume_of(request: Any) -> str:
-    return getattr(request, "volume", "") or getattr(request, "name", "") or "-"
-
-
-def _mapped(method: Method) -> Method:
-    """Map the exceptions of a unary-response method (unary or client stream)."""
-
-    @functools.wraps(method)
-    async def wrapped(
-        self: VolumeServicer, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
-        try:
-            return await method(self, request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as error:
-            await _abort(context, method.__name__, _volume_of(request), error)
-
-    return wrapped  # type: ignore[return-value]
-
-
-def _mapped_stream(method: Method) -> Method:
-    """Map the exceptions of a server-streaming method."""
-
-    @functools.wraps(method)
-    async def wrapped(
-        self: VolumeServicer, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        try:
-            async for response in method(self, request, context):
-                yield response
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as error:
-            await _abort(context, method.__name__, _volume_of(request), error)
-
-    return wrapped  # type: ignore[return-value]
-
-
 # ---------------------------------------------------------------- servicer
 
 
@@ -190,7 +110,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
     def _run(self, function: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         return asyncio.to_thread(function, *args)
 
-    @_mapped
     async def Create(
         self, request: pb.VolumeCreateRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeCreateResponse:
@@ -199,14 +118,12 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
             logger.info("created volume %s", info.name)
         return pb.VolumeCreateResponse(volume=volume_to_proto(info), created=created)
 
-    @_mapped
     async def List(
         self, request: pb.VolumeListRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeListResponse:
         infos = await self._engine.list_volumes()
         return pb.VolumeListResponse(volumes=[volume_to_proto(i) for i in infos])
 
-    @_mapped
     async def Delete(
         self, request: pb.VolumeDeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeDeleteResponse:
@@ -214,7 +131,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
         logger.info("deleted volume %s", request.name)
         return pb.VolumeDeleteResponse()
 
-    @_mapped
     async def ListPath(
         self, request: pb.VolumeListPathRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeListPathResponse:
@@ -226,7 +142,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
             paths=[path_to_proto(entry) for entry in entries], truncated=truncated
         )
 
-    @_mapped
     async def StatPath(
         self, request: pb.VolumeStatPathRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeStatPathResponse:
@@ -235,7 +150,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
         )
         return pb.VolumeStatPathResponse(path=path_to_proto(info))
 
-    @_mapped
     async def Upload(
         self,
         request_iterator: AsyncIterator[pb.VolumeUploadRequest],
@@ -274,7 +188,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
         )
         return pb.VolumeUploadResponse(path=path_to_proto(info))
 
-    @_mapped_stream
     async def Download(
         self, request: pb.VolumeDownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.VolumeDownloadResponse]:
@@ -288,7 +201,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
         finally:
             download.close()
 
-    @_mapped
     async def MovePath(
         self, request: pb.VolumeMovePathRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeMovePathResponse:
@@ -300,7 +212,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
         )
         return pb.VolumeMovePathResponse(path=path_to_proto(info))
 
-    @_mapped
     async def CopyPath(
         self, request: pb.VolumeCopyPathRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeCopyPathResponse:
@@ -312,7 +223,6 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
         )
         return pb.VolumeCopyPathResponse(path=path_to_proto(info))
 
-    @_mapped
     async def DeletePath(
         self, request: pb.VolumeDeletePathRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeDeletePathResponse:
