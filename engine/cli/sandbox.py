@@ -365,6 +365,10 @@ def run_command(args: argparse.Namespace) -> int:
         return _run_with(args, argv, embedded.address)
 
 
+# Exit status of `engine run` when the command does not exist, as in sh.
+COMMAND_NOT_FOUND = 127
+
+
 def _run_with(args: argparse.Namespace, argv: list[str], address: str) -> int:
     settings = _sandbox_settings(args, address)
     # The default ttl is kept: the running command counts as activity, and if
@@ -380,7 +384,12 @@ def _run_with(args: argparse.Namespace, argv: list[str], address: str) -> int:
             timeout=args.timeout,
             interactive=args.interactive,
         )
-        exited = stream_exec(sandbox._client, request, interactive=args.interactive)
+        try:
+            exited = stream_exec(sandbox._client, request, interactive=args.interactive)
+        except errors.NotFound as error:
+            # As a shell does for a command it cannot find.
+            print(f"engine: error: {error}", file=sys.stderr)
+            return COMMAND_NOT_FOUND
         return exit_status(exited, timeout=args.timeout, memory_mib=settings.memory_mib)
     finally:
         try:

@@ -224,7 +224,7 @@ def test_run_invalid_cpu(cli: CliRunner) -> None:
 
 def test_run_missing_program(cli: CliRunner) -> None:
     result = cli("run", "--", "no-such-program-xyz")
-    assert result.returncode == 1
+    assert result.returncode == 127
     assert result.stderr.startswith("engine: error: ")
     assert "no-such-program-xyz" in result.stderr
     assert "Traceback" not in result.stderr
