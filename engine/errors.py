@@ -1,7 +1,8 @@
 """The engine's exception tree.
 
 Every layer below the API boundaries raises these (or ``OSError`` from the
-runtime). The gRPC servicers and the CLI translate them exactly once:
+runtime). ``engine.server.interceptor.ErrorInterceptor`` maps them to gRPC
+status codes, and the SDK maps those codes back to the same classes:
 
     EngineError
     ├── NotFound             gRPC NOT_FOUND

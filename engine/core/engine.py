@@ -60,7 +60,7 @@ from engine.storage.volumes import VolumeInfo, VolumeStore
 log = logging.getLogger(__name__)
 
 # After a process exits, its output streams stay open while a background
-# child still holds the pipe; reporting the exit waits this long for them.
+# child still has the pipe open; reporting the exit waits this long for them.
 OUTPUT_GRACE_SECONDS = 1.0
 # Seconds between two scans of the TTL reaper.
 REAPER_INTERVAL = 1.0
@@ -795,7 +795,7 @@ class Engine:
             )
         process.ended_at = now
         process.exited.set()
-        # Nobody can write to an exited process, so its stdin pipe goes now.
+        # An exited process reads no more input, so its stdin pipe is closed now.
         self._close_stdin(process)
         if self.store is not None:
             self.store.put_process(sandbox.info.sandbox_id, process.info())

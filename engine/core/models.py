@@ -43,7 +43,7 @@ class ProcessState(enum.StrEnum):
 
 
 class ExitReason(enum.StrEnum):
-    """Why a process ended; NONE while it runs."""
+    """Reason a process ended; NONE while it runs."""
 
     NONE = ""
     EXITED = "exited"
@@ -72,7 +72,7 @@ class VolumeMount:
 
 @dataclass(frozen=True)
 class SandboxSpec:
-    """What a caller asks for when creating a sandbox.
+    """Settings a caller requests for a new sandbox.
 
     ``cpu`` is in cores (fractions allowed) and ``memory_mib`` in MiB. Both
     default to a bounded sandbox, and ``None`` means no limit. ``ttl`` is in

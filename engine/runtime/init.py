@@ -61,7 +61,7 @@ class Init:
     nofile: int = -1
 
     def serve(self) -> None:
-        """Serve the Engine until it says terminate or closes the socket."""
+        """Serve the Engine until it sends terminate or closes the socket."""
         wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup_write)
         signal.signal(signal.SIGCHLD, lambda *_: None)

@@ -99,7 +99,7 @@ class _Channel:
 
 
 class Spawner:
-    """Starts the zygote and asks it for supervisors."""
+    """Starts the zygote and requests supervisors from it."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None

@@ -7,7 +7,7 @@ control socket for a spec:
     {"op": "start", "spec": {...}}
 
 It then builds the sandbox's root, forks PID 1 (``engine.runtime.init``),
-which answers {"op": "ready"} or {"op": "failed", "message"} on the same
+which replies {"op": "ready"} or {"op": "failed", "message"} on the same
 socket, and waits for PID 1 to exit. The supervisor stays outside the
 sandbox's PID namespace, so sandbox code cannot see or signal it.
 """

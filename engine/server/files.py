@@ -1,8 +1,8 @@
 """The FileService servicer: request checks, then one ``engine.files`` call per RPC.
 
 ``engine.core.files.SandboxFiles`` checks paths, modes and patterns and raises
-``engine.errors`` classes that name the value; ``FileErrorInterceptor`` turns
-those into gRPC statuses, as ``ErrorInterceptor`` does for SandboxService.
+``engine.errors`` classes that name the value, and ``ErrorInterceptor`` turns
+those into gRPC statuses, as for every engine.v1 service.
 
 Paths inside the engine are ``str`` values in which each byte that is not valid
 UTF-8 is a lone surrogate (Python's "surrogateescape", as ``os.fsdecode``

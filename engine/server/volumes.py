@@ -5,11 +5,8 @@ upload, download or walk never stalls the daemon's event loop. Creating,
 listing and deleting volumes go through the Engine, which tracks the
 sandboxes that mount each volume.
 
-``ErrorInterceptor`` wraps only SandboxService methods, so every method here
-maps exceptions to gRPC statuses itself in the same way: an EngineError
-becomes the status its ``code`` names, with the ``engine-error`` trailing
-metadata that the SDK reads, and any other exception becomes INTERNAL with an
-error id whose traceback goes only to the daemon's log.
+Methods raise ``engine.errors`` classes, and ``ErrorInterceptor`` maps them to
+gRPC statuses as it does for every engine.v1 service.
 """
 
 from __future__ import annotations
