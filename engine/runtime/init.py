@@ -30,7 +30,7 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
-from engine.runtime import files, protocol
+from engine.runtime import files, libc, protocol
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,7 @@ class Init:
         argv = [str(arg) for arg in message["argv"]]
         env = {str(key): str(value) for key, value in message["env"].items()}
         self._set_nofile(int(message.get("nofile", 1024)))
-        try:
-            # PID 1 is single-threaded, so changing its own cwd around the
-            # spawn is safe, and the child inherits it.
-            os.chdir(message["cwd"])
-        except OSError as error:
-            reason = error.strerror or str(error)
-            raise OSError(
-                error.errno, f"cannot change to cwd {message['cwd']!r}: {reason}"
-            ) from None
+        _change_directory(str(message["cwd"]))
         try:
             program = _find_program(argv[0], env.get("PATH", DEFAULT_PATH))
             pid = os.posix_spawn(
@@ -253,6 +245,33 @@ def _drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _change_directory(cwd: str) -> None:
+    """Make ``cwd`` PID 1's working directory for the next spawn.
+
+    PID 1 is single-threaded, so changing its own cwd around the spawn is safe,
+    and the child inherits it. The path is opened with RESOLVE_NO_MAGICLINKS,
+    so a cwd such as /proc/self/fd/N or /proc/1/cwd cannot hand the child a
+    directory that one of PID 1's descriptors holds, which might lie outside
+    the sandbox's root.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        fd = libc.openat2(libc.AT_FDCWD, cwd, flags, resolve=libc.RESOLVE_NO_MAGICLINKS)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            reason = (
+                "it passes through a /proc magic link or a symlink loop;"
+                " use a plain directory"
+            )
+        else:
+            reason = os.strerror(error.errno or errno.EIO)
+        raise OSError(error.errno, f"cannot change to cwd {cwd!r}: {reason}") from None
+    try:
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
 
 
 def _find_program(name: str, path: str) -> str:

@@ -60,6 +60,9 @@ SYS_capget = 125
 SYS_capset = 126
 SYS_openat2 = 437
 
+# The dirfd that makes *at(2) calls resolve from the cwd, from <fcntl.h>.
+AT_FDCWD = -100
+
 # openat2 resolve flags from <linux/openat2.h>.
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
