@@ -51,7 +51,7 @@ from engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from engine.runtime import cgroups
+from engine.runtime import cgroups, rootfs
 from engine.runtime.spawner import Spawner, SupervisorClient
 from engine.storage.images import Image, ImageStore
 from engine.storage.trees import remove_tree
@@ -70,6 +70,9 @@ TERMINATE_TIMEOUT = 10.0
 MAX_FINISHED_PROCESSES = 10_000
 # Terminated sandboxes of earlier engine runs loaded from the database at start.
 MAX_REMEMBERED_SANDBOXES = 1000
+# Tasks the engine itself runs in a sandbox's cgroup, added to its pids limit:
+# the supervisor, PID 1 and one file worker at a time.
+HELPER_PIDS = 3
 # Seconds a resolved image is reused before the image store is asked again.
 IMAGE_CACHE_SECONDS = 30.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -334,16 +337,17 @@ class Engine:
         for name in ("root", "upper", "work"):
             (directory / name).mkdir(mode=0o755)
             os.chown(directory / name, uid, uid)
+        memory_bytes = spec.memory_mib * 1024 * 1024 if spec.memory_mib else None
         limits = cgroups.CgroupLimits(
-            cpu=spec.cpu,
-            memory_bytes=spec.memory_mib * 1024 * 1024 if spec.memory_mib else None,
-            pids=spec.pids,
+            cpu=spec.cpu, memory_bytes=memory_bytes, pids=spec.pids + HELPER_PIDS
         )
+        tmp, shm = rootfs.tmpfs_limits(memory_bytes)
         runtime_spec = {
             "sandbox_id": sandbox.info.sandbox_id,
             "hostname": sandbox.info.sandbox_id,
             "workdir": spec.workdir,
-            "tmp_size": f"{spec.memory_mib}m" if spec.memory_mib else None,
+            "tmp": tmp.to_message(),
+            "shm": shm.to_message(),
             "root": {
                 "root": str(directory / "root"),
                 "lower": str(image.path),

@@ -38,7 +38,8 @@ class IsolationSpec:
     hostname: str
     root: rootfs.RootSpec
     workdir: str
-    tmp_size: str | None
+    tmp: rootfs.TmpfsLimits
+    shm: rootfs.TmpfsLimits
     # (host directory, path inside the sandbox, read-only) of each volume.
     volumes: tuple[tuple[str, str, bool], ...] = ()
 
@@ -124,8 +125,8 @@ def build_root(spec: IsolationSpec) -> str:
     libc.pivot_root(spec.root.root, spec.root.root + old_root)
     os.chdir("/")
     rootfs.prepare_dirs(old_root)
-    rootfs.mount_dev(old_root)
-    rootfs.mount_tmp(old_root, spec.tmp_size)
+    rootfs.mount_dev(old_root, spec.shm)
+    rootfs.mount_tmp(old_root, spec.tmp)
     rootfs.write_etc(spec.hostname, old_root)
     for source, target, read_only in spec.volumes:
         rootfs.mount_volume(old_root + source, target, old_root, read_only=read_only)

@@ -84,11 +84,20 @@ def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
 
 
 def mount_tmpfs(
-    target: str, *, mode: int = 0o755, size: str | None = None, flags: int = 0
+    target: str,
+    *,
+    mode: int = 0o755,
+    size: str | int | None = None,
+    inodes: int | None = None,
+    flags: int = 0,
 ) -> None:
+    """Mount a tmpfs of at most ``size`` (bytes, or a string such as "1m") and
+    ``inodes`` files; None leaves the kernel's default, half of RAM."""
     options = f"mode={mode:o}"
     if size:
         options += f",size={size}"
+    if inodes:
+        options += f",nr_inodes={inodes}"
     libc.mount(
         "tmpfs", target, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV | flags, options
     )

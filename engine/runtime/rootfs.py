@@ -60,7 +60,48 @@ class RootSpec:
     work: str
     binds: tuple[tuple[str, str], ...]
     hostname: str
-    tmp_size: str | None = None
+
+
+@dataclass(frozen=True)
+class TmpfsLimits:
+    """Size in bytes and file count of a tmpfs; None means the kernel's default."""
+
+    size: int | None = None
+    inodes: int | None = None
+
+    def to_message(self) -> dict[str, int | None]:
+        return {"size": self.size, "inodes": self.inodes}
+
+    @classmethod
+    def from_message(cls, message: dict[str, int | None] | None) -> TmpfsLimits:
+        message = message or {}
+        return cls(size=message.get("size"), inodes=message.get("inodes"))
+
+
+# tmpfs pages and inodes are charged to the sandbox's memory cgroup. The
+# tmpfs mounts together stay below the memory limit, so that filling them
+# leaves memory for the sandbox's processes and for the engine's helpers,
+# which the OOM killer would otherwise pick once the sandbox's own processes
+# are gone: /tmp gets half of the limit and /dev/shm an eighth, at most 64 MiB.
+TMP_SHARE = 2
+SHM_SHARE = 8
+SHM_MAX_BYTES = 64 << 20
+# One inode per 16 KiB of size; a tmpfs inode with its dentry costs about 1 KiB
+# of kernel memory.
+BYTES_PER_INODE = 16 << 10
+MIN_INODES = 1024
+
+
+def tmpfs_limits(memory_bytes: int | None) -> tuple[TmpfsLimits, TmpfsLimits]:
+    """Return the limits of /tmp and of /dev/shm for a sandbox's memory limit."""
+    if memory_bytes is None:
+        return TmpfsLimits(), TmpfsLimits()
+    tmp = memory_bytes // TMP_SHARE
+    shm = min(memory_bytes // SHM_SHARE, SHM_MAX_BYTES)
+    return (
+        TmpfsLimits(tmp, max(tmp // BYTES_PER_INODE, MIN_INODES)),
+        TmpfsLimits(shm, max(shm // BYTES_PER_INODE, MIN_INODES)),
+    )
 
 
 def _ensure_file(path: str) -> None:
@@ -108,7 +149,7 @@ def check_inside(path: str, old_root: str) -> str:
     return resolved
 
 
-def mount_dev(old_root: str) -> None:
+def mount_dev(old_root: str, shm: TmpfsLimits) -> None:
     """Mount a minimal /dev: a few device nodes, a new devpts instance and /dev/shm."""
     _mkdir("/dev")
     check_inside("/dev", old_root)
@@ -122,16 +163,16 @@ def mount_dev(old_root: str) -> None:
     for name in ("pts", "shm"):
         os.mkdir(f"/dev/{name}", 0o755)
     mounts.mount_devpts("/dev/pts")
-    mounts.mount_tmpfs("/dev/shm", mode=0o1777)
+    mounts.mount_tmpfs("/dev/shm", mode=0o1777, size=shm.size, inodes=shm.inodes)
     for name, target in DEV_SYMLINKS.items():
         os.symlink(target, f"/dev/{name}")
     mounts.remount_read_only("/dev")
 
 
-def mount_tmp(old_root: str, size: str | None) -> None:
+def mount_tmp(old_root: str, limits: TmpfsLimits) -> None:
     _mkdir("/tmp", 0o1777)
     check_inside("/tmp", old_root)
-    mounts.mount_tmpfs("/tmp", mode=0o1777, size=size)
+    mounts.mount_tmpfs("/tmp", mode=0o1777, size=limits.size, inodes=limits.inodes)
 
 
 def mount_volume(source: str, target: str, old_root: str, *, read_only: bool) -> None:

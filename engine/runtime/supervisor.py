@@ -126,7 +126,8 @@ def _isolation_spec(spec: protocol.Message) -> isolation.IsolationSpec:
             hostname=spec["hostname"],
         ),
         workdir=spec["workdir"],
-        tmp_size=spec.get("tmp_size"),
+        tmp=rootfs.TmpfsLimits.from_message(spec.get("tmp")),
+        shm=rootfs.TmpfsLimits.from_message(spec.get("shm")),
         volumes=tuple(
             (volume["source"], volume["target"], bool(volume["read_only"]))
             for volume in spec.get("volumes", ())
