@@ -112,6 +112,7 @@ _ERRORS: dict[int, type[EngineError]] = {
     errno.ENOSPC: ResourceExhausted,
     errno.EDQUOT: ResourceExhausted,
     errno.EFBIG: ResourceExhausted,
+    errno.ETIMEDOUT: ResourceExhausted,
     errno.ENOTEMPTY: FailedPrecondition,
     errno.EBUSY: FailedPrecondition,
 }

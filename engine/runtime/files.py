@@ -24,6 +24,7 @@ import re
 import stat
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,6 +39,11 @@ MAX_ENTRIES = 100_000
 # and texts they return add up to this many bytes. The result travels as one
 # JSON line, which the Engine reads with a 64 MiB limit.
 MAX_RESULT_BYTES = 16 * 1024 * 1024
+# Seconds that find_in_files and replace_in_files may spend on one tree.
+MAX_SEARCH_SECONDS = 10.0
+# Kernel pseudo file systems that tree walks do not descend into: procfs and
+# sysfs hold endless or blocking files and no file of the sandbox's own.
+PSEUDO_FILE_SYSTEMS = ("/proc", "/sys")
 # find_in_files returns at most this many bytes of a matching line, cut around
 # the match.
 MAX_MATCH_TEXT_BYTES = 512
@@ -428,11 +434,14 @@ def list_files(args: dict[str, Any], *_: object) -> dict[str, Any]:
     return {"entries": entries, "truncated": False}
 
 
-def _walk(path: bytes, recursive: bool) -> Iterator[tuple[bytes, bytes]]:
+def _walk(
+    path: bytes, recursive: bool, skip_devices: frozenset[int] = frozenset()
+) -> Iterator[tuple[bytes, bytes]]:
     """Yield (path, name) of each entry, sorted by name, each directory before its tree.
 
-    Symlinks to directories are listed but not descended into, and
-    subdirectories that cannot be read are skipped.
+    Symlinks to directories are listed but not descended into, and neither are
+    subdirectories that cannot be read or whose file system is in
+    ``skip_devices``.
     """
     # os.stat raises FileNotFoundError for a missing path, which isdir hides.
     if not stat.S_ISDIR(os.stat(path).st_mode):
@@ -448,6 +457,8 @@ def _walk(path: bytes, recursive: bool) -> Iterator[tuple[bytes, bytes]]:
         yield entry.path, entry.name
         if recursive and entry.is_dir(follow_symlinks=False):
             try:
+                if entry.stat(follow_symlinks=False).st_dev in skip_devices:
+                    continue
                 with os.scandir(entry.path) as scan:
                     children = sorted(scan, key=lambda child: child.name)
             except (PermissionError, FileNotFoundError, NotADirectoryError):
@@ -564,13 +575,25 @@ def _regular_files(path: bytes) -> Iterator[bytes]:
     if os.path.isfile(path):
         yield os.path.realpath(path)
         return
-    for entry_path, _ in _walk(path, recursive=True):
+    for entry_path, _ in _walk(
+        path, recursive=True, skip_devices=_pseudo_devices(path)
+    ):
         try:
             status = os.lstat(entry_path)
         except FileNotFoundError:
             continue
         if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_SEARCH_FILE_BYTES:
             yield entry_path
+
+
+def _pseudo_devices(start: bytes) -> frozenset[int]:
+    """Return the devices of mounted PSEUDO_FILE_SYSTEMS other than ``start``'s."""
+    root = os.stat("/").st_dev
+    devices = set()
+    for name in PSEUDO_FILE_SYSTEMS:
+        with contextlib.suppress(OSError):
+            devices.add(os.stat(name).st_dev)
+    return frozenset(devices - {root, os.stat(start).st_dev})
 
 
 def _open_regular(path: bytes) -> int:
@@ -591,13 +614,17 @@ def find_in_files(args: dict[str, Any], *_: object) -> dict[str, Any]:
 
     Files whose first 8 KiB contain a NUL byte count as binary and are
     skipped, and so are files that cannot be read. Stops and reports
-    truncated after ``max_matches`` matches or MAX_RESULT_BYTES of results.
+    truncated after ``max_matches`` matches, MAX_RESULT_BYTES of results or
+    MAX_SEARCH_SECONDS.
     """
     pattern = re.compile(os.fsencode(args["pattern"]))
     limit = min(int(args.get("max_matches", MAX_MATCHES)), MAX_MATCHES)
     matches: list[dict[str, Any]] = []
     result_bytes = 0
+    deadline = time.monotonic() + MAX_SEARCH_SECONDS
     for path in _regular_files(_path(args)):
+        if time.monotonic() > deadline:
+            return {"matches": matches, "truncated": True}
         try:
             for number, line in _lines(path):
                 for match in pattern.finditer(line):
@@ -650,12 +677,20 @@ def replace_in_files(args: dict[str, Any], *_: object) -> dict[str, Any]:
     file that keeps the original's mode and owner, so files that do not match
     keep their inode and mtime. Binary and unreadable files are skipped, as in
     find_in_files. The first file that cannot be rewritten stops the walk with
-    its error, and the files changed before it stay changed.
+    its error, and the files changed before it stay changed. So does running
+    past MAX_SEARCH_SECONDS, with ETIMEDOUT.
     """
     pattern = re.compile(os.fsencode(args["pattern"]))
     replacement = os.fsencode(args["replacement"])
     changed: list[str] = []
+    deadline = time.monotonic() + MAX_SEARCH_SECONDS
     for path in _regular_files(_path(args)):
+        if time.monotonic() > deadline:
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"replace_in_files stopped after {MAX_SEARCH_SECONDS:g} s, with"
+                f" {len(changed)} files changed; pass a smaller tree",
+            )
         try:
             with open(_open_regular(path), "rb") as file:
                 content = file.read()

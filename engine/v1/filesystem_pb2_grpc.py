@@ -182,9 +182,10 @@ class FileServiceServicer:
         """Searches the lines of a file, or of every regular file in a directory's
         tree, for a regular expression. Files whose first 8 KiB contain a NUL
         byte count as binary and are skipped, and so are files larger than
-        64 MiB in a tree and files that cannot be read. Matches arrive in batches
-        of at most 1000. The search stops at `max_matches` matches (or 16 MiB of
-        results) and then sets `truncated` on the last response.
+        64 MiB in a tree and files that cannot be read. A tree walk does not enter
+        /proc or /sys. Matches arrive in batches of at most 1000. The search
+        stops at `max_matches` matches, 16 MiB of results or 10 seconds, and then
+        sets `truncated` on the last response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,7 +197,8 @@ class FileServiceServicer:
         skips. Only files with a match are rewritten, each atomically, with its
         mode and owner kept, so a file without a match keeps its inode and mtime.
         The first file that cannot be rewritten ends the call with its error, and
-        the files changed before it stay changed. The changed paths arrive in
+        the files changed before it stay changed. After 10 seconds the call ends
+        with RESOURCE_EXHAUSTED in the same way. The changed paths arrive in
         batches of at most 1000.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
