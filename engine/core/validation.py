@@ -18,6 +18,8 @@ MAX_ENV_ENTRIES = 4096
 MAX_PATH_BYTES = 4096
 MIN_MEMORY_MIB = 8
 MAX_PIDS = 1 << 22
+# The longest idle timeout, 10 years; protobuf Timestamps end at year 9999.
+MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
 MAX_NAME = 63
 MAX_LABELS = 64
 MAX_VOLUMES = 32
@@ -41,9 +43,13 @@ def _check_text(field: str, value: str) -> None:
 
 
 def check_ttl(ttl: float) -> None:
-    if not isinstance(ttl, int | float) or math.isnan(ttl) or math.isinf(ttl):
+    if (
+        not isinstance(ttl, int | float)
+        or not -MAX_TTL_SECONDS <= ttl <= MAX_TTL_SECONDS
+    ):
         raise InvalidArgument(
-            f"ttl {ttl!r} must be a finite number of seconds (0 or less: no expiry)"
+            f"ttl {ttl!r} must be a number of seconds up to {MAX_TTL_SECONDS:.0f}"
+            " (10 years); 0 or less means no expiry"
         )
 
 

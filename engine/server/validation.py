@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass
 
 from engine.core.models import DEFAULT_TTL_SECONDS, SandboxSpec, Stream, VolumeMount
+from engine.core.validation import MAX_TTL_SECONDS
 from engine.errors import InvalidArgument
 from engine.server.convert import STREAMS_FROM_PROTO
 from engine.v1 import sandbox_pb2 as pb
@@ -143,9 +144,10 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
 
 
 def check_ttl(field: str, value: float) -> float:
-    if math.isnan(value) or math.isinf(value):
+    if not -MAX_TTL_SECONDS <= value <= MAX_TTL_SECONDS:
         raise InvalidArgument(
-            f"invalid {field} {value}: expected a number of seconds, or 0 for no expiry"
+            f"invalid {field} {value}: expected a number of seconds up to"
+            f" {MAX_TTL_SECONDS:.0f} (10 years), or 0 for no expiry"
         )
     return value
 

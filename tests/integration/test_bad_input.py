@@ -92,6 +92,7 @@ BAD_SPECS = {
     "workdir-nul": ({"workdir": "/tmp/a\0b"}, "workdir"),
     "nan-ttl": ({"ttl": math.nan}, "ttl"),
     "infinite-ttl": ({"ttl": math.inf}, "ttl"),
+    "ttl-past-year-9999": ({"ttl": 1e300}, "ttl"),
     "env-name-with-equals": ({"env": {"A=B": "value"}}, "env"),
     "env-value-nul": ({"env": {"NAME": "a\0b"}}, "env"),
     "name-with-slash": ({"name": "a/b"}, "name"),
@@ -157,6 +158,8 @@ def test_bad_signal_rejected(engine: EngineRunner, sandbox_id: str) -> None:
 def test_bad_ttl_update_rejected(engine: EngineRunner, sandbox_id: str) -> None:
     with pytest.raises(InvalidArgument, match="ttl"):
         engine.call(engine.engine.update_ttl(sandbox_id, math.nan))
+    with pytest.raises(InvalidArgument, match="ttl"):
+        engine.call(engine.engine.update_ttl(sandbox_id, 1e300))
     info = engine.call(engine.engine.get_sandbox(sandbox_id))
     assert info.spec.ttl == SandboxSpec().ttl
 

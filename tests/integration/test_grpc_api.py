@@ -441,6 +441,7 @@ BAD_SPECS = {
     "NUL in env value": pb.SandboxSpec(env={"A": "x\x00y"}),
     "= in env name": pb.SandboxSpec(env={"A=B": "x"}),
     "NaN ttl": pb.SandboxSpec(ttl_seconds=float("nan")),
+    "ttl past year 9999": pb.SandboxSpec(ttl_seconds=1e300),
     "unknown image": pb.SandboxSpec(image="no-such-image"),
 }
 
