@@ -8,6 +8,10 @@ from pathlib import Path
 
 DEFAULT_UID_BASE = 100000
 DEFAULT_UID_COUNT = 65536
+# Files in which shadow-utils grants users ranges of ids for their own user
+# namespaces (see subuid(5)); a user granted ids inside the engine's range
+# could enter a namespace mapped onto sandbox files and processes.
+SUBORDINATE_ID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
 
 def default_data_dir() -> Path:
@@ -35,11 +39,17 @@ class Config:
     data_dir: Path
     uid_base: int = DEFAULT_UID_BASE
     uid_count: int = DEFAULT_UID_COUNT
+    subordinate_id_files: tuple[Path, ...] = SUBORDINATE_ID_FILES
 
     @classmethod
-    def from_data_dir(cls, data_dir: str | os.PathLike[str] | None = None) -> Config:
+    def from_data_dir(
+        cls,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        uid_base: int = DEFAULT_UID_BASE,
+    ) -> Config:
         path = Path(data_dir) if data_dir is not None else default_data_dir()
-        return cls(data_dir=path.absolute())
+        return cls(data_dir=path.absolute(), uid_base=uid_base)
 
     @property
     def sandboxes_dir(self) -> Path:
@@ -52,3 +62,51 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return default_socket_path(self.data_dir)
+
+
+@dataclass(frozen=True)
+class SubordinateRange:
+    """One line of /etc/subuid or /etc/subgid: ``owner`` may map ``count`` ids."""
+
+    path: Path
+    owner: str
+    start: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.owner}:{self.start}:{self.count}"
+
+
+def read_subordinate_ranges(paths: tuple[Path, ...]) -> list[SubordinateRange]:
+    """Parse the ``owner:start:count`` lines of ``paths``; missing files are empty."""
+    ranges = []
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            fields = line.strip().split(":")
+            if len(fields) != 3 or line.lstrip().startswith("#"):
+                continue
+            owner, start, count = fields
+            if start.isdigit() and count.isdigit():
+                ranges.append(SubordinateRange(path, owner, int(start), int(count)))
+    return ranges
+
+
+def overlapping_ranges(
+    uid_base: int, uid_count: int, ranges: list[SubordinateRange]
+) -> list[SubordinateRange]:
+    """Return the ranges that share an id with ``uid_count`` ids from ``uid_base``."""
+    end = uid_base + uid_count
+    return [r for r in ranges if r.start < end and uid_base < r.start + r.count]
+
+
+def free_uid_base(uid_count: int, ranges: list[SubordinateRange]) -> int:
+    """Return the lowest multiple of 65536, from 2**20 up, that no range overlaps."""
+    step = 65536
+    base = 1 << 20
+    while overlapping_ranges(base, uid_count, ranges):
+        base += step
+    return base

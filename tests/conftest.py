@@ -72,11 +72,13 @@ class EngineRunner:
 
     data_dir: Path
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    config: Config | None = None
     engine: Engine = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
-        self.engine = Engine(Config.from_data_dir(self.data_dir))
+        self.config = self.config or Config.from_data_dir(self.data_dir)
+        self.engine = Engine(self.config)
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="engine-loop", daemon=True
         )
@@ -281,9 +283,12 @@ async def run_process(
     )
 
 
-def start_runner(data_dir: Path | None = None) -> EngineRunner:
-    """Start an Engine on ``data_dir``, or on a new data dir."""
-    runner = EngineRunner(data_dir or make_data_dir())
+def start_runner(
+    data_dir: Path | None = None, config: Config | None = None
+) -> EngineRunner:
+    """Start an Engine on ``data_dir``, or on a new data dir, with ``config``."""
+    data_dir = config.data_dir if config is not None else data_dir or make_data_dir()
+    runner = EngineRunner(data_dir, config=config)
     try:
         runner.start()
     except BaseException:

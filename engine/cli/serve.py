@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from engine.config import Config
+from engine.config import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, Config
 
 
 def register(
@@ -31,6 +31,15 @@ def register(
         " picks a free port (default: no TCP)",
     )
     serve.add_argument(
+        "--uid-base",
+        type=_uid_base,
+        default=DEFAULT_UID_BASE,
+        metavar="UID",
+        help="host uid and gid that uid 0 in sandboxes maps to; 65536 ids from"
+        " it are used, and no range in /etc/subuid or /etc/subgid may overlap"
+        f" them. Images are built for one base (default: {DEFAULT_UID_BASE})",
+    )
+    serve.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -40,9 +49,22 @@ def register(
     serve.set_defaults(func=serve_command, daemon=True)
 
 
+def _uid_base(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 2**32 - 1 - DEFAULT_UID_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"invalid uid base {text!r}: expected an integer from 1 to"
+            f" {2**32 - 1 - DEFAULT_UID_COUNT}"
+        )
+    return value
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from engine.server.daemon import serve
 
-    config = Config.from_data_dir(args.data_dir)
+    config = Config.from_data_dir(args.data_dir, uid_base=args.uid_base)
     asyncio.run(serve(config, socket_path=args.socket, listen=args.listen))
     return 0

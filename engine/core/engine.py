@@ -17,12 +17,17 @@ import re
 import secrets
 import signal as signals
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import Config
+from engine.config import (
+    Config,
+    free_uid_base,
+    overlapping_ranges,
+    read_subordinate_ranges,
+)
 from engine.core import validation
 from engine.core.files import SandboxFiles
 from engine.core.models import (
@@ -39,7 +44,7 @@ from engine.core.models import (
     Stream,
     TerminationReason,
 )
-from engine.core.output import OutputBudget, OutputBuffer
+from engine.core.output import OutputBudget, OutputBuffer, OutputRate
 from engine.core.pool import SupervisorPool
 from engine.core.store import Store
 from engine.errors import (
@@ -126,6 +131,11 @@ class _Sandbox:
     output: OutputBudget = field(
         default_factory=lambda: OutputBudget(DEFAULT_SANDBOX_OUTPUT_BYTES)
     )
+    output_rate: OutputRate = field(default_factory=OutputRate)
+    # Output pipes whose reading waits for output_rate: fd -> (timer, resume).
+    paused_readers: dict[int, tuple[asyncio.TimerHandle, Callable[[], None]]] = field(
+        default_factory=dict
+    )
 
 
 class Engine:
@@ -163,6 +173,7 @@ class Engine:
                 "the engine must run as root to create namespaces, cgroups and "
                 "mounts; run `sudo engine serve`"
             )
+        self._check_uid_range()
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
@@ -186,6 +197,21 @@ class Engine:
             "engine started, data dir %s, cgroup v%d",
             self.config.data_dir,
             self.cgroup_driver.version,
+        )
+
+    def _check_uid_range(self) -> None:
+        """Raise FailedPrecondition if a user may map ids of the engine's range."""
+        ranges = read_subordinate_ranges(self.config.subordinate_id_files)
+        base, count = self.config.uid_base, self.config.uid_count
+        overlaps = overlapping_ranges(base, count, ranges)
+        if not overlaps:
+            return
+        listed = "; ".join(str(overlap) for overlap in overlaps)
+        raise FailedPrecondition(
+            f"the engine's uid range {base}-{base + count - 1} overlaps {listed},"
+            " so those users could reach sandbox files and processes; start the"
+            f" engine with --uid-base {free_uid_base(count, ranges)} and build"
+            " its images again"
         )
 
     def _lock_data_dir(self) -> None:
@@ -508,6 +534,11 @@ class Engine:
             if not process.exited.is_set():
                 process.killed = True
                 self._finish(sandbox, process, -signals.SIGKILL, now)
+        # The processes are gone, so paused pipes drain to EOF and close.
+        sandbox.output_rate.lift()
+        for timer, resume in list(sandbox.paused_readers.values()):
+            timer.cancel()
+            resume()
         # Output of a terminated sandbox is not kept: readers see it as dropped.
         sandbox.output.release()
         loop = asyncio.get_running_loop()
@@ -716,8 +747,8 @@ class Engine:
         )
         if stdin_write is not None:
             os.set_blocking(stdin_write, False)
-        self._attach_reader(stdout_read, process.stdout)
-        self._attach_reader(stderr_read, process.stderr)
+        self._attach_reader(sandbox, stdout_read, process.stdout)
+        self._attach_reader(sandbox, stderr_read, process.stderr)
         old = sandbox.processes.get(pid)
         if old is not None:
             sandbox.finished.append(old.info())
@@ -736,7 +767,8 @@ class Engine:
         )
         return process.info()
 
-    def _attach_reader(self, fd: int, buffer: OutputBuffer) -> None:
+    def _attach_reader(self, sandbox: _Sandbox, fd: int, buffer: OutputBuffer) -> None:
+        """Read ``fd`` into ``buffer`` until EOF, at most at the output rate."""
         os.set_blocking(fd, False)
         loop = asyncio.get_running_loop()
 
@@ -749,10 +781,19 @@ class Engine:
                 data = b""
             if data:
                 buffer.append(data)
+                delay = sandbox.output_rate.take(len(data))
+                if delay > 0:
+                    loop.remove_reader(fd)
+                    timer = loop.call_later(delay, resume)
+                    sandbox.paused_readers[fd] = (timer, resume)
                 return
             loop.remove_reader(fd)
             os.close(fd)
             buffer.close()
+
+        def resume() -> None:
+            sandbox.paused_readers.pop(fd, None)
+            loop.add_reader(fd, readable)
 
         loop.add_reader(fd, readable)
 
