@@ -13,8 +13,10 @@ offset fell out of the buffer is told how many bytes it missed.
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from engine.core.models import OutputChunk, Stream
 
@@ -22,6 +24,43 @@ from engine.core.models import OutputChunk, Stream
 # are gathered into one chunk, so that a process writing one byte at a time
 # costs the same memory per byte as one writing megabytes.
 MAX_CHUNK_BYTES = 64 * 1024
+
+
+# Bytes per second of output that the daemon reads from one sandbox, and the
+# bytes it reads at full speed before that rate applies. A process that writes
+# faster blocks on its full pipe, so a flood costs the daemon bounded CPU.
+DEFAULT_OUTPUT_RATE_BYTES = 64 * 1024 * 1024
+DEFAULT_OUTPUT_BURST_BYTES = 16 * 1024 * 1024
+
+
+class OutputRate:
+    """Token bucket for the output bytes that the daemon reads from one sandbox."""
+
+    def __init__(
+        self,
+        rate: float = DEFAULT_OUTPUT_RATE_BYTES,
+        burst: float = DEFAULT_OUTPUT_BURST_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.clock = clock
+        self.last = clock()
+
+    def take(self, count: int) -> float:
+        """Spend ``count`` bytes; return the seconds to wait before reading more."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= count
+        if self.tokens >= 0 or math.isinf(self.rate):
+            return 0.0
+        return -self.tokens / self.rate
+
+    def lift(self) -> None:
+        """Stop limiting, so that the last output drains at once."""
+        self.rate = math.inf
 
 
 class OutputBudget:

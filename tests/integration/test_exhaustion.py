@@ -72,3 +72,20 @@ def test_sandbox_usable_after_filling_tmp(
     listed = engine.run(sandbox_id, ["ls", "/"])
     assert listed.exit_code == 0
     assert engine.state(sandbox_id) == SandboxState.RUNNING
+
+
+def test_output_flood_throttled_and_drained(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = new_sandbox()
+    sandbox = engine.engine.sandboxes[sandbox_id]
+    flood = engine.exec(sandbox_id, ["yes"])
+    # `yes` writes far faster than the output rate, so its pipe gets paused.
+    engine.wait_until(lambda: bool(sandbox.paused_readers), "a paused output pipe")
+    engine.terminate(sandbox_id)
+    assert sandbox.paused_readers == {}
+    process = sandbox.processes[flood.pid]
+    engine.wait_until(
+        lambda: process.stdout.closed and process.stderr.closed,
+        "the flood's pipes to reach EOF and close",
+    )

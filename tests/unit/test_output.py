@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from engine.core.models import Stream
-from engine.core.output import MAX_CHUNK_BYTES, OutputBudget, OutputBuffer
+from engine.core.output import MAX_CHUNK_BYTES, OutputBudget, OutputBuffer, OutputRate
 
 
 def test_tiny_writes_gather_into_chunks() -> None:
@@ -76,3 +76,45 @@ def test_follow_ends_after_release() -> None:
         return [chunk.data async for chunk in buffer.follow(0)]
 
     assert asyncio.run(scenario()) == [b""]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_allows_burst_at_once() -> None:
+    rate = OutputRate(rate=1000, burst=500, clock=FakeClock())
+    assert rate.take(300) == 0.0
+    assert rate.take(200) == 0.0
+
+
+def test_rate_delays_past_burst() -> None:
+    rate = OutputRate(rate=1000, burst=500, clock=FakeClock())
+    assert rate.take(500) == 0.0
+    assert rate.take(250) == 0.25
+
+
+def test_rate_refills_with_time() -> None:
+    clock = FakeClock()
+    rate = OutputRate(rate=1000, burst=500, clock=clock)
+    rate.take(750)
+    clock.now += 0.75
+    assert rate.take(500) == 0.0
+
+
+def test_rate_refill_capped_at_burst() -> None:
+    clock = FakeClock()
+    rate = OutputRate(rate=1000, burst=500, clock=clock)
+    clock.now += 60
+    assert rate.take(600) == 0.1
+
+
+def test_lifted_rate_never_delays() -> None:
+    rate = OutputRate(rate=1000, burst=500, clock=FakeClock())
+    rate.take(5000)
+    rate.lift()
+    assert rate.take(10_000) == 0.0
