@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import stat
 import struct
 import threading
@@ -25,8 +26,10 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InvalidArgument
+from engine.sdk import Sandbox
 from engine.storage.images import shift_ownership
 from tests.conftest import EngineRunner
+from tests.integration.conftest import Daemon
 
 BUSYBOX = "/bin/busybox"
 # Exit status of the launcher probe when its execve of the setuid probe fails.
@@ -507,3 +510,40 @@ def test_other_sandbox_processes_unkillable(
     info = engine.call(engine.engine.list_processes(first))
     running = [process.pid for process in info if process.exit_code is None]
     assert sleeper.pid in running
+
+
+# -- the daemon's own sockets -----------------------------------------------
+
+
+_DAEMON_PROBE = r"""
+import os, socket, sys
+path, port = sys.argv[1], int(sys.argv[2])
+print("exists" if os.path.exists(path) else "absent")
+with open("/proc/net/unix") as table:
+    print("listed" if path in table.read() else "unlisted")
+for family, address in ((socket.AF_UNIX, path), (socket.AF_INET, ("127.0.0.1", port))):
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.settimeout(2)
+    try:
+        client.connect(address)
+        print("connected")
+    except OSError as error:
+        print(type(error).__name__)
+"""
+
+
+def test_daemon_sockets_unreachable(daemon_factory: Callable[..., Daemon]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = daemon_factory("--listen", f"127.0.0.1:{port}")
+    with Sandbox(address=daemon.address).create() as sandbox:
+        process = sandbox.process.exec(
+            "python3", "-c", _DAEMON_PROBE, str(daemon.socket_path), str(port)
+        )
+        assert process.wait() == 0
+        lines = process.stdout.read().split()
+    assert lines[0] == "absent"
+    assert lines[1] == "unlisted"
+    assert lines[2] == "FileNotFoundError"
+    assert lines[3] == "ConnectionRefusedError"
