@@ -133,6 +133,11 @@ def check_spec(spec: DeploymentSpec) -> None:
             f"invalid deployment name {spec.name!r}: use 1 to 63 lowercase letters,"
             " digits or '-', starting with a letter"
         )
+    if spec.name == "id":
+        raise InvalidArgument(
+            "invalid deployment name 'id': /endpoint/id/ routes take deployment"
+            " ids; choose another name"
+        )
     if not WORKSPACE_PATTERN.match(spec.workspace):
         raise InvalidArgument(
             f"invalid workspace {spec.workspace!r}: use 1 to 63 letters, digits,"
