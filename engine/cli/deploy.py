@@ -204,8 +204,25 @@ def _as_json(deployment: Deployment) -> dict:
     }
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    minimums = [
+        ("--workers", args.workers, 1),
+        ("--retries", args.retries, 0),
+        ("--max-pending", args.max_pending, 0),
+        ("--timeout", args.timeout, 0),
+        ("--keep-warm", args.keep_warm if args.keep_warm is not None else 0, 0),
+        ("--cpu", args.cpu, 0),
+    ]
+    for option, value, minimum in minimums:
+        if value < minimum:
+            raise errors.InvalidArgument(
+                f"invalid {option} {value}: must be {minimum} or more"
+            )
+
+
 def deploy_command(args: argparse.Namespace) -> int:
     path, function = _parse_target(args.target)
+    _check_options(args)
     spec = DeploymentSpec(
         name=args.name,
         kind=DeploymentKind.ENDPOINT if args.endpoint else DeploymentKind.TASK_QUEUE,
