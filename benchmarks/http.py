@@ -85,10 +85,10 @@ DOCS_EXPLANATION = """
 
 `python -m benchmarks.http` starts a daemon with `--http 127.0.0.1:0`, deploys
 a function that returns a constant as an endpoint and a no-op function as a
-task queue (2 containers each, kept warm), and starts a bare Starlette hello-world on uvicorn in another
-process. One client process on the same machine, a minimal asyncio
-HTTP/1.1 client with keep-alive connections, drives both over 127.0.0.1, so
-the client's own cost is in every number.
+task queue (2 containers each, kept warm), and starts a bare Starlette
+hello-world on uvicorn in another process. One client process on the same
+machine, a minimal asyncio HTTP/1.1 client with keep-alive connections,
+drives both over 127.0.0.1, so the client's own cost is in every number.
 
 - Latency: sequential POSTs to the warm endpoint (p50 and p99), after
   warm-up calls. Each goes HTTP -> Starlette -> the container's runner
