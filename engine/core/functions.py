@@ -54,6 +54,10 @@ RUNNER_SOURCE = (Path(__file__).parent / "function_runner.py").read_text()
 HEADER = struct.Struct(">I")
 # Seconds a new container may take to start and import the module.
 START_TIMEOUT = 120.0
+# Largest frame accepted from a runner, in bytes. The runner caps results at
+# 4 MiB; a larger length means a broken or hostile runner, whose container is
+# stopped before the daemon buffers the frame.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
 # Characters of the runner's stderr quoted when it exits unexpectedly.
 STDERR_TAIL_CHARS = 2000
 
@@ -98,6 +102,7 @@ class Container:
         self.alive = False
         self._frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        self._terminator: asyncio.Task[None] | None = None
         self.expiry: asyncio.TimerHandle | None = None
 
     async def start(self, package: bytes) -> None:
@@ -165,6 +170,11 @@ class Container:
                 buffer += chunk.data
                 while len(buffer) >= HEADER.size:
                     (length,) = HEADER.unpack_from(buffer)
+                    if length > MAX_FRAME_BYTES:
+                        raise ValueError(
+                            f"the runner sent a frame of {length} bytes, over the"
+                            f" limit of {MAX_FRAME_BYTES}"
+                        )
                     if len(buffer) < HEADER.size + length:
                         break
                     data = bytes(buffer[HEADER.size : HEADER.size + length])
@@ -175,6 +185,16 @@ class Container:
         finally:
             self.alive = False
             self._frames.put_nowait(None)
+            # A runner that stops framing cannot serve calls: end its sandbox,
+            # which also ends a call waiting for a frame.
+            if self.sandbox_id:
+                self._terminator = asyncio.get_running_loop().create_task(
+                    self._terminate_quietly()
+                )
+
+    async def _terminate_quietly(self) -> None:
+        with contextlib.suppress(EngineError):
+            await self.engine.terminate_sandbox(self.sandbox_id)
 
     async def _next_frame(self) -> dict[str, Any]:
         frame = await self._frames.get()

@@ -187,14 +187,20 @@ class BeamApp:
     @staticmethod
     async def kwargs(request: Request) -> dict[str, Any]:
         """Return the JSON object body; an empty body is {}."""
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise HttpError(
-                413,
-                "PayloadTooLarge",
-                f"request body is {len(body)} bytes, over the limit of"
-                f" {MAX_BODY_BYTES}",
-            )
+        too_large = HttpError(
+            413,
+            "PayloadTooLarge",
+            f"request body is over the limit of {MAX_BODY_BYTES} bytes",
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        received = bytearray()
+        async for chunk in request.stream():
+            received += chunk
+            if len(received) > MAX_BODY_BYTES:
+                raise too_large
+        body = bytes(received)
         if not body.strip():
             return {}
         try:

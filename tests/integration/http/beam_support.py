@@ -83,6 +83,23 @@ APP_SOURCE = textwrap.dedent(
         return {"written": name}
 
 
+    def forge_frame():
+        # Write a frame header announcing 2 GiB to every pipe except stdio,
+        # which includes the runner's private frame descriptor.
+        import stat
+        import struct
+
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    os.write(fd, struct.pack(">I", 2**31) + b"x" * 1024)
+            except OSError:
+                pass
+        time.sleep(30)
+        return {"forged": False}
+
+
     def flaky(marker="/tmp/flaky-marker", failures=1):
         count = 0
         if os.path.exists(marker):

@@ -138,6 +138,11 @@ def test_body_not_object_rejected(beam: Beam) -> None:
         invalid = client.post("/endpoint/body-check", content=b"{not json")
         assert invalid.status_code == 400
         assert invalid.json()["error"]["type"] == "InvalidJSON"
+        huge = client.post(
+            "/endpoint/body-check", content=b" " * (16 * 1024 * 1024 + 1)
+        )
+        assert huge.status_code == 413
+        assert huge.json()["error"]["type"] == "PayloadTooLarge"
         for body in (b"[1, 2]", b"3", b'"text"', b"null"):
             response = client.post("/endpoint/body-check", content=body)
             assert response.status_code == 422, body
@@ -249,3 +254,14 @@ def test_deleted_deployment_404(beam: Beam) -> None:
         assert client.post("/endpoint/deleted").status_code == 404
         by_id = client.post(f"/endpoint/id/{deployment.deployment_id}")
         assert by_id.status_code == 404
+
+
+def test_forged_frame_stops_container(beam: Beam) -> None:
+    beam.deploy("forger", "forge_frame", timeout=60)
+    with beam.client() as client:
+        started = time.monotonic()
+        response = client.post("/endpoint/forger")
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "Unavailable"
+    assert elapsed < 20
