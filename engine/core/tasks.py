@@ -214,11 +214,13 @@ class TaskQueues:
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        # Each worker removes its task from self.running as it stops.
+        interrupted = list(self.running)
         workers = [w for queue in self.queues.values() for w in queue.workers]
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        for task_id in list(self.running):
+        for task_id in interrupted:
             self.db.execute(
                 "UPDATE tasks SET status = 'PENDING', attempts = attempts - 1"
                 " WHERE id = ? AND status = 'RUNNING'",
@@ -303,6 +305,7 @@ class TaskQueues:
                 if running is not None:
                     running.cancel()
                 log.info("task %s cancelled (%s)", task_id, task.status.value)
+                self._callback_cancelled(task_id, task.deployment_id)
             else:
                 status = self.get(task_id).status
                 if status == TaskStatus.CANCELLED:
@@ -516,6 +519,14 @@ class TaskQueues:
             await asyncio.sleep(SWEEP_INTERVAL)
 
     # Callbacks.
+
+    def _callback_cancelled(self, task_id: str, deployment_id: str) -> None:
+        try:
+            deployment = self.functions.store.get(deployment_id)
+        except NotFound:
+            return
+        if deployment.spec.callback_url:
+            self._schedule_callback(deployment.spec.callback_url, self.get(task_id))
 
     def _schedule_callback(self, url: str, task: Task) -> None:
         body: dict[str, Any] = {"task_id": task.task_id, "status": task.status.value}

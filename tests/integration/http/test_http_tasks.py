@@ -381,3 +381,33 @@ def test_tasks_survive_sigkill(private_daemon: Callable[..., Beam]) -> None:
     assert task["status"] == "COMPLETE"
     assert task["attempts"] == 2
     assert task["result"]["value"] == "retried"
+
+
+def test_clean_stop_keeps_attempt(private_daemon: Callable[..., Beam]) -> None:
+    first = private_daemon()
+    first.deploy("graceful", "sleep", kind=QUEUE, workers=1, retries=0)
+    with first.client() as client:
+        task_id = submit(client, "graceful", {"seconds": 5, "value": "again"})
+        first.wait_task(client, task_id, {"RUNNING"})
+    assert first.daemon.stop() == 0
+
+    second = private_daemon(first.daemon.data_dir, token=first.token)
+    with second.client() as client:
+        task = second.wait_task(client, task_id, FINAL)
+    assert task["status"] == "COMPLETE"
+    assert task["attempts"] == 1
+    assert task["result"]["value"] == "again"
+
+
+def test_callback_on_cancel(
+    beam: Beam, callback_server: Callable[..., CallbackServer]
+) -> None:
+    server = callback_server()
+    beam.deploy("hook-cancel", "sleep", kind=QUEUE, callback_url=server.url)
+    with beam.client() as client:
+        task_id = submit(client, "hook-cancel", {"seconds": 60})
+        beam.wait_task(client, task_id, {"RUNNING"})
+        client.request("DELETE", "/v2/task/cancel/", json={"task_ids": [task_id]})
+        wait_for(lambda: len(server.bodies) == 1)
+    assert server.bodies[0]["task_id"] == task_id
+    assert server.bodies[0]["status"] == "CANCELLED"
