@@ -7,11 +7,12 @@ exec and stdin machinery, and results come back as frames on its stdout.
 A container serves one call at a time.
 
 ``FunctionPool`` keeps at most ``workers`` containers per deployment. A call
-takes an idle container, starts a new one while the pool is below
-``workers``, or waits in a queue of at most ``max_pending`` calls; past that
-it is rejected with ``QueueFull``. A container that has been idle for
-``keep_warm`` seconds is terminated (at once for 0). A call that times out,
-is cancelled or loses its runner terminates its container.
+takes an idle container, or starts a new one while the pool is below
+``workers``, or else waits in a queue of at most ``max_pending`` calls. A call
+that finds the queue full is rejected with ``QueueFull``. A container that
+has been idle for ``keep_warm`` seconds is terminated (at once for 0). A
+call that times out, is cancelled or loses its runner terminates its
+container.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ again in submission order.
 
 Cancel and completion race only on the event loop thread: each writes its
 state with an UPDATE conditioned on the state it expects, so exactly one of
-them wins and the other sees the winner's state.
+them wins and the other reads the winner's state.
 """
 
 from __future__ import annotations

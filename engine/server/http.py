@@ -1,9 +1,9 @@
 """The Beam-compatible HTTP routes, served by Starlette on uvicorn in the daemon.
 
 The app shares the daemon's Engine and event loop. Every route requires
-``Authorization: Bearer TOKEN`` with a token from `engine token create`, and
-a token sees only the deployments and tasks of its own workspace; anything of
-another workspace is reported as not found.
+``Authorization: Bearer TOKEN`` with a token from `engine token create`. A
+token reaches only the deployments and tasks of its own workspace, and those
+of other workspaces are reported as not found.
 
 Errors are JSON objects {"error": {"type": ..., "message": ...}}: 400 for a
 body that is not JSON, 422 for JSON that is not an object, 401 for a missing
@@ -377,9 +377,9 @@ def bind(listen: str) -> socket.socket:
             " 127.0.0.1:8080"
         )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # With IPPROTO_TCP set explicitly, asyncio sets TCP_NODELAY on every
-    # accepted connection; with proto 0 it does not, and Nagle's algorithm
-    # plus delayed ACKs add about 40 ms to each response.
+    # asyncio (base_events._set_nodelay in CPython 3.11) sets TCP_NODELAY only
+    # on sockets whose proto is IPPROTO_TCP. Without it, Nagle's algorithm and
+    # delayed ACKs added about 40 ms to each response (measured here).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
