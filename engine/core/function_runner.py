@@ -12,7 +12,8 @@ error, and serves calls: each input frame is a JSON object {"kwargs": {...},
 "outputs": DIR or null}, and each output frame is {"ok": true, "result": ...,
 "outputs": [{"name", "size"}]} or {"ok": false, "type": ..., "message": ...,
 "traceback": ...}. The function may write files below the outputs directory,
-which the environment variable ENGINE_OUTPUTS_DIR names during a call.
+which the environment variable ENGINE_OUTPUTS_DIR names during a call, or
+save them with ``engine_output.Output``.
 
 Before the import, file descriptor 1 is moved to a private descriptor and fd 1
 is pointed at stderr, so that the function's prints never corrupt the frames.
@@ -27,6 +28,7 @@ import struct
 import sys
 import tarfile
 import traceback
+import types
 
 APP_DIRECTORY = "/app"
 # Largest encoded result, in bytes; a larger one is reported as an error,
@@ -113,6 +115,33 @@ def list_outputs(directory):
     return found
 
 
+class Output:
+    """A file to keep as an output of the current task, as Beam's ``Output``.
+
+    ``Output(path="chart.png").save()`` copies the file into the outputs
+    directory under its base name. Import it with ``from engine_output import
+    Output`` inside a deployed function.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def save(self):
+        directory = os.environ.get("ENGINE_OUTPUTS_DIR")
+        if not directory:
+            raise RuntimeError(
+                "no outputs directory: outputs are kept only for task queue calls"
+            )
+        shutil.copyfile(self.path, os.path.join(directory, os.path.basename(self.path)))
+        return self
+
+
+def install_output_module():
+    module = types.ModuleType("engine_output")
+    module.Output = Output
+    sys.modules["engine_output"] = module
+
+
 def main():
     handler = sys.argv[1]
     frames_out = os.fdopen(os.dup(1), "wb")
@@ -126,6 +155,7 @@ def main():
     module_name, _, function_name = handler.partition(":")
     try:
         unpack(package)
+        install_output_module()
         os.chdir(APP_DIRECTORY)
         sys.path.insert(0, APP_DIRECTORY)
         module = importlib.import_module(module_name)

@@ -83,6 +83,15 @@ APP_SOURCE = textwrap.dedent(
         return {"written": name}
 
 
+    def save_output(text="saved"):
+        from engine_output import Output
+
+        with open("/tmp/report.txt", "w") as file:
+            file.write(text)
+        Output(path="/tmp/report.txt").save()
+        return {"saved": True}
+
+
     def forge_frame():
         # Write a frame header announcing 2 GiB to every pipe except stdio,
         # which includes the runner's private frame descriptor.

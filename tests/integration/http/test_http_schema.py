@@ -53,7 +53,6 @@ def test_served_document_matches(fuzz_target: Beam) -> None:
 # NOTE: schemathesis 4.32's pytest plugin fails on pytest 9 ("'Function'
 # object has no attribute '_nodeid'"), so each operation's strategy is run
 # with hypothesis directly.
-@pytest.mark.slow
 @pytest.mark.parametrize("label", sorted(OPERATIONS))
 def test_responses_match_openapi(label: str, fuzz_target: Beam) -> None:
     operation = OPERATIONS[label]

@@ -252,6 +252,21 @@ def test_outputs_download_and_expiry(beam: Beam) -> None:
         assert client.get(f"/v2/task/{task_id}/").json()["outputs"] == []
 
 
+def test_output_helper_saves_file(beam: Beam) -> None:
+    beam.deploy("helper-queue", "save_output", kind=QUEUE)
+    beam.deploy("helper-endpoint", "save_output")
+    with beam.client() as client:
+        task_id = submit(client, "helper-queue", {"text": "from helper"})
+        task = beam.wait_task(client, task_id, FINAL)
+        assert task["status"] == "COMPLETE"
+        assert [output["name"] for output in task["outputs"]] == ["report.txt"]
+        download = client.get(task["outputs"][0]["url"])
+        assert download.content == b"from helper"
+        endpoint = client.post("/endpoint/helper-endpoint")
+    assert endpoint.status_code == 500
+    assert "task queue calls" in endpoint.json()["error"]["message"]
+
+
 class CallbackServer:
     """A local HTTP server that records callback bodies; it can fail first."""
 
