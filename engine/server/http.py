@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
@@ -144,10 +145,29 @@ class BeamApp:
         ]
         self.app = Starlette(routes=routes)
         self.app.add_exception_handler(HttpError, self._handle)  # type: ignore[arg-type]
+        self.app.add_exception_handler(
+            StarletteHTTPException,
+            self._handle_unrouted,  # type: ignore[arg-type]
+        )
         self.app.add_exception_handler(EngineError, self._handle_engine)  # type: ignore[arg-type]
 
     async def _handle(self, request: Request, error: HttpError) -> Response:
         return error_response(error)
+
+    async def _handle_unrouted(
+        self, request: Request, error: StarletteHTTPException
+    ) -> Response:
+        """Answer a path or method that no route serves: 401 first, then JSON."""
+        try:
+            self.authorize(request)
+        except HttpError as unauthorized:
+            return error_response(unauthorized)
+        if error.status_code == 404:
+            message = f"no route for {request.method} {request.url.path}"
+            return error_response(HttpError(404, "NotFound", message))
+        return error_response(
+            HttpError(error.status_code, "HTTPError", str(error.detail))
+        )
 
     async def _handle_engine(self, request: Request, error: EngineError) -> Response:
         mapped = http_error(error)

@@ -25,6 +25,8 @@ def test_every_route_requires_token(beam: Beam) -> None:
         ("GET", f"/v2/task/{task_id}/"),
         ("DELETE", "/v2/task/cancel/"),
         ("GET", f"/v2/task/{task_id}/outputs/result.txt"),
+        ("GET", "/no/such/route"),
+        ("POST", "/endpoint/auth-check/v-1"),
     ]
     with beam.client() as authorized:
         for method, path in requests:
@@ -121,6 +123,9 @@ def test_unknown_name_version_id_404(beam: Beam) -> None:
             "/endpoint/known/v0",
             f"/endpoint/id/{uuid.uuid4()}",
             "/endpoint/id/not-a-uuid",
+            "/endpoint/known/v-1",
+            "/endpoint/known/vx",
+            "/endpoint/known/v1/extra",
             "/endpoint/known-queue",
             f"/endpoint/id/{queue.deployment_id}",
             "/taskqueue/known",
