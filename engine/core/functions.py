@@ -137,7 +137,11 @@ class Container:
             await self.engine.write_stdin(
                 self.sandbox_id, self.pid, HEADER.pack(len(package)) + package
             )
-            ready = await asyncio.wait_for(self._next_frame(), START_TIMEOUT)
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns
+            # the result and drops a cancellation that arrives in the same
+            # loop iteration as the frame, so a cancelled task would run on.
+            async with asyncio.timeout(START_TIMEOUT):
+                ready = await self._next_frame()
         except BaseException:
             await self.stop()
             raise
@@ -227,7 +231,8 @@ class Container:
             self.sandbox_id, self.pid, HEADER.pack(len(data)) + data
         )
         try:
-            frame = await asyncio.wait_for(self._next_frame(), timeout)
+            async with asyncio.timeout(timeout):
+                frame = await self._next_frame()
         except TimeoutError:
             raise CallTimeout(
                 f"deployment {self.deployment.spec.name!r} timed out after"
@@ -279,15 +284,20 @@ class FunctionPool:
         kwargs: dict[str, Any],
         outputs: str | None = None,
         collect: Callable[[Container, CallResult], Awaitable[None]] | None = None,
+        started: Callable[[Container], None] | None = None,
     ) -> CallResult:
         """Run one call on a container of this deployment and return its result.
 
-        ``collect`` runs after a successful call and before the container
-        serves another one, so that it can copy the call's output files.
+        ``started`` is called with the container once the call has one, so
+        that a cancel can stop it. ``collect`` runs after a successful call
+        and before the container serves another one, so that it can copy the
+        call's output files.
         """
         container = await self._acquire()
         healthy = False
         try:
+            if started is not None:
+                started(container)
             result = await container.call(kwargs, self.spec.timeout, outputs)
             if collect is not None and result.outputs:
                 await collect(container, result)

@@ -155,6 +155,8 @@ class TaskQueues:
         self.queues: dict[str, _Queue] = {}
         # Task id -> the asyncio task running its current attempt.
         self.running: dict[str, asyncio.Task[CallResult]] = {}
+        # Task id -> the container running it, once the call has one.
+        self.containers: dict[str, Container] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
         self._client: Any = None
@@ -304,6 +306,11 @@ class TaskQueues:
                 running = self.running.get(task_id)
                 if running is not None:
                     running.cancel()
+                # Stopping the container kills the call even when the
+                # cancellation lands after the call's result has arrived.
+                container = self.containers.pop(task_id, None)
+                if container is not None:
+                    self.functions.background(container.stop())
                 log.info("task %s cancelled (%s)", task_id, task.status.value)
                 self._callback_cancelled(task_id, task.deployment_id)
             else:
@@ -381,8 +388,16 @@ class TaskQueues:
         async def collect(container: Container, result: CallResult) -> None:
             await self._store_outputs(task_id, container, result)
 
+        def started(container: Container) -> None:
+            self.containers[task_id] = container
+
         call = asyncio.ensure_future(
-            pool.call(task.kwargs, outputs=OUTPUTS_DIRECTORY, collect=collect)
+            pool.call(
+                task.kwargs,
+                outputs=OUTPUTS_DIRECTORY,
+                collect=collect,
+                started=started,
+            )
         )
         self.running[task_id] = call
         try:
@@ -395,6 +410,7 @@ class TaskQueues:
             raise
         finally:
             self.running.pop(task_id, None)
+            self.containers.pop(task_id, None)
 
         now = time.time()
         if call.cancelled():

@@ -145,6 +145,7 @@ class BeamApp:
         ]
         self.app = Starlette(routes=routes)
         self.app.add_exception_handler(HttpError, self._handle)  # type: ignore[arg-type]
+        self.app.add_exception_handler(Exception, self._handle_unexpected)
         self.app.add_exception_handler(
             StarletteHTTPException,
             self._handle_unrouted,  # type: ignore[arg-type]
@@ -153,6 +154,19 @@ class BeamApp:
 
     async def _handle(self, request: Request, error: HttpError) -> Response:
         return error_response(error)
+
+    async def _handle_unexpected(self, request: Request, error: Exception) -> Response:
+        """Log a bug under an id and answer 500 without its details."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error(
+            "%s %s failed (error id %s)",
+            request.method,
+            request.url.path,
+            error_id,
+            exc_info=error,
+        )
+        message = f"internal error {error_id}; see the daemon's log"
+        return error_response(HttpError(500, "InternalError", message))
 
     async def _handle_unrouted(
         self, request: Request, error: StarletteHTTPException
@@ -262,11 +276,15 @@ class BeamApp:
 
     async def invoke_version(self, request: Request) -> Response:
         workspace = self.authorize(request)
+        name = request.path_params["name"]
+        version = request.path_params["version"]
+        # SQLite integers are 64-bit; a larger version cannot exist.
+        if version >= 2**63:
+            raise HttpError(
+                404, "NotFound", f"deployment {name!r} version {version} not found"
+            )
         deployment = self.functions.store.find(
-            workspace,
-            request.path_params["name"],
-            request.path_params["version"],
-            kind=DeploymentKind.ENDPOINT,
+            workspace, name, version, kind=DeploymentKind.ENDPOINT
         )
         return await self._invoke(request, deployment)
 

@@ -30,7 +30,10 @@ def beam_daemon() -> Iterator[BeamDaemon]:
         status = daemon.stop()
         log = daemon.log()
         shutil.rmtree(data_dir, ignore_errors=True)
-        os.unlink(daemon.log_path)
+        if os.environ.get("ENGINE_KEEP_DAEMON_LOG"):
+            print(f"daemon log kept at {daemon.log_path}")
+        else:
+            os.unlink(daemon.log_path)
         assert status == 0, f"daemon exited with {status}; log:\n{log}"
 
 

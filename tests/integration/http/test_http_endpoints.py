@@ -124,6 +124,7 @@ def test_unknown_name_version_id_404(beam: Beam) -> None:
             f"/endpoint/id/{uuid.uuid4()}",
             "/endpoint/id/not-a-uuid",
             "/endpoint/known/v-1",
+            "/endpoint/known/v99999999999999999999999",
             "/endpoint/known/vx",
             "/endpoint/known/v1/extra",
             "/endpoint/known-queue",
