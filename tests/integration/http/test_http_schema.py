@@ -24,7 +24,7 @@ from schemathesis.checks import (
 from engine.core.deployments import DeploymentKind
 from engine.server.openapi import openapi_document
 
-MAX_EXAMPLES = 15
+MAX_EXAMPLES = 50
 # The document the daemon serves at /openapi.json; the test checks that the
 # served one equals it before fuzzing.
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())
