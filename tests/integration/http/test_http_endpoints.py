@@ -8,7 +8,9 @@ import uuid
 
 from beam_support import Beam, create_token
 
+from engine import Sandbox
 from engine.core.deployments import DeploymentKind
+from engine.core.models import SandboxState
 from engine.sdk.deploy import DeploymentClient
 
 
@@ -271,3 +273,42 @@ def test_forged_frame_stops_container(beam: Beam) -> None:
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "Unavailable"
     assert elapsed < 20
+
+
+def running_containers(beam: Beam, deployment_id: str) -> int:
+    infos = Sandbox.list(
+        address=beam.daemon.address,
+        state=SandboxState.RUNNING,
+        labels={"engine.deployment": deployment_id},
+    )
+    return len(infos)
+
+
+def test_containers_follow_keep_warm_and_workers(beam: Beam) -> None:
+    deployment = beam.deploy("warm-limits", "sleep", keep_warm=2, workers=2)
+
+    def call() -> int:
+        with beam.client() as client:
+            return client.post("/endpoint/warm-limits", json={"seconds": 1}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda _: call(), range(6)))
+    assert statuses == [200] * 6
+    # Six concurrent calls ran on at most two containers, both still warm.
+    assert running_containers(beam, deployment.deployment_id) == 2
+    deadline = time.monotonic() + 15
+    while running_containers(beam, deployment.deployment_id) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert running_containers(beam, deployment.deployment_id) == 0
+
+
+def test_delete_stops_containers(beam: Beam) -> None:
+    deployment = beam.deploy("delete-stops", "square", keep_warm=600)
+    with beam.client() as client:
+        assert client.post("/endpoint/delete-stops").status_code == 200
+    assert running_containers(beam, deployment.deployment_id) == 1
+    with DeploymentClient(beam.daemon.address) as deployments:
+        deployments.delete(deployment.deployment_id)
+    assert running_containers(beam, deployment.deployment_id) == 0
