@@ -6,7 +6,7 @@ sandboxes; packages live in ``DATA_DIR/deployments/ID.tar.gz``. Each deploy of
 a name in a workspace gets the next version number and a fresh UUID.
 
 Tokens for the HTTP routes are stored as the SHA-256 of a 32-byte random
-secret, so the database never holds a usable token.
+secret, so the database never contains a usable token.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def check_package(package: bytes, handler: str) -> int:
             f" {MAX_PACKAGE_BYTES} bytes; remove large files from the directory"
         )
     module = handler.partition(":")[0].replace(".", "/")
-    wanted = {f"{module}.py", f"{module}/__init__.py"}
+    expected = {f"{module}.py", f"{module}/__init__.py"}
     found = False
     total = 0
     try:
@@ -223,7 +223,7 @@ def check_package(package: bytes, handler: str) -> int:
                         " files and directories are allowed"
                     )
                 total += member.size
-                found = found or name in wanted
+                found = found or name in expected
     except (tarfile.TarError, OSError, EOFError) as error:
         raise InvalidArgument(
             f"invalid package: not a gzip-compressed tar ({error})"
@@ -406,7 +406,7 @@ class DeploymentStore:
             "SELECT hash, workspace FROM api_tokens WHERE hash = ?", (digest,)
         ).fetchone()
         # The lookup is by the SHA-256 of the token, so its timing depends on
-        # the hash, not on the secret; compare_digest keeps the final check
+        # the hash and not on the secret. compare_digest keeps the final check
         # constant-time as well.
         if row is None or not hmac.compare_digest(row[0], digest):
             return None

@@ -219,7 +219,7 @@ def test_queue_bound_returns_429(beam: Beam) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         first = pool.submit(call)
-        time.sleep(1.0)  # The first call holds the only container.
+        time.sleep(1.0)  # The first call uses the only container.
         rest = [pool.submit(call) for _ in range(3)]
         statuses = [first.result()] + [future.result() for future in rest]
     assert statuses[0] == 200
