@@ -142,6 +142,35 @@ def install_output_module():
     sys.modules["engine_output"] = module
 
 
+def install_sdk_shim():
+    """Let ``from engine.sdk.deploy import endpoint`` work without the engine.
+
+    Deployed modules use the SDK's decorators, but the sandbox's python3
+    does not have the engine installed. The shim's decorators return the
+    function unchanged.
+    """
+    try:
+        importlib.import_module("engine.sdk.deploy")
+        return
+    except ImportError:
+        pass
+
+    def decorator(**settings):
+        def wrap(function):
+            return function
+
+        return wrap
+
+    names = ("engine", "engine.sdk", "engine.sdk.deploy")
+    modules = [types.ModuleType(name) for name in names]
+    modules[0].sdk = modules[1]
+    modules[1].deploy = modules[2]
+    modules[2].endpoint = decorator
+    modules[2].task_queue = decorator
+    for module in modules:
+        sys.modules[module.__name__] = module
+
+
 def main():
     handler = sys.argv[1]
     frames_out = os.fdopen(os.dup(1), "wb")
@@ -156,6 +185,7 @@ def main():
     try:
         unpack(package)
         install_output_module()
+        install_sdk_shim()
         os.chdir(APP_DIRECTORY)
         sys.path.insert(0, APP_DIRECTORY)
         module = importlib.import_module(module_name)

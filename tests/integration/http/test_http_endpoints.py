@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import time
 import uuid
+from pathlib import Path
 
 from beam_support import Beam, create_token
 
@@ -312,3 +314,50 @@ def test_delete_stops_containers(beam: Beam) -> None:
     with DeploymentClient(beam.daemon.address) as deployments:
         deployments.delete(deployment.deployment_id)
     assert running_containers(beam, deployment.deployment_id) == 0
+
+
+SDK_APP = """
+from engine.sdk.deploy import endpoint, task_queue
+
+
+@endpoint(name="sdk-square", cpu=0.5, memory="256Mi", keep_warm_seconds=5)
+def square(x=0):
+    return {"y": x * x}
+
+
+@task_queue(name="sdk-queue", retries=1)
+def double(x=0):
+    return {"y": 2 * x}
+"""
+
+
+def test_sdk_decorators_deploy(beam: Beam, tmp_path: Path) -> None:
+    (tmp_path / "sdkapp.py").write_text(SDK_APP)
+    module_spec = importlib.util.spec_from_file_location(
+        "sdkapp", tmp_path / "sdkapp.py"
+    )
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    # Called locally, the decorated function is the plain function.
+    assert module.square(x=3) == {"y": 9}
+
+    endpoint_deployment = module.square.deploy(address=beam.daemon.address)
+    beam.deployed.append(endpoint_deployment.deployment_id)
+    queue_deployment = module.double.deploy(address=beam.daemon.address)
+    beam.deployed.append(queue_deployment.deployment_id)
+    assert endpoint_deployment.spec.handler == "sdkapp:square"
+    assert endpoint_deployment.spec.cpu == 0.5
+    assert endpoint_deployment.spec.memory_mib == 256
+    assert endpoint_deployment.spec.keep_warm == 5
+    assert queue_deployment.spec.kind == DeploymentKind.TASK_QUEUE
+    assert queue_deployment.spec.retries == 1
+
+    with beam.client() as client:
+        response = client.post("/endpoint/sdk-square", json={"x": 4})
+        assert response.status_code == 200
+        assert response.json() == {"y": 16}
+        task_id = client.post("/taskqueue/sdk-queue", json={"x": 4}).json()["task_id"]
+        task = beam.wait_task(client, task_id, {"COMPLETE", "ERROR"})
+    assert task["status"] == "COMPLETE"
+    assert task["result"] == {"y": 8}
