@@ -85,7 +85,9 @@ class DeploymentClient:
         request = pb.DeployRequest(spec=spec_to_proto(spec), package=package)
         return self._from_proto(self._call("Deploy", request).deployment)
 
-    def list(self, workspace: str = DEFAULT_WORKSPACE, name: str = "") -> list:
+    def list(
+        self, workspace: str = DEFAULT_WORKSPACE, name: str = ""
+    ) -> list[Deployment]:
         request = pb.DeploymentListRequest(workspace=workspace, name=name)
         return [self._from_proto(d) for d in self._call("List", request).deployments]
 
