@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -201,3 +202,38 @@ def test_token_create_prints_token_alone(beam: Beam) -> None:
         assert client.get("/health").status_code == 200
         # Another workspace: the default workspace's deployments are hidden.
         assert client.post("/endpoint/cli-square").status_code == 404
+
+
+def test_serve_http_bad_address(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        cases = [
+            ("nonsense", "invalid --http address 'nonsense'"),
+            ("127.0.0.1:http", "invalid --http address"),
+            (f"127.0.0.1:{port}", f"failed to listen on 127.0.0.1:{port} for HTTP"),
+        ]
+        for address, message in cases:
+            result = subprocess.run(
+                [
+                    str(ENGINE_BIN),
+                    "serve",
+                    "--data-dir",
+                    str(data_dir),
+                    "--http",
+                    address,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 1, address
+            assert message in result.stderr, (address, result.stderr)
+            assert not (data_dir / "engine.sock").exists(), address
+            assert not (data_dir / "engine.db").exists(), address
+    finally:
+        busy.close()
