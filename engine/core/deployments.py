@@ -277,11 +277,18 @@ class DeploymentStore:
     def package_path(self, deployment_id: str) -> Path:
         return self.directory / f"{deployment_id}.tar.gz"
 
-    def create(self, spec: DeploymentSpec, package: bytes) -> Deployment:
-        """Store the package and record the next version of ``spec.name``."""
+    def create(
+        self, spec: DeploymentSpec, package: bytes, *, checked: bool = False
+    ) -> Deployment:
+        """Store the package and record the next version of ``spec.name``.
+
+        ``checked`` skips check_spec and check_package, for a caller that has
+        run them already on the resolved spec.
+        """
         spec = spec.resolved()
-        check_spec(spec)
-        check_package(package, spec.handler)
+        if not checked:
+            check_spec(spec)
+            check_package(package, spec.handler)
         deployment_id = str(uuid.uuid4())
         path = self.package_path(deployment_id)
         temporary = path.with_suffix(".partial")

@@ -467,7 +467,7 @@ class Functions:
         check_spec(resolved)
         # The package check reads the whole archive, so it runs in a thread.
         await asyncio.to_thread(check_package, package, resolved.handler)
-        deployment = self.store.create(resolved, package)
+        deployment = self.store.create(resolved, package, checked=True)
         log.info(
             "deployed %s %s v%d as %s in workspace %s",
             resolved.kind.value,

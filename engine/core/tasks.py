@@ -254,6 +254,8 @@ class TaskQueues:
         if deployment.spec.kind != DeploymentKind.TASK_QUEUE:
             raise NotFound(f"task queue {deployment.name!r} not found")
         queue = self._queue(deployment)
+        # NOTE: the queue size includes ids of tasks cancelled while pending,
+        # until a worker reaches and skips them.
         if queue.ids.qsize() >= deployment.spec.max_pending:
             raise QueueFull(
                 f"task queue {deployment.name!r} has {queue.ids.qsize()} pending"
