@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 OUTPUTS_DIRECTORY = "/outputs"
 # Largest total size of one task's output files, in bytes.
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
+# Largest number of output files kept per task; each is copied by its own
+# file worker in the container.
+MAX_OUTPUT_FILES = 1000
 # Seconds between two scans for expired output files.
 SWEEP_INTERVAL = 5.0
 # Delays in seconds between callback attempts after a 5xx or connection error.
@@ -493,7 +496,14 @@ class TaskQueues:
         directory = self.outputs_dir / task_id
         stored: list[dict[str, Any]] = []
         total = 0
-        for entry in result.outputs:
+        if len(result.outputs) > MAX_OUTPUT_FILES:
+            log.warning(
+                "task %s: %d output files; only the first %d are kept",
+                task_id,
+                len(result.outputs),
+                MAX_OUTPUT_FILES,
+            )
+        for entry in result.outputs[:MAX_OUTPUT_FILES]:
             name = str(entry["name"])
             parts = Path(name).parts
             if Path(name).is_absolute() or ".." in parts:
