@@ -506,7 +506,8 @@ class TaskQueues:
         for entry in result.outputs[:MAX_OUTPUT_FILES]:
             name = str(entry["name"])
             parts = Path(name).parts
-            if Path(name).is_absolute() or ".." in parts:
+            if not parts or Path(name).is_absolute() or ".." in parts:
+                log.warning("task %s: skipping invalid output name %r", task_id, name)
                 continue
             content = await engine.files.read_file(
                 container.sandbox_id, f"{OUTPUTS_DIRECTORY}/{name}"
