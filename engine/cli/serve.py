@@ -31,6 +31,13 @@ def register(
         " picks a free port (default: no TCP)",
     )
     serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the Beam-compatible HTTP routes (deployed endpoints,"
+        " task queues, Tasks API) on this address; every route requires a token"
+        " from `engine token create`; port 0 picks a free port (default: no HTTP)",
+    )
+    serve.add_argument(
         "--uid-base",
         type=_uid_base,
         default=DEFAULT_UID_BASE,
@@ -66,5 +73,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from engine.server.daemon import serve
 
     config = Config.from_data_dir(args.data_dir, uid_base=args.uid_base)
-    asyncio.run(serve(config, socket_path=args.socket, listen=args.listen))
+    asyncio.run(
+        serve(config, socket_path=args.socket, listen=args.listen, http=args.http)
+    )
     return 0

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.server import deployments as deployment_service
 from engine.server import files as file_service
 from engine.server.interceptor import ErrorInterceptor
 from engine.server.servicer import SandboxServicer
@@ -202,6 +203,7 @@ def create_server(
     )
     volume_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeServicer(engine), server)
     file_service.add_to_server(engine, server)
+    deployment_service.add_to_server(engine, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

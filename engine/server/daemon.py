@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,16 +22,21 @@ async def serve(
     *,
     socket_path: str | os.PathLike[str] | None = None,
     listen: str | None = None,
+    http: str | None = None,
     grace: float = STOP_GRACE_SECONDS,
 ) -> None:
     """Start an Engine and its gRPC server, and stop both on SIGTERM or SIGINT.
 
     ``socket_path`` defaults to the data dir's engine.sock. The socket is bound
     before the Engine starts, so a second daemon on the same socket fails
-    before it touches the data dir.
+    before it touches the data dir. ``http`` is a HOST:PORT for the
+    Beam-compatible HTTP routes, bound before the Engine starts as well.
     """
     from engine.core.engine import Engine
+    from engine.core.functions import for_engine
     from engine.server.app import create_server
+    from engine.server.http import bind as bind_http
+    from engine.server.http import serve_http
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -48,13 +54,28 @@ async def serve(
     engine = Engine(config)
     server, addresses = create_server(engine, socket_path=path, listen=listen)
     try:
-        await engine.start()
+        http_socket = bind_http(http) if http is not None else None
     except BaseException:
         server.remove_socket()
         raise
+    try:
+        await engine.start()
+    except BaseException:
+        server.remove_socket()
+        if http_socket is not None:
+            http_socket.close()
+        raise
+    functions = for_engine(engine)
+    stack = contextlib.AsyncExitStack()
 
     try:
+        await functions.start()
+        stack.push_async_callback(functions.close)
         await server.start()
+        if http_socket is not None:
+            addresses["http"] = "http://" + await stack.enter_async_context(
+                serve_http(engine, http_socket)
+            )
         logger.info(
             "engine daemon serving on %s (data dir %s, pid %d)",
             ", ".join(addresses.values()),
@@ -68,6 +89,9 @@ async def serve(
         # the Exec and ReadOutput streams still open finish during the grace.
         stop_server = asyncio.create_task(server.stop(grace))
         try:
+            # The HTTP server stops first, then the task queues and the
+            # deployments' containers, then the Engine.
+            await stack.aclose()
             await engine.close()
         finally:
             await stop_server

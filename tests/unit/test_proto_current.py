@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTOS = ["sandbox", "volume", "filesystem"]
+PROTOS = ["sandbox", "volume", "filesystem", "deployment"]
 GENERATED = [
     f"{proto}{suffix}"
     for proto in PROTOS
