@@ -11,6 +11,7 @@ status codes, and the SDK maps those codes back to the same classes:
     ├── FailedPrecondition   gRPC FAILED_PRECONDITION (e.g. a terminated sandbox)
     ├── PermissionDenied     gRPC PERMISSION_DENIED
     ├── ResourceExhausted    gRPC RESOURCE_EXHAUSTED
+    ├── Unauthenticated      gRPC UNAUTHENTICATED (missing or unknown token)
     ├── DeadlineExceeded     gRPC DEADLINE_EXCEEDED
     ├── Unavailable          gRPC UNAVAILABLE (daemon or kernel facility missing)
     └── InternalError        gRPC INTERNAL
@@ -49,6 +50,10 @@ class ResourceExhausted(EngineError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Unauthenticated(EngineError):
+    code = "UNAUTHENTICATED"
+
+
 class DeadlineExceeded(EngineError):
     code = "DEADLINE_EXCEEDED"
 
@@ -70,6 +75,7 @@ BY_CODE: dict[str, type[EngineError]] = {
         FailedPrecondition,
         PermissionDenied,
         ResourceExhausted,
+        Unauthenticated,
         DeadlineExceeded,
         Unavailable,
         InternalError,

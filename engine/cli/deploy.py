@@ -1,22 +1,19 @@
-"""The `engine deploy`, `engine deployment` and `engine token` commands."""
+"""The `engine deploy` and `engine deployment` commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 
 from engine import errors
-from engine.config import Config
 from engine.core.deployments import (
     DEFAULT_WORKSPACE,
     Deployment,
     DeploymentKind,
     DeploymentSpec,
-    DeploymentStore,
     package_directory,
 )
 from engine.sdk.client import resolve_address
@@ -126,25 +123,6 @@ def register(
     )
     rm.add_argument("deployment_ids", metavar="ID", nargs="+")
     rm.set_defaults(func=rm_command)
-
-    token = subparsers.add_parser(
-        "token", parents=[common], help="create tokens for the HTTP routes"
-    )
-    token_commands = token.add_subparsers(dest="token_command", required=True)
-    create = token_commands.add_parser(
-        "create",
-        parents=[common],
-        help="create a token and print it alone on stdout",
-        description="Create a token for the HTTP routes of `engine serve --http`."
-        " Only its SHA-256 is stored, in the data dir's database, so it cannot"
-        " be shown again.",
-    )
-    create.add_argument(
-        "--workspace",
-        default=DEFAULT_WORKSPACE,
-        help=f"workspace the token sees (default: {DEFAULT_WORKSPACE})",
-    )
-    create.set_defaults(func=token_create_command)
 
 
 def _client(args: argparse.Namespace) -> DeploymentClient:
@@ -282,22 +260,4 @@ def rm_command(args: argparse.Namespace) -> int:
         for deployment_id in args.deployment_ids:
             client.delete(deployment_id)
             print(deployment_id)
-    return 0
-
-
-def token_create_command(args: argparse.Namespace) -> int:
-    config = Config.from_data_dir(args.data_dir)
-    if not config.data_dir.is_dir():
-        raise errors.NotFound(
-            f"data dir {config.data_dir} not found; start `engine serve` once or"
-            " pass --data-dir"
-        )
-    db = sqlite3.connect(config.database_path, isolation_level=None, timeout=10)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        store = DeploymentStore(db, config.data_dir / "deployments")
-        token = store.create_token(args.workspace)
-    finally:
-        db.close()
-    print(token)
     return 0

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from engine import errors
-from engine.cli import deploy, files, sandbox, serve, volume
+from engine.cli import deploy, files, sandbox, serve, token, volume
 from engine.cli.common import fail
 
 logger = logging.getLogger("engine.cli")
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.register(subparsers, common)
     volume.register(subparsers, common)
     deploy.register(subparsers, common)
+    token.register(subparsers, common)
     try:
         from engine.cli import image
     except ModuleNotFoundError as error:

@@ -27,8 +27,9 @@ def register(
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="also listen on this TCP address, without authentication; port 0"
-        " picks a free port (default: no TCP)",
+        help="also listen on this TCP address, where every call needs a bearer"
+        " token from `engine token create`; port 0 picks a free port (default:"
+        " no TCP)",
     )
     serve.add_argument(
         "--http",

@@ -1,24 +1,19 @@
-"""Deployments: stored code packages, their versions and the API tokens.
+"""Deployments: stored code packages and their versions.
 
 A deployment is a gzip-compressed tar of a code directory plus the function
 to call in it. Records live in the Engine's SQLite database, next to the
 sandboxes; packages live in ``DATA_DIR/deployments/ID.tar.gz``. Each deploy of
-a name in a workspace gets the next version number and a fresh UUID.
-
-Tokens for the HTTP routes are stored as the SHA-256 of a 32-byte random
-secret, so the database never contains a usable token.
+a name in a workspace gets the next version number and a fresh UUID. API
+tokens are in engine.core.tokens.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import io
 import json
 import os
 import re
-import secrets
 import sqlite3
 import tarfile
 import time
@@ -26,15 +21,14 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from engine.core.tenancy import DEFAULT_WORKSPACE, check_workspace
 from engine.errors import InvalidArgument, NotFound
 
-DEFAULT_WORKSPACE = "default"
 # Largest package accepted, in bytes; the gRPC request limit is 16 MiB.
 MAX_PACKAGE_BYTES = 15 * 1024 * 1024
 # Largest total size of the files in a package once unpacked, in bytes.
 MAX_UNPACKED_BYTES = 256 * 1024 * 1024
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-WORKSPACE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HANDLER_PATTERN = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 )
@@ -51,11 +45,6 @@ CREATE TABLE IF NOT EXISTS deployments (
     created_at REAL NOT NULL,
     package_bytes INTEGER NOT NULL,
     UNIQUE (workspace, name, version)
-);
-CREATE TABLE IF NOT EXISTS api_tokens (
-    hash TEXT PRIMARY KEY,
-    workspace TEXT NOT NULL,
-    created_at REAL NOT NULL
 );
 """
 
@@ -138,11 +127,7 @@ def check_spec(spec: DeploymentSpec) -> None:
             "invalid deployment name 'id': /endpoint/id/ routes take deployment"
             " ids; choose another name"
         )
-    if not WORKSPACE_PATTERN.match(spec.workspace):
-        raise InvalidArgument(
-            f"invalid workspace {spec.workspace!r}: use 1 to 63 letters, digits,"
-            " '.', '_' or '-', starting with a letter or digit"
-        )
+    check_workspace(spec.workspace)
     if not HANDLER_PATTERN.match(spec.handler):
         raise InvalidArgument(
             f"invalid handler {spec.handler!r}: expected MODULE:FUNCTION, such as"
@@ -259,10 +244,6 @@ def package_directory(directory: Path) -> bytes:
         for entry in sorted(directory.iterdir()):
             archive.add(entry, arcname=entry.name, filter=keep)
     return buffer.getvalue()
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class DeploymentStore:
@@ -389,32 +370,3 @@ class DeploymentStore:
         self.db.execute("DELETE FROM deployments WHERE id = ?", (deployment_id,))
         self.package_path(deployment_id).unlink(missing_ok=True)
         return deployment
-
-    # Tokens.
-
-    def create_token(self, workspace: str = DEFAULT_WORKSPACE) -> str:
-        """Create a token for ``workspace`` and return it; only its hash is stored."""
-        if not WORKSPACE_PATTERN.match(workspace):
-            raise InvalidArgument(
-                f"invalid workspace {workspace!r}: use 1 to 63 letters, digits,"
-                " '.', '_' or '-', starting with a letter or digit"
-            )
-        token = secrets.token_urlsafe(32)
-        self.db.execute(
-            "INSERT INTO api_tokens VALUES (?, ?, ?)",
-            (hash_token(token), workspace, time.time()),
-        )
-        return token
-
-    def token_workspace(self, token: str) -> str | None:
-        """Return the workspace of ``token``, or None when it is unknown."""
-        digest = hash_token(token)
-        row = self.db.execute(
-            "SELECT hash, workspace FROM api_tokens WHERE hash = ?", (digest,)
-        ).fetchone()
-        # The lookup is by the SHA-256 of the token, so its timing depends on
-        # the hash and not on the secret. compare_digest keeps the final check
-        # constant-time as well.
-        if row is None or not hmac.compare_digest(row[0], digest):
-            return None
-        return row[1]

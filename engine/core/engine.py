@@ -47,6 +47,7 @@ from engine.core.models import (
 from engine.core.output import OutputBudget, OutputBuffer, OutputRate
 from engine.core.pool import SupervisorPool
 from engine.core.store import Store
+from engine.core.tokens import TokenStore
 from engine.errors import (
     EngineError,
     FailedPrecondition,
@@ -154,6 +155,8 @@ class Engine:
         self._volume_users: dict[str, set[str]] = {}
         self.spawner = Spawner()
         self.store: Store | None = None
+        # API tokens, for the gRPC TCP listener and the HTTP routes.
+        self.tokens: TokenStore | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
         self.pool: SupervisorPool | None = None
@@ -182,6 +185,7 @@ class Engine:
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
+        self.tokens = TokenStore(self.store.db)
         self._sweep()
         await self.spawner.start()
         self.pool = SupervisorPool(
@@ -283,6 +287,7 @@ class Engine:
             with contextlib.suppress(OSError, EngineError):
                 self.cgroup_driver.remove_root()
         if self.store is not None:
+            self.tokens = None
             self.store.close()
             self.store = None
         if self._lock_fd is not None:

@@ -29,7 +29,7 @@ from engine.core.models import (
     SandboxStats,
     Stream,
 )
-from engine.sdk.client import error_from_rpc, resolve_address
+from engine.sdk.client import error_from_rpc, open_aio_channel, resolve_address
 from engine.sdk.files import AsyncSandboxFileSystem
 from engine.sdk.sandbox import (
     STDIN_CHUNK_BYTES,
@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 class AsyncClient:
     """A grpc.aio channel to one daemon, with errors mapped to ``engine.errors``."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, token: str | None = None) -> None:
         self.address = resolve_address(address)
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = open_aio_channel(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
 

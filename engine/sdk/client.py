@@ -6,6 +6,7 @@ turns a status code back into the ``engine.errors`` class the daemon raised.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from engine.v1 import sandbox_pb2_grpc
 logger = logging.getLogger(__name__)
 
 ADDRESS_ENVIRONMENT_VARIABLE = "ENGINE_ADDRESS"
+TOKEN_ENVIRONMENT_VARIABLE = "ENGINE_TOKEN"
 # Same key as engine.server.interceptor.ERROR_METADATA_KEY, repeated here so
 # the SDK does not import the server.
 ERROR_METADATA_KEY = "engine-error"
@@ -52,6 +54,135 @@ def resolve_address(
         Path(data_dir).absolute() if data_dir is not None else None
     )
     return f"unix:{path}"
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """Return ``token``, else the ENGINE_TOKEN environment variable, else None."""
+    return token or os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
+
+
+def _with_token(metadata: Any, token: str) -> list[tuple[str, str]]:
+    return [*(metadata or ()), ("authorization", f"Bearer {token}")]
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        (
+            "method",
+            "timeout",
+            "metadata",
+            "credentials",
+            "wait_for_ready",
+            "compression",
+        ),
+    ),
+    grpc.ClientCallDetails,
+):
+    """ClientCallDetails with its fields settable, as grpc leaves it abstract."""
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` metadata to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            _with_token(details.metadata, self._token),
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(
+        self, continuation: Any, details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Any, details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _AsyncBearerToken(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """The grpc.aio form of _BearerToken."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(
+        self, details: grpc.aio.ClientCallDetails
+    ) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            _with_token(details.metadata, self._token),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Any, details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def open_aio_channel(address: str, token: str | None = None) -> grpc.aio.Channel:
+    """Open a grpc.aio channel that sends ``token``, or ENGINE_TOKEN, if set."""
+    token = resolve_token(token)
+    interceptors = [_AsyncBearerToken(token)] if token is not None else None
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+
+
+def open_channel(
+    address: str, token: str | None = None, options: list[tuple[str, Any]] | None = None
+) -> grpc.Channel:
+    """Open a channel to ``address`` that sends ``token``, or ENGINE_TOKEN, if set."""
+    channel = grpc.insecure_channel(address, options=options)
+    token = resolve_token(token)
+    if token is None:
+        return channel
+    return grpc.intercept_channel(channel, _BearerToken(token))
 
 
 def _is_engine_status(error: grpc.RpcError) -> bool:
@@ -89,9 +220,9 @@ class Client:
     The channel is thread-safe, so one Client may serve many threads.
     """
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, token: str | None = None) -> None:
         self.address = resolve_address(address)
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = open_channel(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
 

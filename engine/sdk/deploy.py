@@ -33,7 +33,7 @@ from engine.core.deployments import (
     DeploymentSpec,
     package_directory,
 )
-from engine.sdk.client import error_from_rpc, resolve_address
+from engine.sdk.client import error_from_rpc, open_channel, resolve_address
 from engine.v1 import deployment_pb2 as pb
 from engine.v1 import deployment_pb2_grpc
 
@@ -62,13 +62,14 @@ def parse_memory(value: int | str | None) -> int:
 class DeploymentClient:
     """A connection to the daemon's DeploymentService."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, token: str | None = None) -> None:
         from engine.server.deployments import deployment_from_proto
 
         self._from_proto = deployment_from_proto
         self.address = resolve_address(address)
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             self.address,
+            token,
             options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
         self.stub = deployment_pb2_grpc.DeploymentServiceStub(self._channel)

@@ -35,7 +35,7 @@ from typing import IO, Any
 import grpc
 
 from engine import errors
-from engine.sdk.client import error_from_rpc, resolve_address
+from engine.sdk.client import error_from_rpc, open_channel, resolve_address
 from engine.server.volumes import path_from_proto, volume_from_proto
 from engine.storage.volumes import CHUNK_BYTES, PathInfo, VolumeInfo
 from engine.v1 import sandbox_pb2, volume_pb2_grpc
@@ -76,9 +76,9 @@ class VolumeClient:
     the default socket is used.
     """
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, token: str | None = None) -> None:
         self.address = resolve_address(address)
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = open_channel(self.address, token)
         self.stub = volume_pb2_grpc.VolumeServiceStub(self._channel)
 
     def _call(self, method: str, request: Any) -> Any:

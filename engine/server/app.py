@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
 from engine.server import deployments as deployment_service
 from engine.server import files as file_service
+from engine.server.auth import AuthInterceptor, TokenLookup
 from engine.server.interceptor import ErrorInterceptor
 from engine.server.servicer import SandboxServicer
 from engine.server.volumes import SERVICE_NAME as VOLUME_SERVICE_NAME
@@ -162,14 +163,20 @@ def _bind_tcp(server: grpc.aio.Server, listen: str) -> str:
         raise Unavailable(f"failed to listen on {listen}: {error}") from error
     if port == 0:
         raise Unavailable(f"failed to listen on {listen}")
-    # TODO: require a Bearer token on the TCP listener.
-    logger.warning(
-        "listening on TCP %s:%d without authentication: anyone who can reach this"
-        " port can run code in sandboxes",
+    logger.info(
+        "listening on TCP %s:%d; calls need a bearer token from `engine token create`",
         host,
         port,
     )
     return f"{host}:{port}"
+
+
+def _token_lookup(engine: Engine) -> TokenLookup:
+    def lookup(token: str) -> str | None:
+        tokens = engine.tokens
+        return tokens.workspace_of(token) if tokens is not None else None
+
+    return lookup
 
 
 # Largest request message the daemon accepts, in bytes.
@@ -192,7 +199,8 @@ def create_server(
     if socket_path is None and listen is None:
         raise InvalidArgument("a socket path or a TCP listen address is required")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        # AuthInterceptor runs first, so ErrorInterceptor maps what it lets in.
+        interceptors=[AuthInterceptor(_token_lookup(engine)), ErrorInterceptor()],
         # Above the engine's own 1 MiB limit on argv plus env, so that an
         # oversized exec gets the engine's message naming the field, not
         # gRPC's bare "message larger than max".

@@ -117,13 +117,11 @@ def parse_uuid(value: str, what: str) -> str:
 
 
 class BeamApp:
-    """The routes and the state they share: the Engine and a token cache."""
+    """The routes and the state they share: the Engine and its functions."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.functions = for_engine(engine)
-        # Token hash -> workspace; tokens are never revoked while the daemon runs.
-        self._workspaces: dict[str, str] = {}
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
@@ -203,19 +201,14 @@ class BeamApp:
                 "missing Bearer token: send Authorization: Bearer TOKEN, with a"
                 " token from `engine token create`",
             )
-        from engine.core.deployments import hash_token
-
-        digest = hash_token(token)
-        workspace = self._workspaces.get(digest)
+        tokens = self.engine.tokens
+        workspace = tokens.workspace_of(token) if tokens is not None else None
         if workspace is None:
-            workspace = self.functions.store.token_workspace(token)
-            if workspace is None:
-                raise HttpError(
-                    401,
-                    "Unauthorized",
-                    "invalid token: create one with `engine token create`",
-                )
-            self._workspaces[digest] = workspace
+            raise HttpError(
+                401,
+                "Unauthorized",
+                "invalid token: create one with `engine token create`",
+            )
         return workspace
 
     @staticmethod

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import Sandbox
@@ -102,12 +103,21 @@ def test_socket_path_too_long(data_dir: Path) -> None:
     assert "107 bytes" in result.stderr
 
 
-def test_listen_tcp_with_warning(daemon_factory: Callable[..., Daemon]) -> None:
+def test_listen_tcp_needs_token(
+    daemon_factory: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
     started = daemon_factory("--listen", "127.0.0.1:0")
     match = re.search(r"serving on unix:\S+, (127\.0\.0\.1:\d+)", started.log())
     assert match is not None, started.log()
-    assert "WARNING" in started.log()
-    assert "without authentication" in started.log()
+    assert "need a bearer token" in started.log()
+    created = subprocess.run(
+        [str(ENGINE_BIN), "token", "create", "--data-dir", str(started.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    monkeypatch.setenv("ENGINE_TOKEN", created.stdout.strip())
     with Sandbox(address=match.group(1)).create() as sb:
         assert sb.process.run_code("print('tcp')").stdout == "tcp\n"
 

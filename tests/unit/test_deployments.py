@@ -14,7 +14,6 @@ from engine.core.deployments import (
     DeploymentKind,
     DeploymentSpec,
     DeploymentStore,
-    hash_token,
     package_directory,
 )
 from engine.errors import InvalidArgument, NotFound
@@ -128,17 +127,6 @@ def test_package_symlink_and_garbage_rejected(store: DeploymentStore) -> None:
 def test_spec_rejected(store: DeploymentStore, fields: dict, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         store.create(spec(**fields), PACKAGE)
-
-
-def test_tokens_stored_hashed(store: DeploymentStore) -> None:
-    token = store.create_token("team")
-    assert store.token_workspace(token) == "team"
-    assert store.token_workspace(token + "x") is None
-    assert store.token_workspace("") is None
-    stored = store.db.execute("SELECT hash FROM api_tokens").fetchall()
-    assert stored == [(hash_token(token),)]
-    with pytest.raises(InvalidArgument, match="invalid workspace"):
-        store.create_token("bad workspace")
 
 
 def test_package_directory_skips_caches(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from beam_support import ENGINE_BIN, Beam
 
-from engine.core.deployments import hash_token
+from engine.core.tokens import hash_token
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 

@@ -1,0 +1,63 @@
+"""Workspaces: the tenant that each API call acts for.
+
+Every sandbox, volume, secret, deployment and task belongs to one workspace.
+A gRPC call over TCP acts for the workspace of its bearer token, and one over
+the daemon's unix socket, which only root can open, for the workspace of its
+token if it sends one and for DEFAULT_WORKSPACE otherwise. The HTTP adapter
+always requires a token. Objects of other workspaces are reported as not
+found, so that a caller cannot even learn that an id exists.
+
+The workspace of the running call is a context variable: the servers set it
+around each call, and the Engine reads it. Embedded use never sets it, so it
+acts for DEFAULT_WORKSPACE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Iterator
+
+from engine.errors import InvalidArgument
+
+DEFAULT_WORKSPACE = "default"
+WORKSPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+_current: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "engine_workspace", default=DEFAULT_WORKSPACE
+)
+
+
+def check_workspace(name: str) -> str:
+    """Return ``name`` if it is a valid workspace name, else raise InvalidArgument."""
+    if not isinstance(name, str) or not WORKSPACE_PATTERN.match(name):
+        raise InvalidArgument(
+            f"invalid workspace {name!r}: use 1 to 63 lowercase letters, digits,"
+            " '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def current_workspace() -> str:
+    """Return the workspace that the running call acts for."""
+    return _current.get()
+
+
+def enter_workspace(workspace: str) -> None:
+    """Make ``workspace`` current for the rest of the running task.
+
+    asyncio gives each task a copy of its creator's context, and gRPC runs
+    each call in a task of its own, so the setting ends with the call.
+    """
+    _current.set(check_workspace(workspace))
+
+
+@contextlib.contextmanager
+def acting_for(workspace: str) -> Iterator[None]:
+    """Make ``workspace`` the current workspace inside the ``with`` block."""
+    token = _current.set(check_workspace(workspace))
+    try:
+        yield
+    finally:
+        _current.reset(token)

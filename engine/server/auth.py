@@ -1,0 +1,139 @@
+"""Bearer tokens on the gRPC API, and the workspace each call acts for.
+
+``AuthInterceptor`` runs before every engine.v1 method. A call that sends
+``authorization: Bearer <token>`` metadata acts for the token's workspace, and
+an unknown token is UNAUTHENTICATED on any listener. A call without a token is
+UNAUTHENTICATED on TCP. Over the unix socket, whose mode 0600 admits only
+root, it acts for the default workspace. Health checks and reflection need no
+token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from engine.core.tenancy import DEFAULT_WORKSPACE, enter_workspace
+from engine.errors import Unauthenticated
+from engine.server.interceptor import ERROR_METADATA_KEY, SERVICE_PREFIX
+
+logger = logging.getLogger(__name__)
+
+AUTHORIZATION_KEY = "authorization"
+BEARER_PREFIX = "Bearer "
+
+# Returns the workspace of a token, or None for an unknown one.
+TokenLookup = Callable[[str], str | None]
+
+
+def _bearer_token(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION_KEY:
+            text = value if isinstance(value, str) else value.decode(errors="replace")
+            if not text.startswith(BEARER_PREFIX):
+                raise Unauthenticated(
+                    "invalid authorization metadata: expected 'Bearer <token>'"
+                )
+            return text.removeprefix(BEARER_PREFIX).strip()
+    return None
+
+
+def _is_unix_peer(context: grpc.aio.ServicerContext) -> bool:
+    return (context.peer() or "").startswith("unix:")
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Resolve each engine.v1 call's workspace from its token, or reject the call."""
+
+    def __init__(self, lookup: TokenLookup) -> None:
+        self._lookup = lookup
+
+    def workspace_of(self, context: grpc.aio.ServicerContext) -> str:
+        """Return the workspace the call acts for; raise Unauthenticated if none."""
+        token = _bearer_token(context)
+        if token is None:
+            if _is_unix_peer(context):
+                return DEFAULT_WORKSPACE
+            raise Unauthenticated(
+                "missing bearer token: send 'authorization: Bearer <token>'"
+                " metadata, with a token from `engine token create`"
+            )
+        workspace = self._lookup(token)
+        if workspace is None:
+            raise Unauthenticated(
+                "invalid bearer token; create one with `engine token create`"
+            )
+        return workspace
+
+    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            enter_workspace(self.workspace_of(context))
+        except Unauthenticated as error:
+            logger.info("%s from %s rejected: %s", method, context.peer(), error)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                str(error),
+                trailing_metadata=((ERROR_METADATA_KEY, "Unauthenticated"),),
+            )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        name = method.removeprefix(SERVICE_PREFIX).replace("/", ".")
+        authorize = self._authorize
+        options = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await authorize(name, context)
+                return await unary_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **options)
+        if handler.unary_stream is not None:
+            unary_stream = handler.unary_stream
+
+            async def server_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                await authorize(name, context)
+                async for response in unary_stream(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(server_stream, **options)
+        if handler.stream_unary is not None:
+            stream_unary = handler.stream_unary
+
+            async def client_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> Any:
+                await authorize(name, context)
+                return await stream_unary(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(client_stream, **options)
+        if handler.stream_stream is not None:
+            stream_stream = handler.stream_stream
+
+            async def bidi_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                await authorize(name, context)
+                async for response in stream_stream(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(bidi_stream, **options)
+        return handler
