@@ -98,8 +98,9 @@ def register(
     )
     deploy.add_argument(
         "--workspace",
-        default=DEFAULT_WORKSPACE,
-        help=f"workspace of the deployment (default: {DEFAULT_WORKSPACE})",
+        default="",
+        help="workspace of the deployment (default: the token's workspace, or"
+        f" {DEFAULT_WORKSPACE!r} over the unix socket without a token)",
     )
     deploy.add_argument("--json", action="store_true", help="print JSON")
     deploy.set_defaults(func=deploy_command)
@@ -109,7 +110,12 @@ def register(
     )
     commands = group.add_subparsers(dest="deployment_command", required=True)
     ls = commands.add_parser("ls", parents=[common], help="list deployments")
-    ls.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+    ls.add_argument(
+        "--workspace",
+        default="",
+        help="workspace to list (default: the token's, or"
+        f" {DEFAULT_WORKSPACE!r} over the unix socket without a token)",
+    )
     ls.add_argument("--name", default="", help="only this name")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=ls_command)

@@ -75,7 +75,8 @@ class DeploymentSpec:
     callback_url: str = ""
     max_pending: int = 0
     traceback: bool = False
-    workspace: str = DEFAULT_WORKSPACE
+    # Empty means the workspace of the call that deploys it.
+    workspace: str = ""
     outputs_expire: float = 3600.0
 
     def resolved(self) -> DeploymentSpec:

@@ -47,6 +47,7 @@ from engine.core.models import (
 from engine.core.output import OutputBudget, OutputBuffer, OutputRate
 from engine.core.pool import SupervisorPool
 from engine.core.store import Store
+from engine.core.tenancy import current_workspace
 from engine.core.tokens import TokenStore
 from engine.errors import (
     EngineError,
@@ -319,6 +320,7 @@ class Engine:
             created_at=now,
             terminated_at=None,
             last_activity_at=now,
+            workspace=current_workspace(),
         )
         sandbox = _Sandbox(info=info, directory=self.config.sandboxes_dir / sandbox_id)
         self.sandboxes[sandbox_id] = sandbox
@@ -426,8 +428,9 @@ class Engine:
             )
 
     def _get(self, sandbox_id: str) -> _Sandbox:
+        """Return the sandbox, if it belongs to the current workspace."""
         sandbox = self.sandboxes.get(sandbox_id)
-        if sandbox is None:
+        if sandbox is None or sandbox.info.workspace != current_workspace():
             raise NotFound(f"sandbox {validation.shorten(sandbox_id)} not found")
         return sandbox
 
@@ -459,8 +462,11 @@ class Engine:
         name: str | None = None,
     ) -> list[SandboxInfo]:
         result = []
+        workspace = current_workspace()
         for sandbox in self.sandboxes.values():
             info = sandbox.info
+            if info.workspace != workspace:
+                continue
             if state is not None and info.state != state:
                 continue
             if name and info.spec.name != name:

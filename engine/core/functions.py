@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import struct
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.core.deployments import (
     Deployment,
@@ -37,6 +38,7 @@ from engine.core.deployments import (
     check_spec,
 )
 from engine.core.models import SandboxSpec, Stream
+from engine.core.tenancy import acting_for
 from engine.errors import (
     DeadlineExceeded,
     EngineError,
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from engine.core.engine import Engine
     from engine.core.tasks import TaskQueues
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 RUNNER_SOURCE = (Path(__file__).parent / "function_runner.py").read_text()
@@ -92,6 +95,19 @@ class CallResult:
     outputs: list[dict[str, Any]]
 
 
+def _in_deployment_workspace(
+    method: Callable[..., Coroutine[Any, Any, T]],
+) -> Callable[..., Coroutine[Any, Any, T]]:
+    """Run a Container method as its deployment's workspace, which owns the sandbox."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Container, *args: Any, **kwargs: Any) -> T:
+        with acting_for(self.deployment.spec.workspace):
+            return await method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Container:
     """One sandbox with a runner that has imported the function's module."""
 
@@ -106,6 +122,7 @@ class Container:
         self._terminator: asyncio.Task[None] | None = None
         self.expiry: asyncio.TimerHandle | None = None
 
+    @_in_deployment_workspace
     async def start(self, package: bytes) -> None:
         """Create the sandbox, start the runner and wait until it is ready."""
         spec = self.deployment.spec
@@ -159,6 +176,7 @@ class Container:
             self.sandbox_id,
         )
 
+    @_in_deployment_workspace
     async def _read_frames(self) -> None:
         buffer = bytearray()
         try:
@@ -197,6 +215,7 @@ class Container:
                     self._terminate_quietly()
                 )
 
+    @_in_deployment_workspace
     async def _terminate_quietly(self) -> None:
         with contextlib.suppress(EngineError):
             await self.engine.terminate_sandbox(self.sandbox_id)
@@ -211,6 +230,7 @@ class Container:
             )
         return frame
 
+    @_in_deployment_workspace
     async def _stderr(self) -> str:
         with contextlib.suppress(EngineError):
             async for chunk in self.engine.read_output(
@@ -220,6 +240,7 @@ class Container:
                 return text[-STDERR_TAIL_CHARS:] or "no output on stderr"
         return "no output on stderr"
 
+    @_in_deployment_workspace
     async def call(
         self, kwargs: dict[str, Any], timeout: float, outputs: str | None = None
     ) -> CallResult:
@@ -246,6 +267,7 @@ class Container:
             )
         return CallResult(frame.get("result"), frame.get("outputs") or [])
 
+    @_in_deployment_workspace
     async def stop(self) -> None:
         """Terminate the sandbox; safe to call more than once."""
         self.alive = False

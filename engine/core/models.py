@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.core.tenancy import DEFAULT_WORKSPACE
+
 # A sandbox that sees no exec, stdin or file operation for this many seconds
 # is terminated, unless its ttl is 0 or negative.
 DEFAULT_TTL_SECONDS = 600.0
@@ -103,6 +105,8 @@ class SandboxInfo:
     # Seconds since the epoch of the last exec, stdin or file operation.
     last_activity_at: float
     error: str = ""
+    # The tenant that created the sandbox; see engine.core.tenancy.
+    workspace: str = DEFAULT_WORKSPACE
 
     @property
     def name(self) -> str:

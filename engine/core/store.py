@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     error TEXT NOT NULL,
     created_at REAL NOT NULL,
     terminated_at REAL,
-    last_activity_at REAL NOT NULL
+    last_activity_at REAL NOT NULL,
+    workspace TEXT NOT NULL DEFAULT 'default'
 );
 CREATE TABLE IF NOT EXISTS processes (
     sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
@@ -55,6 +56,16 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Add the columns that databases of older engine versions lack."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(sandboxes)")}
+        if "workspace" not in columns:
+            self.db.execute(
+                "ALTER TABLE sandboxes ADD COLUMN"
+                " workspace TEXT NOT NULL DEFAULT 'default'"
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -62,7 +73,7 @@ class Store:
     def put_sandbox(self, info: SandboxInfo) -> None:
         spec = json.dumps(dataclasses.asdict(info.spec))
         self.db.execute(
-            "INSERT OR REPLACE INTO sandboxes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO sandboxes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 info.sandbox_id,
                 info.spec.name,
@@ -73,6 +84,7 @@ class Store:
                 info.created_at,
                 info.terminated_at,
                 info.last_activity_at,
+                info.workspace,
             ),
         )
 
@@ -101,6 +113,7 @@ class Store:
             created_at=row[6],
             terminated_at=row[7],
             last_activity_at=row[8],
+            workspace=row[9],
         )
 
     def put_process(self, sandbox_id: str, info: ProcessInfo) -> None:

@@ -19,13 +19,18 @@ import contextvars
 import re
 from collections.abc import Iterator
 
-from engine.errors import InvalidArgument
+from engine.errors import InvalidArgument, PermissionDenied
 
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar(
     "engine_workspace", default=DEFAULT_WORKSPACE
+)
+# Whether the call comes from the host's root without a token, who may name
+# any workspace in requests that have a workspace field.
+_local_admin: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "engine_local_admin", default=True
 )
 
 
@@ -44,13 +49,37 @@ def current_workspace() -> str:
     return _current.get()
 
 
-def enter_workspace(workspace: str) -> None:
+def enter_workspace(workspace: str, *, local_admin: bool = False) -> None:
     """Make ``workspace`` current for the rest of the running task.
 
     asyncio gives each task a copy of its creator's context, and gRPC runs
     each call in a task of its own, so the setting ends with the call.
     """
     _current.set(check_workspace(workspace))
+    _local_admin.set(local_admin)
+
+
+def is_local_admin() -> bool:
+    """Return whether the running call is the host's root without a token."""
+    return _local_admin.get()
+
+
+def requested_workspace(requested: str) -> str:
+    """Return the workspace a request names, or the current one if it names none.
+
+    Raises PermissionDenied when a caller with a token names another
+    workspace than its token's.
+    """
+    current = _current.get()
+    if not requested or requested == current:
+        return current
+    check_workspace(requested)
+    if _local_admin.get():
+        return requested
+    raise PermissionDenied(
+        f"the token acts for workspace {current!r}, not {requested!r}; use a"
+        f" token of workspace {requested!r}"
+    )
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import grpc
 
 from engine import errors
 from engine.core.deployments import (
-    DEFAULT_WORKSPACE,
     Deployment,
     DeploymentKind,
     DeploymentSpec,
@@ -86,9 +85,7 @@ class DeploymentClient:
         request = pb.DeployRequest(spec=spec_to_proto(spec), package=package)
         return self._from_proto(self._call("Deploy", request).deployment)
 
-    def list(
-        self, workspace: str = DEFAULT_WORKSPACE, name: str = ""
-    ) -> list[Deployment]:
+    def list(self, workspace: str = "", name: str = "") -> list[Deployment]:
         request = pb.DeploymentListRequest(workspace=workspace, name=name)
         return [self._from_proto(d) for d in self._call("List", request).deployments]
 
@@ -161,7 +158,7 @@ def endpoint(
     workers: int = 1,
     max_pending: int = 0,
     traceback: bool = False,
-    workspace: str = DEFAULT_WORKSPACE,
+    workspace: str = "",
 ) -> Callable[[Callable[..., Any]], DeployableFunction]:
     """Mark a function as a synchronous HTTP endpoint, as Beam's ``@endpoint``.
 
@@ -197,7 +194,7 @@ def task_queue(
     callback_url: str = "",
     max_pending: int = 0,
     traceback: bool = False,
-    workspace: str = DEFAULT_WORKSPACE,
+    workspace: str = "",
 ) -> Callable[[Callable[..., Any]], DeployableFunction]:
     """Mark a function as an asynchronous task queue, as Beam's ``@task_queue``."""
     return _decorator(

@@ -51,12 +51,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, lookup: TokenLookup) -> None:
         self._lookup = lookup
 
-    def workspace_of(self, context: grpc.aio.ServicerContext) -> str:
-        """Return the workspace the call acts for; raise Unauthenticated if none."""
+    def workspace_of(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+        """Return the call's workspace and whether it is the local admin's.
+
+        Raises Unauthenticated for a missing or unknown token.
+        """
         token = _bearer_token(context)
         if token is None:
             if _is_unix_peer(context):
-                return DEFAULT_WORKSPACE
+                return DEFAULT_WORKSPACE, True
             raise Unauthenticated(
                 "missing bearer token: send 'authorization: Bearer <token>'"
                 " metadata, with a token from `engine token create`"
@@ -66,11 +69,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise Unauthenticated(
                 "invalid bearer token; create one with `engine token create`"
             )
-        return workspace
+        return workspace, False
 
     async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
         try:
-            enter_workspace(self.workspace_of(context))
+            workspace, local_admin = self.workspace_of(context)
         except Unauthenticated as error:
             logger.info("%s from %s rejected: %s", method, context.peer(), error)
             await context.abort(
@@ -78,6 +81,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 str(error),
                 trailing_metadata=((ERROR_METADATA_KEY, "Unauthenticated"),),
             )
+        enter_workspace(workspace, local_admin=local_admin)
 
     async def intercept_service(
         self,

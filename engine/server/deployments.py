@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from engine.core.deployments import (
-    DEFAULT_WORKSPACE,
     Deployment,
     DeploymentKind,
     DeploymentSpec,
 )
 from engine.core.functions import for_engine
+from engine.core.tenancy import current_workspace, is_local_admin, requested_workspace
 from engine.errors import InvalidArgument
 from engine.server.convert import timestamp_from_proto, timestamp_to_proto
 from engine.v1 import deployment_pb2 as pb
@@ -79,7 +79,7 @@ def spec_from_proto(message: pb.DeploymentSpec) -> DeploymentSpec:
         callback_url=message.callback_url,
         max_pending=message.max_pending,
         traceback=message.traceback,
-        workspace=message.workspace or DEFAULT_WORKSPACE,
+        workspace=requested_workspace(message.workspace),
         outputs_expire=message.outputs_expire_seconds,
     )
 
@@ -104,6 +104,11 @@ def deployment_from_proto(message: pb.Deployment) -> Deployment:
     )
 
 
+def _id_scope() -> str | None:
+    """Return the workspace that ids resolve in; None lets the local admin see all."""
+    return None if is_local_admin() else current_workspace()
+
+
 class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -121,7 +126,7 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
         self, request: pb.DeploymentListRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeploymentListResponse:
         store = for_engine(self._engine).store
-        deployments = store.list(request.workspace or DEFAULT_WORKSPACE, request.name)
+        deployments = store.list(requested_workspace(request.workspace), request.name)
         return pb.DeploymentListResponse(
             deployments=[deployment_to_proto(d) for d in deployments]
         )
@@ -129,13 +134,13 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
     async def Get(
         self, request: pb.DeploymentGetRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeploymentGetResponse:
-        deployment = for_engine(self._engine).store.get(request.id)
+        deployment = for_engine(self._engine).store.get(request.id, _id_scope())
         return pb.DeploymentGetResponse(deployment=deployment_to_proto(deployment))
 
     async def Delete(
         self, request: pb.DeploymentDeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeploymentDeleteResponse:
-        await for_engine(self._engine).delete(request.id)
+        await for_engine(self._engine).delete(request.id, _id_scope())
         return pb.DeploymentDeleteResponse()
 
 
