@@ -26,6 +26,7 @@ _EXPORTS = {
     "ProcessStatus": "engine.sdk.sandbox",
     "Volume": "engine.sdk.volumes",
     "VolumeClient": "engine.sdk.volumes",
+    "SecretClient": "engine.sdk.secrets",
     "EmbeddedEngine": "engine.sdk.embedded",
     "AsyncSandbox": "engine.sdk.aio",
     "FileInfo": "engine.core.files",

@@ -41,6 +41,7 @@ from engine.core.models import (
 )
 from engine.core.output import OutputBudget, OutputBuffer
 from engine.core.pool import SupervisorPool
+from engine.core.secrets import SecretInfo, SecretStore
 from engine.core.store import Store
 from engine.errors import (
     EngineError,
@@ -123,6 +124,9 @@ class _Sandbox:
     output: OutputBudget = field(
         default_factory=lambda: OutputBudget(DEFAULT_SANDBOX_OUTPUT_BYTES)
     )
+    # Values of spec.secrets, looked up at creation. Kept in memory only, and
+    # out of repr so that no log line can show them.
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class Engine:
@@ -141,6 +145,7 @@ class Engine:
         self._volume_users: dict[str, set[str]] = {}
         self.spawner = Spawner()
         self.store: Store | None = None
+        self.secrets: SecretStore | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
         self.pool: SupervisorPool | None = None
@@ -168,6 +173,7 @@ class Engine:
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
+        self.secrets = SecretStore(self.store.db)
         self._sweep()
         await self.spawner.start()
         self.pool = SupervisorPool(
@@ -256,6 +262,7 @@ class Engine:
         if self.store is not None:
             self.store.close()
             self.store = None
+            self.secrets = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -274,6 +281,8 @@ class Engine:
         """Create a sandbox and return once it is RUNNING."""
         self._check_started()
         validation.check_spec(spec)
+        # Before anything exists, so that an unknown name leaves nothing behind.
+        secret_env = self._resolve_secrets(spec.secrets)
         image = self._resolve_image(spec.image)
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         now = time.time()
@@ -286,7 +295,11 @@ class Engine:
             terminated_at=None,
             last_activity_at=now,
         )
-        sandbox = _Sandbox(info=info, directory=self.config.sandboxes_dir / sandbox_id)
+        sandbox = _Sandbox(
+            info=info,
+            directory=self.config.sandboxes_dir / sandbox_id,
+            secret_env=secret_env,
+        )
         self.sandboxes[sandbox_id] = sandbox
         try:
             await self._start_sandbox(sandbox, image)
@@ -543,6 +556,37 @@ class Engine:
                     expire = self._terminate(sandbox, TerminationReason.TTL)
                     self._background(expire)
 
+    # Secrets.
+
+    def _resolve_secrets(self, names: tuple[str, ...]) -> dict[str, str]:
+        if not names:
+            return {}
+        self._check_started()
+        assert self.secrets is not None
+        return self.secrets.resolve(names)
+
+    async def create_secret(
+        self, name: str, value: str, *, overwrite: bool = False
+    ) -> tuple[SecretInfo, bool]:
+        """Store secret ``name``; return it and whether this call created it."""
+        self._check_started()
+        assert self.secrets is not None
+        info, created = self.secrets.create(name, value, overwrite=overwrite)
+        log.info("secret %s %s", name, "created" if created else "replaced")
+        return info, created
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        """Return every secret's name and times, never a value."""
+        self._check_started()
+        assert self.secrets is not None
+        return self.secrets.list()
+
+    async def delete_secret(self, name: str) -> None:
+        self._check_started()
+        assert self.secrets is not None
+        self.secrets.delete(name)
+        log.info("secret %s deleted", name)
+
     async def stats(self, sandbox_id: str) -> SandboxStats:
         sandbox = self._get_running(sandbox_id)
         assert sandbox.cgroup is not None
@@ -628,13 +672,21 @@ class Engine:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        secrets: tuple[str, ...] | list[str] = (),
     ) -> ProcessInfo:
-        """Start ``argv`` in the sandbox (no shell) and return once it runs."""
+        """Start ``argv`` in the sandbox (no shell) and return once it runs.
+
+        The environment is, from lowest to highest precedence: the engine's
+        defaults, the spec's env, the sandbox's secrets, ``env``, and the
+        values of the secrets named in ``secrets``.
+        """
         sandbox = self._get_running(sandbox_id)
         spec = sandbox.info.spec
         cwd = cwd or spec.workdir
         env = env or {}
         validation.check_exec(argv, cwd, env, timeout)
+        secret_names = validation.check_secret_names("secrets", secrets)
+        exec_secrets = self._resolve_secrets(secret_names)
         full_env = {
             "PATH": DEFAULT_PATH,
             "HOME": "/root",
@@ -642,7 +694,10 @@ class Engine:
             "LANG": "C.UTF-8",
         }
         full_env.update(spec.env)
+        full_env.update(sandbox.secret_env)
         full_env.update(env)
+        full_env.update(exec_secrets)
+        validation.check_exec_size(argv, full_env)
         self._touch(sandbox)
         assert sandbox.supervisor is not None and sandbox.cgroup is not None
         try:

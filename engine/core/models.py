@@ -90,6 +90,9 @@ class SandboxSpec:
     ttl: float = DEFAULT_TTL_SECONDS
     nofile: int = DEFAULT_NOFILE
     volumes: tuple[VolumeMount, ...] = ()
+    # Names of secrets set as environment variables of every process; the
+    # values never enter the spec.
+    secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import posixpath
 import re
 
 from engine.core.models import SandboxSpec, VolumeMount
+from engine.core.secrets import check_names as check_secret_names
 from engine.errors import InvalidArgument
 from engine.storage.volumes import check_name as check_volume_name
 
@@ -83,6 +84,7 @@ def check_spec(spec: SandboxSpec) -> None:
         )
     check_env(spec.env)
     check_volumes(spec.volumes)
+    check_secret_names("secrets", spec.secrets)
     if len(spec.labels) > MAX_LABELS:
         raise InvalidArgument(
             f"{len(spec.labels)} labels given; the maximum is {MAX_LABELS}"
@@ -161,6 +163,17 @@ def check_env(env: dict[str, str]) -> None:
         _check_text(f"env {key}", value)
 
 
+def check_exec_size(argv: list[str], env: dict[str, str]) -> None:
+    """Raise InvalidArgument when argv plus env exceed MAX_EXEC_BYTES."""
+    size = sum(len(arg.encode()) + 1 for arg in argv)
+    size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise InvalidArgument(
+            f"argv and env are {size} bytes; the limit is {MAX_EXEC_BYTES} bytes. "
+            "Pass large data through stdin or a file instead"
+        )
+
+
 def check_exec(
     argv: list[str], cwd: str, env: dict[str, str], timeout: float | None
 ) -> None:
@@ -177,13 +190,7 @@ def check_exec(
         raise InvalidArgument(f"cwd {shorten(cwd)} must be an absolute path")
     _check_text("cwd", cwd)
     check_env(env)
-    size = sum(len(arg.encode()) + 1 for arg in argv)
-    size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
-    if size > MAX_EXEC_BYTES:
-        raise InvalidArgument(
-            f"argv and env are {size} bytes; the limit is {MAX_EXEC_BYTES} bytes. "
-            "Pass large data through stdin or a file instead"
-        )
+    check_exec_size(argv, env)
     if timeout is not None and (math.isnan(timeout) or timeout < 0):
         raise InvalidArgument(
             f"timeout {timeout!r} must be 0 or more seconds (0: no timeout)"

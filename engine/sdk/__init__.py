@@ -21,6 +21,7 @@ _EXPORTS = {
     "parse_memory": "engine.sdk.sandbox",
     "Volume": "engine.sdk.volumes",
     "VolumeClient": "engine.sdk.volumes",
+    "SecretClient": "engine.sdk.secrets",
     "EmbeddedEngine": "engine.sdk.embedded",
     "AsyncSandbox": "engine.sdk.aio",
 }

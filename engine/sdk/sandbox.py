@@ -76,6 +76,18 @@ def parse_memory(value: int | str | None) -> int | None:
     return int(mib)
 
 
+def _secret_names(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Return secret names as a list, rejecting a bare string early."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        raise errors.InvalidArgument(
+            f"invalid secrets {names!r}: expected a list of secret names, such as"
+            f" [{names!r}]"
+        )
+    return list(names)
+
+
 @dataclass(frozen=True)
 class ProcessStatus:
     """State of a process. ``exit_code`` is None while it runs."""
@@ -292,12 +304,14 @@ class SandboxProcessManager:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        secrets: list[str] | None = None,
     ) -> SandboxProcess:
         """Start ``args`` in the sandbox and return once it runs.
 
         ``timeout`` is in seconds: after it, the engine kills the process group
         and reports ExitReason.TIMEOUT with exit code 137. Without ``stdin``,
-        the process reads /dev/null.
+        the process reads /dev/null. ``secrets`` names secrets that become
+        environment variables of this process only.
         """
         if len(args) == 1 and isinstance(args[0], list | tuple):
             argv = list(args[0])
@@ -309,6 +323,7 @@ class SandboxProcessManager:
             cwd=cwd or "",
             env=env or {},
             stdin=stdin,
+            secrets=_secret_names(secrets),
         )
         if timeout is not None:
             request.timeout_seconds = timeout
@@ -419,6 +434,8 @@ class Sandbox:
     pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
     "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
     ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
+    ``secrets`` names secrets (``engine.sdk.secrets.SecretClient``) that become
+    environment variables of every process.
     """
 
     def __init__(
@@ -435,6 +452,7 @@ class Sandbox:
         ttl: float | None = None,
         address: str | None = None,
         volumes: list[Volume] | None = None,
+        secrets: list[str] | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
@@ -446,6 +464,7 @@ class Sandbox:
         self.labels = dict(labels or {})
         self.ttl = ttl
         self.volumes = check_volumes(volumes or [])
+        self.secrets = _secret_names(secrets)
         self.address = address
 
     def spec_proto(self) -> pb.SandboxSpec:
@@ -456,6 +475,7 @@ class Sandbox:
             name=self.name,
             labels=self.labels,
             volumes=[volume.to_proto() for volume in self.volumes],
+            secrets=self.secrets,
         )
         optional: dict[str, Any] = {
             "cpu": self.cpu,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine.core import secrets
 from engine.core.models import DEFAULT_TTL_SECONDS, SandboxSpec, Stream, VolumeMount
 from engine.errors import InvalidArgument
 from engine.server.convert import STREAMS_FROM_PROTO
@@ -139,7 +141,15 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=ttl,
         nofile=nofile,
         volumes=tuple(volumes),
+        secrets=check_secret_names("spec.secrets", message.secrets),
     )
+
+
+def check_secret_names(field: str, names: Iterable[str]) -> tuple[str, ...]:
+    """Check the secret names of a request and drop repeated ones."""
+    for index, name in enumerate(names):
+        check_text(f"{field}[{index}]", name)
+    return secrets.check_names(field, names)
 
 
 def check_ttl(field: str, value: float) -> float:
@@ -158,6 +168,7 @@ class ExecArguments:
     env: dict[str, str]
     timeout: float | None
     stdin: bool
+    secrets: tuple[str, ...] = ()
 
 
 def exec_from_request(request: pb.ExecRequest) -> ExecArguments:
@@ -187,6 +198,7 @@ def exec_from_request(request: pb.ExecRequest) -> ExecArguments:
         env=check_env("env", dict(request.env)),
         timeout=timeout,
         stdin=request.stdin,
+        secrets=check_secret_names("secrets", request.secrets),
     )
 
 

@@ -70,7 +70,7 @@ STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes")
+    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes", "secrets")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class SandboxSpec(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOFILE_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
     image: str
     cpu: float
     memory_mib: int
@@ -107,7 +108,8 @@ class SandboxSpec(_message.Message):
     ttl_seconds: float
     nofile: int
     volumes: _containers.RepeatedCompositeFieldContainer[VolumeMount]
-    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ...) -> None: ...
+    secrets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ..., secrets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VolumeMount(_message.Message):
     __slots__ = ("name", "mount_path", "read_only")
@@ -251,7 +253,7 @@ class UpdateTTLResponse(_message.Message):
     def __init__(self, sandbox: _Optional[_Union[Sandbox, _Mapping]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin")
+    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "secrets")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,13 +267,15 @@ class ExecRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
     env: _containers.ScalarMap[str, str]
     timeout_seconds: float
     stdin: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    secrets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., secrets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecStarted(_message.Message):
     __slots__ = ("pid",)
