@@ -27,6 +27,8 @@ _EXPORTS = {
     "Volume": "engine.sdk.volumes",
     "VolumeClient": "engine.sdk.volumes",
     "SecretClient": "engine.sdk.secrets",
+    "CloudBucket": "engine.sdk.sandbox",
+    "CloudBucketConfig": "engine.sdk.sandbox",
     "EmbeddedEngine": "engine.sdk.embedded",
     "AsyncSandbox": "engine.sdk.aio",
     "FileInfo": "engine.core.files",

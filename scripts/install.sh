@@ -10,7 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(libseccomp2 debootstrap python3-venv bubblewrap runc)
+# fuse3 brings libfuse3, which mfusepy loads for fsspec volumes and bucket mounts.
+packages=(libseccomp2 debootstrap python3-venv bubblewrap runc fuse3)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

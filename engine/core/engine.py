@@ -28,6 +28,7 @@ from engine.core.files import SandboxFiles
 from engine.core.models import (
     DEFAULT_OUTPUT_BUFFER_BYTES,
     DEFAULT_SANDBOX_OUTPUT_BYTES,
+    CloudBucketConfig,
     ExitReason,
     OutputChunk,
     ProcessInfo,
@@ -54,6 +55,8 @@ from engine.errors import (
 )
 from engine.runtime import cgroups
 from engine.runtime.spawner import Spawner, SupervisorClient
+from engine.storage import fuse
+from engine.storage.fuse import FuseManager, MountConfig, S3Options
 from engine.storage.images import Image, ImageStore
 from engine.storage.trees import remove_tree
 from engine.storage.volumes import VolumeInfo, VolumeStore
@@ -127,6 +130,10 @@ class _Sandbox:
     # Values of spec.secrets, looked up at creation. Kept in memory only, and
     # out of repr so that no log line can show them.
     secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # Access and secret key of each of spec.cloud_buckets, in order.
+    bucket_keys: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    # Names of the FUSE servers of the sandbox's bucket mounts.
+    fuse_servers: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -143,6 +150,11 @@ class Engine:
         self.volumes = VolumeStore(config.data_dir, config.uid_base)
         # Volume name -> ids of the PENDING or RUNNING sandboxes that mount it.
         self._volume_users: dict[str, set[str]] = {}
+        # FUSE servers of fsspec volumes (one per volume, started on first
+        # mount and kept until the volume is deleted or the engine stops) and
+        # of bucket mounts (one per mount and sandbox).
+        self.fuse = FuseManager(config.data_dir, config.uid_base)
+        self._fuse_locks: dict[str, asyncio.Lock] = {}
         self.spawner = Spawner()
         self.store: Store | None = None
         self.secrets: SecretStore | None = None
@@ -170,6 +182,8 @@ class Engine:
         self._lock_data_dir()
         # After the lock: it removes what an interrupted create or delete left.
         self.volumes.prepare()
+        # Before the pool forks supervisors: see FuseManager.prepare.
+        self.fuse.prepare()
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
@@ -255,6 +269,7 @@ class Engine:
         )
         if self.pool is not None:
             await self.pool.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.fuse.stop_all)
         await self.spawner.close()
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
@@ -283,6 +298,8 @@ class Engine:
         validation.check_spec(spec)
         # Before anything exists, so that an unknown name leaves nothing behind.
         secret_env = self._resolve_secrets(spec.secrets)
+        bucket_keys = [self._bucket_keys(mount.config) for mount in spec.cloud_buckets]
+        self._check_volume_backends(spec)
         image = self._resolve_image(spec.image)
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         now = time.time()
@@ -299,6 +316,7 @@ class Engine:
             info=info,
             directory=self.config.sandboxes_dir / sandbox_id,
             secret_env=secret_env,
+            bucket_keys=bucket_keys,
         )
         self.sandboxes[sandbox_id] = sandbox
         try:
@@ -364,7 +382,7 @@ class Engine:
                 "work": str(directory / "work"),
                 "binds": [list(pair) for pair in image.binds],
             },
-            "volumes": self._acquire_volumes(sandbox),
+            "volumes": await self._mounts(sandbox),
         }
         assert self.pool is not None
         slot = await self.pool.take()
@@ -529,6 +547,9 @@ class Engine:
                 log.error(
                     "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
                 )
+        # No process of the sandbox is left to use its bucket mounts.
+        for name in sandbox.fuse_servers:
+            await loop.run_in_executor(None, self.fuse.stop, name)
         await loop.run_in_executor(None, remove_tree, sandbox.directory)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
@@ -616,7 +637,7 @@ class Engine:
         )
         for mount in ordered:
             self._volume_users.setdefault(mount.name, set()).add(sandbox_id)
-            _, created = self.volumes.create(mount.name)
+            info, created = self.volumes.create(mount.name)
             if created:
                 log.info("sandbox %s: created volume %s", sandbox_id, mount.name)
             mounts.append(
@@ -624,18 +645,131 @@ class Engine:
                     "source": str(self.volumes.data_path(mount.name)),
                     "target": mount.mount_path,
                     "read_only": mount.read_only,
+                    "volume": mount.name,
+                    "url": info.url,
                 }
             )
         return mounts
+
+    async def _mounts(self, sandbox: _Sandbox) -> list[dict[str, object]]:
+        """Return the volume and bucket mounts, parents first, with FUSE running."""
+        mounts = self._acquire_volumes(sandbox)
+        for mount in mounts:
+            url = mount.pop("url")
+            if url:
+                mount["source"] = await self._volume_server(str(mount["volume"]))
+            mount.pop("volume")
+        spec = sandbox.info.spec
+        loop = asyncio.get_running_loop()
+        for index, bucket in enumerate(spec.cloud_buckets):
+            name = f"{sandbox.info.sandbox_id}-bucket{index}"
+            access_key, secret_key = sandbox.bucket_keys[index]
+            prefix = fuse.check_key_prefix(bucket.config.key_prefix or "")
+            config = MountConfig(
+                url=f"s3://{bucket.name}/{prefix}" if prefix else f"s3://{bucket.name}",
+                mountpoint="",
+                cache_dir="",
+                uid=self.config.uid_base,
+                gid=self.config.uid_base,
+                read_only=bucket.config.read_only,
+                s3=_s3_options(bucket.config, access_key, secret_key),
+                fsname=f"engine-bucket-{bucket.name}",
+            )
+            sandbox.fuse_servers.append(name)
+            try:
+                server = await loop.run_in_executor(None, self.fuse.start, name, config)
+            except FailedPrecondition as error:
+                raise FailedPrecondition(
+                    f"cloud bucket {bucket.name!r} at {bucket.mount_path}: {error}"
+                ) from None
+            mounts.append(
+                {
+                    "source": str(server.mountpoint),
+                    "target": bucket.mount_path,
+                    "read_only": bucket.config.read_only,
+                }
+            )
+        return sorted(mounts, key=lambda mount: str(mount["target"]).count("/"))
+
+    async def _volume_server(self, name: str) -> str:
+        """Start volume ``name``'s FUSE server unless it runs; return its mount."""
+        server_name = f"volume-{name}"
+        lock = self._fuse_locks.setdefault(server_name, asyncio.Lock())
+        async with lock:
+            server = self.fuse.servers.get(server_name)
+            if server is not None and server.process.poll() is None:
+                return str(server.mountpoint)
+            loop = asyncio.get_running_loop()
+            if server is not None:
+                log.warning("FUSE server of volume %s exited; starting a new one", name)
+                await loop.run_in_executor(None, self.fuse.stop, server_name)
+            fields = self.volumes.metadata(name)
+            settings = CloudBucketConfig(**dict(fields.get("s3") or {}))  # type: ignore[arg-type]
+            access_key, secret_key = self._bucket_keys(settings)
+            config = MountConfig(
+                url=str(fields["url"]),
+                mountpoint="",
+                cache_dir="",
+                uid=self.config.uid_base,
+                gid=self.config.uid_base,
+                s3=_s3_options(settings, access_key, secret_key),
+                fsname=f"engine-volume-{name}",
+            )
+            try:
+                server = await loop.run_in_executor(
+                    None, self.fuse.start, server_name, config
+                )
+            except FailedPrecondition as error:
+                raise FailedPrecondition(f"volume {name!r}: {error}") from None
+            return str(server.mountpoint)
+
+    def _bucket_keys(self, config: CloudBucketConfig) -> tuple[str, str]:
+        """Look up the access and secret key that ``config`` names, or ("", "")."""
+        if not config.access_key:
+            return "", ""
+        values = self._resolve_secrets((config.access_key, config.secret_key))
+        return values[config.access_key], values[config.secret_key]
+
+    def _check_volume_backends(self, spec: SandboxSpec) -> None:
+        """Raise NotFound for an fsspec volume that names a missing secret."""
+        for mount in spec.volumes:
+            with contextlib.suppress(NotFound):
+                fields = self.volumes.metadata(mount.name)
+                if fields.get("url"):
+                    settings = dict(fields.get("s3") or {})
+                    self._bucket_keys(CloudBucketConfig(**settings))  # type: ignore[arg-type]
 
     def _with_users(self, info: VolumeInfo) -> VolumeInfo:
         users = tuple(sorted(self._volume_users.get(info.name, ())))
         return replace(info, sandbox_ids=users)
 
-    async def create_volume(self, name: str) -> tuple[VolumeInfo, bool]:
-        """Create volume ``name`` unless it exists; return it and whether it is new."""
+    async def create_volume(
+        self, name: str, url: str = "", s3: CloudBucketConfig | None = None
+    ) -> tuple[VolumeInfo, bool]:
+        """Create volume ``name`` unless it exists; return it and whether it is new.
+
+        ``url`` is an fsspec URL (s3:// or memory://) for a FUSE-backed volume,
+        with ``s3`` the connection settings of an s3:// URL.
+        """
         self._check_started()
-        info, created = self.volumes.create(name)
+        settings = s3 or CloudBucketConfig()
+        if url:
+            protocol, _ = fuse.parse_url(url)
+            validation.check_volume_backend(protocol, settings)
+            # Fails now, with NotFound, rather than at the first mount.
+            self._bucket_keys(settings)
+        elif settings != CloudBucketConfig():
+            raise InvalidArgument(
+                f"volume {name!r}: s3 settings need an s3:// url; pass url too"
+            )
+        s3_fields = {
+            "endpoint": settings.endpoint,
+            "region": settings.region,
+            "access_key": settings.access_key,
+            "secret_key": settings.secret_key,
+            "force_path_style": settings.force_path_style,
+        }
+        info, created = self.volumes.create(name, url, s3_fields if url else None)
         return self._with_users(info), created
 
     async def list_volumes(self) -> list[VolumeInfo]:
@@ -659,6 +793,8 @@ class Engine:
         trash = self.volumes.detach(name)
         self._volume_users.pop(name, None)
         loop = asyncio.get_running_loop()
+        if f"volume-{name}" in self.fuse.servers:
+            await loop.run_in_executor(None, self.fuse.stop, f"volume-{name}")
         await loop.run_in_executor(None, self.volumes.purge, trash)
 
     # Processes.
@@ -1017,6 +1153,18 @@ def _os_message(error: OSError) -> str:
             return f"{error.filename!r}: {error.strerror}"
         return error.strerror
     return str(error)
+
+
+def _s3_options(
+    config: CloudBucketConfig, access_key: str, secret_key: str
+) -> S3Options:
+    return S3Options(
+        endpoint=config.endpoint,
+        region=config.region,
+        access_key=access_key,
+        secret_key=secret_key,
+        force_path_style=config.force_path_style,
+    )
 
 
 def _check_traversable(data_dir: Path, uid: int) -> None:

@@ -9,6 +9,8 @@ import sqlite3
 from pathlib import Path
 
 from engine.core.models import (
+    CloudBucketConfig,
+    CloudBucketMount,
     ExitReason,
     ProcessInfo,
     ProcessState,
@@ -100,7 +102,17 @@ class Store:
         # before volumes existed have no "volumes" key.
         volumes = tuple(VolumeMount(**item) for item in fields.pop("volumes", ()))
         secrets = tuple(fields.pop("secrets", ()))
-        spec = SandboxSpec(**fields, volumes=volumes, secrets=secrets)
+        buckets = tuple(
+            CloudBucketMount(
+                name=item["name"],
+                mount_path=item["mount_path"],
+                config=CloudBucketConfig(**item["config"]),
+            )
+            for item in fields.pop("cloud_buckets", ())
+        )
+        spec = SandboxSpec(
+            **fields, volumes=volumes, secrets=secrets, cloud_buckets=buckets
+        )
         return SandboxInfo(
             sandbox_id=row[0],
             spec=spec,

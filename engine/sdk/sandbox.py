@@ -24,6 +24,7 @@ from typing import Any
 
 from engine import errors
 from engine.core.models import (
+    CloudBucketConfig,
     ExitReason,
     ProcessInfo,
     ProcessState,
@@ -32,6 +33,7 @@ from engine.core.models import (
     SandboxStats,
     Stream,
 )
+from engine.core.models import CloudBucketMount as CloudBucket
 from engine.sdk.client import Client
 from engine.sdk.files import SandboxFileSystem
 from engine.sdk.volumes import Volume, check_volumes
@@ -39,6 +41,8 @@ from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CloudBucket", "CloudBucketConfig", "Sandbox", "SandboxInstance"]
 
 # WriteStdin sends at most this many bytes per message, below gRPC's default
 # 4 MiB message limit.
@@ -435,7 +439,8 @@ class Sandbox:
     "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
     ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
     ``secrets`` names secrets (``engine.sdk.secrets.SecretClient``) that become
-    environment variables of every process.
+    environment variables of every process. ``cloud_buckets`` lists the
+    ``CloudBucket`` objects (S3 buckets) to mount through FUSE.
     """
 
     def __init__(
@@ -453,6 +458,7 @@ class Sandbox:
         address: str | None = None,
         volumes: list[Volume] | None = None,
         secrets: list[str] | None = None,
+        cloud_buckets: list[CloudBucket] | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
@@ -465,6 +471,12 @@ class Sandbox:
         self.ttl = ttl
         self.volumes = check_volumes(volumes or [])
         self.secrets = _secret_names(secrets)
+        self.cloud_buckets = list(cloud_buckets or [])
+        for bucket in self.cloud_buckets:
+            if not isinstance(bucket, CloudBucket):
+                raise errors.InvalidArgument(
+                    f"invalid cloud bucket {bucket!r}: expected a CloudBucket"
+                )
         self.address = address
 
     def spec_proto(self) -> pb.SandboxSpec:
@@ -476,6 +488,9 @@ class Sandbox:
             labels=self.labels,
             volumes=[volume.to_proto() for volume in self.volumes],
             secrets=self.secrets,
+            cloud_buckets=[
+                convert.bucket_mount_to_proto(b) for b in self.cloud_buckets
+            ],
         )
         optional: dict[str, Any] = {
             "cpu": self.cpu,

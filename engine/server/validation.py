@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from engine.core import secrets
 from engine.core.models import DEFAULT_TTL_SECONDS, SandboxSpec, Stream, VolumeMount
 from engine.errors import InvalidArgument
+from engine.server import convert
 from engine.server.convert import STREAMS_FROM_PROTO
 from engine.v1 import sandbox_pb2 as pb
 
@@ -129,6 +130,18 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         check_name(f"spec.volumes[{index}].mount_path", mount.mount_path)
         volumes.append(VolumeMount(mount.name, mount.mount_path, mount.read_only))
 
+    # The Engine checks bucket names, endpoints and mount paths.
+    buckets = []
+    for index, mount in enumerate(message.cloud_buckets):
+        check_name(f"spec.cloud_buckets[{index}].name", mount.name)
+        check_name(f"spec.cloud_buckets[{index}].mount_path", mount.mount_path)
+        for name in ("endpoint", "region", "access_key", "secret_key", "key_prefix"):
+            check_text(
+                f"spec.cloud_buckets[{index}].config.{name}",
+                getattr(mount.config, name),
+            )
+        buckets.append(convert.bucket_mount_from_proto(mount))
+
     return SandboxSpec(
         image=message.image or defaults.image,
         cpu=cpu,
@@ -142,6 +155,7 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         nofile=nofile,
         volumes=tuple(volumes),
         secrets=check_secret_names("spec.secrets", message.secrets),
+        cloud_buckets=tuple(buckets),
     )
 
 
