@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # Bytes a reader may fetch ahead of the offset it last read.
 READ_AHEAD_BYTES = 32 * 1024 * 1024
+# Bytes a reader keeps behind the offset it last read.
+READ_BEHIND_BYTES = 4 * 1024 * 1024
 # Bytes one backend request of a fallback (non-streaming) reader fetches.
 READ_BLOCK_BYTES = 8 * 1024 * 1024
 # Largest file a mount accepts, because writes are buffered on the host disk.
@@ -462,20 +464,26 @@ class Reader:
         size = min(size, self.size - offset)
         with self.lock:
             end = self.start + len(self.buffer)
-            ahead = offset - self.start
-            if self.thread is None or ahead < 0 or offset > end + READ_BLOCK_BYTES:
+            if (
+                self.thread is None
+                or offset < self.start
+                or offset > end + READ_AHEAD_BYTES // 2
+            ):
                 self._restart(offset)
-            # Data before the requested offset is no longer needed.
-            drop = offset - self.start
+            # Keep READ_BEHIND_BYTES before the offset for reads that the
+            # kernel's parallel readahead delivers out of order; drop the
+            # rest, so that the stream can go on filling the window.
+            drop = offset - READ_BEHIND_BYTES - self.start
             if drop > 0:
                 del self.buffer[:drop]
-                self.start = offset
+                self.start += drop
                 self.lock.notify_all()
-            while len(self.buffer) < size and not self.done:
+            while self.start + len(self.buffer) < offset + size and not self.done:
                 self.lock.wait()
-            if self.error is not None and len(self.buffer) < size:
+            if self.error is not None and self.start + len(self.buffer) < offset + size:
                 raise _os_error(self.error)
-            return bytes(self.buffer[:size])
+            relative = offset - self.start
+            return bytes(self.buffer[relative : relative + size])
 
     def close(self) -> None:
         with self.lock:
@@ -551,6 +559,13 @@ def make_bridge_class() -> type:
                     raise _fail(errno.EILSEQ) from None
                 if len(encoded) > MAX_NAME_BYTES:
                     raise _fail(errno.ENAMETOOLONG)
+                # S3 listings are XML, which does not carry every control
+                # character intact, so such names are rejected, not mangled.
+                if any(
+                    ord(character) < 0x20 or ord(character) == 0x7F
+                    for character in part
+                ):
+                    raise _fail(errno.EINVAL)
             key = self.backend.root + "/" + "/".join(parts)
             if len(key.encode()) > MAX_KEY_BYTES:
                 raise _fail(errno.ENAMETOOLONG)
@@ -1040,7 +1055,9 @@ def _mtime_ns(info: dict[str, Any]) -> int | None:
 
 
 def _reply(message: dict[str, Any]) -> None:
-    os.write(1, (json.dumps(message) + "\n").encode())
+    # The daemon may be gone already.
+    with contextlib.suppress(BrokenPipeError):
+        os.write(1, (json.dumps(message) + "\n").encode())
 
 
 def _watch_parent() -> None:
@@ -1084,7 +1101,10 @@ def serve() -> int:
     bridge = bridge_class(backend, config)
     original_init = bridge.init
 
+    mounted = threading.Event()
+
     def init(path: str) -> None:
+        mounted.set()
         _reply({"ok": True})
         original_init(path)
 
@@ -1105,6 +1125,9 @@ def serve() -> int:
     try:
         fuse_class(bridge, config.mountpoint, **options)
     except RuntimeError as error:
+        if mounted.is_set():
+            # libfuse returns an error code after a signal ended the session.
+            return 0
         _reply({"ok": False, "error": f"mounting {config.mountpoint} failed: {error}"})
         return 1
     return 0
