@@ -83,6 +83,9 @@ FILE_MODE = 0o644
 DIRECTORY_MODE = 0o755
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
+# The servers run as nobody once mounted, so that a bug reachable from
+# sandbox requests runs without root.
+SERVER_UID = 65534
 # Linux renameat2 flags.
 RENAME_NOREPLACE = 1
 
@@ -189,6 +192,8 @@ class MountConfig:
     read_only: bool = False
     s3: S3Options = field(default_factory=S3Options)
     fsname: str = "engine"
+    # Host uid and gid the server switches to once it has mounted.
+    server_uid: int = SERVER_UID
 
     def to_json(self) -> str:
         data = {
@@ -200,6 +205,7 @@ class MountConfig:
             "read_only": self.read_only,
             "s3": self.s3.__dict__,
             "fsname": self.fsname,
+            "server_uid": self.server_uid,
         }
         return json.dumps(data)
 
@@ -1104,6 +1110,16 @@ def serve() -> int:
     mounted = threading.Event()
 
     def init(path: str) -> None:
+        # Mounting needed root; serving sandbox requests does not. The
+        # kernel checks permissions itself (default_permissions), and the
+        # open /dev/fuse descriptor keeps working.
+        try:
+            os.setgroups([])
+            os.setresgid(config.server_uid, config.server_uid, config.server_uid)
+            os.setresuid(config.server_uid, config.server_uid, config.server_uid)
+        except OSError as error:
+            _reply({"ok": False, "error": f"dropping root failed: {error}"})
+            os._exit(1)
         mounted.set()
         _reply({"ok": True})
         original_init(path)
@@ -1265,6 +1281,7 @@ class FuseManager:
         mountpoint.mkdir(mode=0o700)
         os.chown(mountpoint, self.uid, self.uid)
         cache_dir.mkdir(mode=0o700)
+        os.chown(cache_dir, config.server_uid, config.server_uid)
         config = MountConfig(
             **{
                 **config.__dict__,

@@ -652,6 +652,9 @@ def test_bucket_terminate_removes_mount_and_server(
         assert len(fuse_mounts(daemon.data_dir)) == 1
         servers = fuse_servers(daemon)
         assert len(servers) == 1
+        # Root only to mount; it serves sandbox requests as nobody.
+        assert set(psutil.Process(servers[0]).uids()) == {65534}
+        assert set(psutil.Process(servers[0]).gids()) == {65534}
     finally:
         sb.terminate()
         sb.close()
