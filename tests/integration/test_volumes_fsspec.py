@@ -423,3 +423,31 @@ def test_local_volume_unchanged(daemon: Daemon, volumes: VolumeClient) -> None:
         assert os.path.isdir(daemon.data_dir / "volumes" / name / "data")
     finally:
         volumes.delete(name)
+
+
+def test_fsspec_rename_flags(daemon: Daemon, memory_volume: str) -> None:
+    with mounted(daemon, memory_volume) as sb:
+        code, out, err = python(
+            sb,
+            f"""
+            import ctypes, errno, os
+            libc = ctypes.CDLL(None, use_errno=True)
+            AT_FDCWD = -100
+            open('{MOUNT}/a', 'w').write('a')
+            open('{MOUNT}/b', 'w').write('b')
+            for flags in (1, 2):  # RENAME_NOREPLACE, RENAME_EXCHANGE
+                result = libc.renameat2(
+                    AT_FDCWD, b'{MOUNT}/a', AT_FDCWD, b'{MOUNT}/b', flags
+                )
+                print(errno.errorcode[ctypes.get_errno()] if result else 'ok')
+            result = libc.renameat2(AT_FDCWD, b'{MOUNT}/a', AT_FDCWD, b'{MOUNT}/c', 1)
+            print('ok' if result == 0 else errno.errorcode[ctypes.get_errno()])
+            print(sorted(os.listdir('{MOUNT}')), open('{MOUNT}/b').read())
+            """,
+        )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "EEXIST"
+    assert lines[1] == "EINVAL"
+    assert lines[2] == "ok"
+    assert lines[3] == "['b', 'c'] b"
