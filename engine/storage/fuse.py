@@ -1138,6 +1138,8 @@ def serve() -> int:
     }
     if config.read_only:
         options["ro"] = True
+    # libfuse 3.14's fuse_main_real prints "Ignoring invalid max threads
+    # value" to stderr at start; it then uses its default of 10 threads.
     try:
         fuse_class(bridge, config.mountpoint, **options)
     except RuntimeError as error:
