@@ -18,6 +18,7 @@ import secrets
 import signal as signals
 import time
 from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ MAX_FINISHED_PROCESSES = 10_000
 MAX_REMEMBERED_SANDBOXES = 1000
 # Seconds a resolved image is reused before the image store is asked again.
 IMAGE_CACHE_SECONDS = 30.0
+# Threads that start and stop FUSE servers at once.
+FUSE_THREADS = 8
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -155,6 +158,11 @@ class Engine:
         # of bucket mounts (one per mount and sandbox).
         self.fuse = FuseManager(config.data_dir, config.uid_base)
         self._fuse_locks: dict[str, asyncio.Lock] = {}
+        # Starting and stopping servers blocks for seconds, so it has threads
+        # of its own and never holds up the default executor's work.
+        self._fuse_executor = ThreadPoolExecutor(
+            max_workers=FUSE_THREADS, thread_name_prefix="engine-fuse"
+        )
         self.spawner = Spawner()
         self.store: Store | None = None
         self.secrets: SecretStore | None = None
@@ -269,7 +277,9 @@ class Engine:
         )
         if self.pool is not None:
             await self.pool.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.fuse.stop_all)
+        await asyncio.get_running_loop().run_in_executor(
+            self._fuse_executor, self.fuse.stop_all
+        )
         await self.spawner.close()
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
@@ -549,7 +559,7 @@ class Engine:
                 )
         # No process of the sandbox is left to use its bucket mounts.
         for name in sandbox.fuse_servers:
-            await loop.run_in_executor(None, self.fuse.stop, name)
+            await loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
         await loop.run_in_executor(None, remove_tree, sandbox.directory)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
@@ -677,7 +687,9 @@ class Engine:
             )
             sandbox.fuse_servers.append(name)
             try:
-                server = await loop.run_in_executor(None, self.fuse.start, name, config)
+                server = await loop.run_in_executor(
+                    self._fuse_executor, self.fuse.start, name, config
+                )
             except FailedPrecondition as error:
                 raise FailedPrecondition(
                     f"cloud bucket {bucket.name!r} at {bucket.mount_path}: {error}"
@@ -702,7 +714,9 @@ class Engine:
             loop = asyncio.get_running_loop()
             if server is not None:
                 log.warning("FUSE server of volume %s exited; starting a new one", name)
-                await loop.run_in_executor(None, self.fuse.stop, server_name)
+                await loop.run_in_executor(
+                    self._fuse_executor, self.fuse.stop, server_name
+                )
             fields = self.volumes.metadata(name)
             settings = CloudBucketConfig(**dict(fields.get("s3") or {}))  # type: ignore[arg-type]
             access_key, secret_key = self._bucket_keys(settings)
@@ -717,7 +731,7 @@ class Engine:
             )
             try:
                 server = await loop.run_in_executor(
-                    None, self.fuse.start, server_name, config
+                    self._fuse_executor, self.fuse.start, server_name, config
                 )
             except FailedPrecondition as error:
                 raise FailedPrecondition(f"volume {name!r}: {error}") from None
@@ -794,7 +808,9 @@ class Engine:
         self._volume_users.pop(name, None)
         loop = asyncio.get_running_loop()
         if f"volume-{name}" in self.fuse.servers:
-            await loop.run_in_executor(None, self.fuse.stop, f"volume-{name}")
+            await loop.run_in_executor(
+                self._fuse_executor, self.fuse.stop, f"volume-{name}"
+            )
         await loop.run_in_executor(None, self.volumes.purge, trash)
 
     # Processes.

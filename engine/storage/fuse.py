@@ -1353,7 +1353,13 @@ class FuseManager:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-        process.wait()
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Only a task stuck in the kernel outlives SIGKILL; the mount is
+            # detached below all the same, and the zombie is reaped by
+            # whoever inherits it.
+            log.error("FUSE server %d survived SIGKILL; leaving it", process.pid)
         for stream in (process.stdin, process.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
