@@ -63,7 +63,10 @@ class MotoServer:
                 return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"moto server did not answer on {self.endpoint}")
+        raise RuntimeError(
+            f"moto server did not respond on {self.endpoint} within"
+            f" {START_TIMEOUT:.0f} s"
+        )
 
     def stop(self) -> None:
         if self.process is None:

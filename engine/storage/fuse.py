@@ -5,7 +5,7 @@ Two halves live here, because they share one configuration format:
 - The **server**, ``python -m engine.storage.fuse``, a separate process per
   mount. It reads one JSON line of configuration from stdin, builds the
   fsspec file system (``s3fs`` for ``s3://``, ``memory://`` for tests),
-  checks that the bucket answers, mounts itself with libfuse3 (through
+  checks that the bucket exists, mounts itself with libfuse3 (through
   mfusepy) on the host under ``DATA_DIR/fuse/mnt/`` and writes one JSON line
   to stdout: ``{"ok": true}`` or ``{"ok": false, "error": ...}``. It serves
   until SIGTERM, or until stdin reaches end of file, which means that the
@@ -72,7 +72,7 @@ MAX_OPEN_FILES = 1024
 # S3 limits keys to 1024 bytes of UTF-8; one name to NAME_MAX like Linux.
 MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
-# Seconds a listing's entries answer getattr without a backend request.
+# Seconds for which getattr returns a listing's entries without a backend request.
 INFO_CACHE_SECONDS = 2.0
 # Entries a directory rename moves at most.
 MAX_RENAME_ENTRIES = 10_000
@@ -83,8 +83,8 @@ FILE_MODE = 0o644
 DIRECTORY_MODE = 0o755
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-# The servers run as nobody once mounted, so that a bug reachable from
-# sandbox requests runs without root.
+# Uid and gid (nobody) the servers switch to once mounted, so that a bug
+# reachable from sandbox requests runs without root.
 SERVER_UID = 65534
 # Linux renameat2 flags.
 RENAME_NOREPLACE = 1
@@ -476,9 +476,9 @@ class Reader:
                 or offset > end + READ_AHEAD_BYTES // 2
             ):
                 self._restart(offset)
-            # Keep READ_BEHIND_BYTES before the offset for reads that the
-            # kernel's parallel readahead delivers out of order; drop the
-            # rest, so that the stream can go on filling the window.
+            # Keep READ_BEHIND_BYTES before the offset, because the kernel's
+            # parallel readahead delivers reads out of order. Dropping the
+            # rest lets the stream go on filling the window.
             drop = offset - READ_BEHIND_BYTES - self.start
             if drop > 0:
                 del self.buffer[:drop]
@@ -763,7 +763,7 @@ def make_bridge_class() -> type:
                     os.ftruncate(handle.temp.fileno(), length)
                     handle.dirty = True
                 return 0
-            # truncate(2) on a file nobody has open: rewrite the object.
+            # truncate(2) on a file that no handle has open: rewrite the object.
             temporary = Handle(
                 key=key, flags=os.O_WRONLY, temp=self._temp(), dirty=True
             )
@@ -1280,10 +1280,6 @@ class FuseManager:
         """
         mountpoint = self.mnt / name
         cache_dir = self.cache / name
-        mountpoint.mkdir(mode=0o700)
-        os.chown(mountpoint, self.uid, self.uid)
-        cache_dir.mkdir(mode=0o700)
-        os.chown(cache_dir, config.server_uid, config.server_uid)
         config = MountConfig(
             **{
                 **config.__dict__,
@@ -1293,6 +1289,10 @@ class FuseManager:
         )
         process = None
         try:
+            mountpoint.mkdir(mode=0o700)
+            os.chown(mountpoint, self.uid, self.uid)
+            cache_dir.mkdir(mode=0o700)
+            os.chown(cache_dir, config.server_uid, config.server_uid)
             process = subprocess.Popen(
                 [sys.executable, "-m", "engine.storage.fuse"],
                 stdin=subprocess.PIPE,
@@ -1356,9 +1356,9 @@ class FuseManager:
         try:
             process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            # Only a task stuck in the kernel outlives SIGKILL; the mount is
-            # detached below all the same, and the zombie is reaped by
-            # whoever inherits it.
+            # Only a task stuck in the kernel outlives SIGKILL. The mount is
+            # detached below all the same, and the process that inherits the
+            # zombie reaps it.
             log.error("FUSE server %d survived SIGKILL; leaving it", process.pid)
         for stream in (process.stdin, process.stdout):
             if stream is not None:
@@ -1380,7 +1380,7 @@ class FuseManager:
 
 
 def _server_environment() -> dict[str, str]:
-    """The server's environment: no AWS_* variables of the daemon leak into it."""
+    """Build the server's environment, without the daemon's AWS_* variables."""
     keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR")
     environment = {key: os.environ[key] for key in keep if key in os.environ}
     # s3fs would otherwise read ~/.aws of root.
