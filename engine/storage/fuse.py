@@ -733,6 +733,11 @@ def make_bridge_class() -> type:
             if handle.temp is not None:
                 with handle.lock:
                     return os.pread(handle.temp.fileno(), size, offset)
+            # getattr reports an open writer's copy, so reads show it too.
+            writer = self._open_writer(handle.key)
+            if writer is not None:
+                with writer.lock:
+                    return os.pread(writer.temp.fileno(), size, offset)
             assert handle.reader is not None
             return handle.reader.read(size, offset)
 

@@ -451,3 +451,45 @@ def test_fsspec_rename_flags(daemon: Daemon, memory_volume: str) -> None:
     assert lines[1] == "EINVAL"
     assert lines[2] == "ok"
     assert lines[3] == "['b', 'c'] b"
+
+
+def test_fsspec_concurrent_writers(daemon: Daemon, memory_volume: str) -> None:
+    with mounted(daemon, memory_volume) as sb:
+        code, out, err = python(
+            sb,
+            f"""
+            first = open('{MOUNT}/shared', 'w')
+            second = open('{MOUNT}/shared', 'w')
+            first.write('first writer')
+            second.write('second')
+            first.close()
+            print(open('{MOUNT}/shared').read())
+            second.close()
+            print(open('{MOUNT}/shared').read())
+            """,
+        )
+    assert code == 0, err
+    # Each close uploads that handle's whole copy, so the last close wins.
+    # Meanwhile the mount shows the copy of the handle still open for
+    # writing, which O_TRUNC emptied and Python has not flushed yet.
+    assert out.splitlines() == ["", "second"]
+
+
+def test_fsspec_huge_read_request(daemon: Daemon, memory_volume: str) -> None:
+    with mounted(daemon, memory_volume) as sb:
+        code, out, err = python(
+            sb,
+            f"""
+            import hashlib, os
+            data = os.urandom(6 * 1024 * 1024 + 1)
+            open('{MOUNT}/big', 'wb').write(data)
+            fd = os.open('{MOUNT}/big', os.O_RDONLY)
+            received = b''
+            while chunk := os.read(fd, 1 << 30):
+                received += chunk
+            os.close(fd)
+            print(received == data, len(received))
+            """,
+        )
+    assert code == 0, err
+    assert out == f"True {6 * 1024 * 1024 + 1}\n"
