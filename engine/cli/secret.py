@@ -47,7 +47,7 @@ def register(
         description="Store secret NAME with the value read from stdin. From a"
         " terminal, one line is read without echo and its newline is not part of"
         " the value. From a pipe or a file, every byte up to the end of input is"
-        " the value, a trailing newline included, so use `printf %%s VALUE |` rather"
+        " the value, a trailing newline included, so use `printf %s VALUE |` rather"
         " than `echo VALUE |`.",
     )
     create.add_argument(

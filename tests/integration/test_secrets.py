@@ -422,3 +422,31 @@ def test_embedded_engine_secrets(embedded: EmbeddedEngine) -> None:
         with Sandbox(address=embedded.address, secrets=[name]).create() as sb:
             assert printenv(sb, name) == (0, value + "\n")
         client.delete(name)
+
+
+def test_aio_sandbox_and_exec_secrets(address: str, secret: tuple[str, str]) -> None:
+    import asyncio
+
+    from engine.sdk.aio import AsyncSandbox
+
+    name, value = secret
+
+    async def scenario() -> tuple[str, str, str]:
+        async with await AsyncSandbox(address=address, secrets=[name]).create() as sb:
+            every = await sb.process.exec("printenv", name)
+            await every.wait()
+            async with await AsyncSandbox(address=address).create() as plain:
+                only = await plain.process.exec("printenv", name, secrets=[name])
+                await only.wait()
+                missing = await plain.process.exec("printenv", name)
+                await missing.wait()
+                return (
+                    await every.stdout.read(),
+                    await only.stdout.read(),
+                    await missing.stdout.read(),
+                )
+
+    every, only, missing = asyncio.run(scenario())
+    assert every == value + "\n"
+    assert only == value + "\n"
+    assert missing == ""
