@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import select
 import signal
 import stat
@@ -1170,19 +1171,18 @@ class FuseServer:
     process: subprocess.Popen[bytes]
 
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
 def mounted_paths() -> dict[str, str]:
     """Return mount point -> "major:minor" from this process's mount table."""
     result = {}
     with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
             fields = line.split()
-            point = fields[4].decode(errors="surrogateescape")
             # mountinfo escapes space, tab, newline and backslash as \\ooo.
-            point = (
-                point.encode("latin-1", "surrogateescape").decode("unicode_escape")
-                if "\\" in point
-                else point
-            )
+            raw = _OCTAL_ESCAPE.sub(lambda match: bytes([int(match[1], 8)]), fields[4])
+            point = raw.decode(errors="surrogateescape")
             result[point] = fields[2].decode()
     return result
 

@@ -298,3 +298,24 @@ def test_config_json_roundtrip() -> None:
         fsname="f",
     )
     assert MountConfig.from_json(config.to_json()) == config
+
+
+def test_mounted_paths_unescapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = (
+        b"36 27 0:57 / /data\\040dir/fuse/mnt/v\\134x rw - fuse.engine f rw\n"
+        b"37 27 0:58 / /\xc3\xa9t\\011\xc3\xa9 rw - fuse.engine f rw\n"
+    )
+    real_open = open
+
+    def fake_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path == "/proc/self/mountinfo":
+            import io
+
+            return io.BytesIO(table)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert fuse.mounted_paths() == {
+        "/data dir/fuse/mnt/v\\x": "0:57",
+        "/ét\té": "0:58",
+    }
