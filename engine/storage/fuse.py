@@ -80,6 +80,8 @@ MAX_RENAME_ENTRIES = 10_000
 # Seconds the manager waits for a server to mount, and for it to exit.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+# Binds of fuse/mnt that the start sweep removes at most.
+MAX_STACKED_BINDS = 64
 FILE_MODE = 0o644
 DIRECTORY_MODE = 0o755
 UTIME_NOW = (1 << 30) - 1
@@ -1266,6 +1268,12 @@ class FuseManager:
                 log.warning("detaching leftover FUSE mount %s", point)
                 abort_connection(mounts[point])
             unmount(Path(point))
+        # Each crashed engine left one bind of fuse/mnt, stacked on the same
+        # path; the mount table lists the path once.
+        for _ in range(MAX_STACKED_BINDS):
+            if prefix not in mounted_paths():
+                break
+            unmount(self.mnt)
         if self.mnt.is_dir():
             for entry in self.mnt.iterdir():
                 with contextlib.suppress(OSError):

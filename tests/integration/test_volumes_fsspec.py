@@ -7,11 +7,14 @@ has a test here.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -493,3 +496,29 @@ def test_fsspec_huge_read_request(daemon: Daemon, memory_volume: str) -> None:
         )
     assert code == 0, err
     assert out == f"True {6 * 1024 * 1024 + 1}\n"
+
+
+def test_sweep_removes_stacked_binds() -> None:
+    """Binds left by several crashed engines all go at the next start."""
+    from engine.runtime import libc
+    from engine.storage.fuse import FuseManager, mounted_paths
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as work:
+        data_dir = Path(work)
+        manager = FuseManager(data_dir, 100000)
+        mnt = data_dir / "fuse" / "mnt"
+        try:
+            manager.prepare()
+            # What prepare does, twice more, as two more crashed engines would.
+            for _ in range(2):
+                libc.mount(str(mnt), str(mnt), None, libc.MS_BIND)
+            with open("/proc/self/mountinfo") as table:
+                stacked = [line for line in table if line.split()[4] == str(mnt)]
+            # Binds onto a shared mount propagate to its peers, so there are more.
+            assert len(stacked) >= 3
+            manager.sweep()
+            assert str(mnt) not in mounted_paths()
+        finally:
+            for _ in range(5):
+                with contextlib.suppress(OSError):
+                    libc.umount2(str(mnt), libc.MNT_DETACH)
