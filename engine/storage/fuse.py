@@ -509,6 +509,9 @@ class Handle:
     # Temporary file with the whole content while the file is open for writing.
     temp: Any = None
     dirty: bool = False
+    # Set when the file was deleted while open: like an unlinked inode, the
+    # handle stays usable but its content is never uploaded.
+    unlinked: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -539,6 +542,10 @@ def make_bridge_class() -> type:
 
     class FsspecBridge(mfusepy.Operations):
         use_ns = True
+        # Operations on an open file get its handle and no path, so a file
+        # deleted while open (hard_remove) stays usable through its handle.
+        flag_nopath = True
+        flag_nullpath_ok = True
 
         def __init__(self, backend: Backend, config: MountConfig) -> None:
             self.backend = backend
@@ -627,11 +634,28 @@ def make_bridge_class() -> type:
         def _open_writer(self, key: str) -> Handle | None:
             with self.table_lock:
                 for handle in self.handles.values():
-                    if handle.key == key and handle.temp is not None:
+                    if (
+                        handle.key == key
+                        and handle.temp is not None
+                        and not handle.unlinked
+                    ):
                         return handle
             return None
 
-        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
+            if path is None:
+                # fstat: with flag_nopath, libfuse passes the handle only.
+                if fh is None:
+                    raise _fail(errno.EBADF)
+                handle = self._handle(fh)
+                if handle.temp is None:
+                    return self._attributes(self._info(handle.key))
+                size = os.fstat(handle.temp.fileno()).st_size
+                attributes = self._attributes({"type": "file", "size": size})
+                attributes["st_mtime"] = attributes["st_ctime"] = time.time_ns()
+                if handle.unlinked:
+                    attributes["st_nlink"] = 0
+                return attributes
             if path == "/":
                 return self._attributes({"type": "directory"})
             key = self.key(path)
@@ -643,8 +667,16 @@ def make_bridge_class() -> type:
                 return attributes
             return self._attributes(self._info(key))
 
-        def readdir(self, path: str, fh: int) -> list[str]:
-            key = self.key(path)
+        def opendir(self, path: str) -> int:
+            return self._add_handle(Handle(key=self.key(path), flags=os.O_RDONLY))
+
+        def releasedir(self, path: str | None, fh: int) -> int:
+            with self.table_lock:
+                self.handles.pop(fh, None)
+            return 0
+
+        def readdir(self, path: str | None, fh: int) -> list[str]:
+            key = self._handle(fh).key if path is None else self.key(path)
             try:
                 entries = self.backend.listdir(key)
             except Exception as error:
@@ -758,12 +790,19 @@ def make_bridge_class() -> type:
                 handle.dirty = True
             return written
 
-        def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
             self._check_writable()
             if length > MAX_FILE_BYTES:
                 raise _fail(errno.EFBIG)
-            key = self.key(path)
             handle = self.handles.get(fh) if fh is not None else None
+            if path is None:
+                if handle is None or handle.temp is None:
+                    raise _fail(errno.EBADF)
+                with handle.lock:
+                    os.ftruncate(handle.temp.fileno(), length)
+                    handle.dirty = True
+                return 0
+            key = self.key(path)
             if handle is None or handle.temp is None:
                 handle = self._open_writer(key)
             if handle is not None and handle.temp is not None:
@@ -794,7 +833,7 @@ def make_bridge_class() -> type:
 
         def _upload(self, handle: Handle) -> None:
             with handle.lock:
-                if not handle.dirty:
+                if not handle.dirty or handle.unlinked:
                     return
                 handle.temp.flush()
                 try:
@@ -842,6 +881,10 @@ def make_bridge_class() -> type:
             key = self.key(path)
             if self._info(key).get("type") == "directory":
                 raise _fail(errno.EISDIR)
+            with self.table_lock:
+                for handle in self.handles.values():
+                    if handle.key == key:
+                        handle.unlinked = True
             try:
                 self.backend.remove_file(key)
             except Exception as error:
@@ -970,12 +1013,14 @@ def make_bridge_class() -> type:
 
         # What objects cannot do.
 
-        def chmod(self, path: str, mode: int) -> int:
-            self.key(path)
+        def chmod(self, path: str | None, mode: int) -> int:
+            if path is not None:
+                self.key(path)
             raise _fail(errno.EPERM)
 
-        def chown(self, path: str, uid: int, gid: int) -> int:
-            self.key(path)
+        def chown(self, path: str | None, uid: int, gid: int) -> int:
+            if path is not None:
+                self.key(path)
             raise _fail(errno.EPERM)
 
         def symlink(self, target: str, source: str) -> int:
@@ -990,7 +1035,12 @@ def make_bridge_class() -> type:
         def readlink(self, path: str) -> str:
             raise _fail(errno.EINVAL)
 
-        def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        def utimens(
+            self,
+            path: str | None,
+            times: tuple[int, int] | None = None,
+            fh: int | None = None,
+        ) -> int:
             """Set the time to now by rewriting the object; other times are EPERM.
 
             An object's modification time is the time it was last written, so
@@ -999,7 +1049,19 @@ def make_bridge_class() -> type:
             self._check_writable()
             if times is not None:
                 raise _fail(errno.EPERM)
-            key = self.key(path)
+            if path is None:
+                # futimens: with flag_nopath only the handle identifies the file.
+                if fh is None:
+                    raise _fail(errno.EBADF)
+                handle = self._handle(fh)
+                if handle.temp is not None:
+                    with handle.lock:
+                        handle.dirty = True
+                    self._upload(handle)
+                    return 0
+                key = handle.key
+            else:
+                key = self.key(path)
             if self._info(key).get("type") == "directory":
                 raise _fail(errno.EPERM)
             writer = self._open_writer(key)
@@ -1031,7 +1093,8 @@ def make_bridge_class() -> type:
                     self.release("", number)
 
     class BridgeFUSE(mfusepy.FUSE):
-        """mfusepy.FUSE, passing rename flags and raw utimensat times through."""
+        """mfusepy.FUSE, passing through rename flags, raw utimensat times, and
+        the handle of ftruncate and futimens, which mfusepy 3.1 drops."""
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(
@@ -1039,6 +1102,11 @@ def make_bridge_class() -> type:
                 new.decode(self.encoding, self.errors),
                 flags,
             )
+
+        def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+            decoded = None if path is None else path.decode(self.encoding, self.errors)
+            fh = fip.contents.fh if fip else None
+            return self.operations.truncate(decoded, length, fh)
 
         def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
             times = None
@@ -1049,7 +1117,8 @@ def make_bridge_class() -> type:
                 if not all(spec.tv_nsec in (UTIME_NOW, UTIME_OMIT) for spec in both):
                     times = tuple(spec.tv_sec * 10**9 + spec.tv_nsec for spec in both)
             decoded = None if path is None else path.decode(self.encoding, self.errors)
-            return self.operations.utimens(decoded, times)
+            fh = fip.contents.fh if fip else None
+            return self.operations.utimens(decoded, times, fh)
 
     return FsspecBridge, BridgeFUSE
 
@@ -1137,6 +1206,9 @@ def serve() -> int:
     options: dict[str, Any] = {
         "foreground": True,
         "allow_other": True,
+        # Unlink a file that is still open at once, as Linux does, instead of
+        # renaming it to a visible .fuse_hidden object until its last close.
+        "hard_remove": True,
         "default_permissions": True,
         "fsname": config.fsname,
         "subtype": "engine",

@@ -522,3 +522,34 @@ def test_sweep_removes_stacked_binds() -> None:
             for _ in range(5):
                 with contextlib.suppress(OSError):
                     libc.umount2(str(mnt), libc.MNT_DETACH)
+
+
+def test_fsspec_unlink_open_file(daemon: Daemon, memory_volume: str) -> None:
+    with mounted(daemon, memory_volume) as sb:
+        code, out, err = python(
+            sb,
+            f"""
+            import errno, os
+            fd = os.open('{MOUNT}/doomed', os.O_RDWR | os.O_CREAT)
+            os.write(fd, b'before')
+            os.unlink('{MOUNT}/doomed')
+            print(sorted(os.listdir('{MOUNT}')))
+            os.write(fd, b' after')
+            print(os.pread(fd, 100, 0))
+            try:
+                os.fstat(fd)
+            except OSError as error:
+                print(errno.errorcode[error.errno])
+            os.close(fd)
+            print(sorted(os.listdir('{MOUNT}')), os.path.exists('{MOUNT}/doomed'))
+            """,
+        )
+    assert code == 0, err
+    lines = out.splitlines()
+    # As on Linux: the name goes at once, the open file keeps working, and
+    # the last close does not bring the file back. fstat fails, because
+    # libfuse's high-level API has no path to pass for a deleted file.
+    assert lines[0] == "[]"
+    assert lines[1] == "b'before after'"
+    assert lines[2] == "ESTALE"
+    assert lines[3] == "[] False"
