@@ -108,6 +108,7 @@ def run(object_mib: int, volume_mib: int, repeats: int) -> dict[str, Any]:
     from engine.sdk.secrets import SecretClient
     from engine.sdk.volumes import VolumeClient
 
+    load_before = os.getloadavg()[0]
     data_dir = Path(tempfile.mkdtemp(prefix="eng-fuse-bench-", dir="/tmp"))
     data_dir.chmod(0o755)
     rows: list[dict[str, Any]] = []
@@ -174,6 +175,7 @@ def run(object_mib: int, volume_mib: int, repeats: int) -> dict[str, Any]:
         shutil.rmtree(data_dir, ignore_errors=True)
     return {
         "machine": describe_machine(),
+        "load_average": [load_before, os.getloadavg()[0]],
         "object_mib": object_mib,
         "volume_mib": volume_mib,
         "repeats": repeats,
@@ -196,7 +198,10 @@ def _row(mount: str, operation: str, mib: int, samples: list[float]) -> dict[str
 def render(results: dict[str, Any]) -> str:
     """Return the results as the Markdown that goes between the markers."""
     lines = [
-        f"Machine: {machine_summary(results['machine'])}.",
+        f"Machine: {machine_summary(results['machine'])}. One-minute load average"
+        f" {results['load_average'][0]:.1f} before the run and"
+        f" {results['load_average'][1]:.1f} after it; other work on the machine"
+        " lowers every figure.",
         "",
         "Command: `python -m benchmarks.storage_fuse"
         f" --object-mib {results['object_mib']} --volume-mib"
