@@ -1014,14 +1014,30 @@ def make_bridge_class() -> type:
         # What objects cannot do.
 
         def chmod(self, path: str | None, mode: int) -> int:
-            if path is not None:
-                self.key(path)
-            raise _fail(errno.EPERM)
+            """Accept the mode a file already has; any other mode is EPERM.
+
+            Objects have no modes, so files are always 0644 and directories
+            0755. Asking for that mode (as the file API does) changes nothing.
+            """
+            if path is None:
+                raise _fail(errno.EPERM)
+            info = self._info(self.key(path)) if path != "/" else {"type": "directory"}
+            current = DIRECTORY_MODE if info.get("type") == "directory" else FILE_MODE
+            if stat.S_IMODE(mode) != current:
+                raise _fail(errno.EPERM)
+            return 0
 
         def chown(self, path: str | None, uid: int, gid: int) -> int:
+            """Accept the owner a file already has (or -1); any other owner is EPERM."""
             if path is not None:
                 self.key(path)
-            raise _fail(errno.EPERM)
+            unchanged = (-1, 0xFFFFFFFF)
+            if uid not in (*unchanged, self.config.uid) or gid not in (
+                *unchanged,
+                self.config.gid,
+            ):
+                raise _fail(errno.EPERM)
+            return 0
 
         def symlink(self, target: str, source: str) -> int:
             raise _fail(errno.EPERM)

@@ -755,3 +755,13 @@ def test_bucket_nothing_left_after_daemon_stop(
         check=False,
     )
     assert mounts.stdout.strip() == "0"
+
+
+def test_bucket_through_file_api(moto: MotoServer, bucket: str, mounted: Any) -> None:
+    mounted.fs.write_bytes(f"{MOUNT}/api.bin", b"\x00\x01 through sb.fs")
+    assert mounted.fs.read_bytes(f"{MOUNT}/api.bin") == b"\x00\x01 through sb.fs"
+    names = [info.name for info in mounted.fs.list_files(MOUNT)]
+    assert names == ["api.bin"]
+    # The file API writes a temporary file and renames it, which the bridge
+    # turns into a copy and a delete: only the final object stays.
+    assert objects(moto, bucket) == {"api.bin": b"\x00\x01 through sb.fs"}

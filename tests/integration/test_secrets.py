@@ -322,7 +322,7 @@ def test_cli_secret_create_from_terminal(
     controller, terminal = os.openpty()
     try:
         # A new session has no controlling terminal, so getpass reads the pty
-        # on stdin rather than the terminal of whoever runs the tests.
+        # on stdin rather than the terminal of the person running the tests.
         process = subprocess.Popen(
             [str(ENGINE_BIN), "secret", "create", name],
             env=cli_env,
