@@ -717,6 +717,8 @@ def make_bridge_class() -> type:
                 return number
 
         def _temp(self) -> Any:
+            # NOTE: the cache dir has no quota; a sandbox can fill the data
+            # dir's file system with writes up to MAX_FILE_BYTES per file.
             return tempfile.TemporaryFile(dir=self.config.cache_dir)
 
         def open(self, path: str, flags: int) -> int:
