@@ -557,3 +557,44 @@ def test_fsspec_unlink_open_file(daemon: Daemon, memory_volume: str) -> None:
     assert lines[1] == "b'before after'"
     assert lines[2] == "ESTALE"
     assert lines[3] == "[] False"
+
+
+def test_fsspec_locks_are_local(daemon: Daemon, memory_volume: str) -> None:
+    with (
+        mounted(daemon, memory_volume) as first,
+        mounted(daemon, memory_volume) as second,
+    ):
+        assert python(first, f"open('{MOUNT}/lock', 'w').close()")[0] == 0
+        holder = first.process.exec(
+            "python3",
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fcntl, time
+                f = open('{MOUNT}/lock')
+                fcntl.flock(f, fcntl.LOCK_EX)
+                print('locked', flush=True)
+                time.sleep(30)
+                """
+            ),
+        )
+        deadline = time.monotonic() + 30
+        while "locked" not in holder.stdout.read_available().decode():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        code, out, err = python(
+            second,
+            f"""
+            import errno, fcntl
+            f = open('{MOUNT}/lock')
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                print('acquired')
+            except OSError as error:
+                print(errno.errorcode[error.errno])
+            """,
+        )
+        holder.kill()
+    assert code == 0, err
+    # The kernel keeps the locks, so they hold between sandboxes of one host.
+    assert out in ("EWOULDBLOCK\n", "EAGAIN\n")
