@@ -3,11 +3,12 @@
 Two halves live here, because they share one configuration format:
 
 - The **server**, ``python -m engine.storage.fuse``, a separate process per
-  mount. It reads one JSON line of configuration from stdin, builds the
-  fsspec file system (``s3fs`` for ``s3://``, ``memory://`` for tests),
+  mount. It reads one JSON line of configuration from stdin and builds the
+  fsspec file system (``s3fs`` for ``s3://``, ``memory://`` for tests). It
   checks that the bucket exists, mounts itself with libfuse3 (through
-  mfusepy) on the host under ``DATA_DIR/fuse/mnt/`` and writes one JSON line
-  to stdout: ``{"ok": true}`` or ``{"ok": false, "error": ...}``. It serves
+  mfusepy) on the host under ``DATA_DIR/fuse/mnt/``, drops root, and writes
+  one JSON line to stdout: ``{"ok": true}`` or ``{"ok": false, "error":
+  ...}``. It serves
   until SIGTERM, or until stdin reaches end of file, which means that the
   daemon is gone.
 - The **manager** (``FuseManager``), used by the Engine: it starts servers,
@@ -1111,8 +1112,11 @@ def make_bridge_class() -> type:
                     self.release("", number)
 
     class BridgeFUSE(mfusepy.FUSE):
-        """mfusepy.FUSE, passing through rename flags, raw utimensat times, and
-        the handle of ftruncate and futimens, which mfusepy 3.1 drops."""
+        """mfusepy.FUSE with the arguments that mfusepy 3.1 drops passed through.
+
+        Those are rename flags, utimensat's raw times, and the handle of
+        ftruncate and futimens.
+        """
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(
