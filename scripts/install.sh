@@ -10,7 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(libseccomp2 debootstrap python3-venv bubblewrap runc busybox-static)
+# fuse3 brings libfuse3, which mfusepy loads for fsspec volumes and bucket mounts.
+# busybox-static is the userland of the hostile images in the escape tests.
+packages=(libseccomp2 debootstrap python3-venv bubblewrap runc fuse3 busybox-static)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

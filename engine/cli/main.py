@@ -1,4 +1,4 @@
-"""The `engine` command line: serve, run, sandbox, fs, volume and image.
+"""The `engine` command line: serve, run, sandbox, fs, volume, secret and image.
 
 Every failure prints one line, "engine: error: <message>", and exits with
 status 1 (2 for a usage error), never with a traceback. Ctrl-C exits with 130
@@ -13,7 +13,7 @@ import signal
 import sys
 
 from engine import errors
-from engine.cli import deploy, files, sandbox, serve, token, volume
+from engine.cli import deploy, files, sandbox, secret, serve, token, volume
 from engine.cli.common import fail
 
 logger = logging.getLogger("engine.cli")
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     volume.register(subparsers, common)
     deploy.register(subparsers, common)
     token.register(subparsers, common)
+    secret.register(subparsers, common)
     try:
         from engine.cli import image
     except ModuleNotFoundError as error:

@@ -29,6 +29,7 @@ from engine.cli.common import (
     print_table,
     write_output,
 )
+from engine.cli.secret import SECRET_HELP, add_secret_option
 from engine.cli.volume import add_volume_option, parse_volume_options
 from engine.core.models import ExitReason, SandboxInfo, SandboxState, Stream
 from engine.sdk.client import (
@@ -65,6 +66,7 @@ def register(
     )
     add_limit_options(run)
     add_volume_option(run)
+    add_secret_option(run, SECRET_HELP)
     run.add_argument(
         "--timeout",
         type=float,
@@ -99,6 +101,7 @@ def register(
     )
     add_limit_options(create)
     add_volume_option(create)
+    add_secret_option(create, SECRET_HELP + " (every process of the sandbox)")
     create.add_argument("--name", default="", help="name shown by ls (default: none)")
     create.add_argument(
         "--label",
@@ -148,6 +151,7 @@ def register(
         metavar="NAME=VALUE",
         help="environment variable added for CMD; repeat for more",
     )
+    add_secret_option(execute, SECRET_HELP + " (CMD only)")
     execute.add_argument(
         "--workdir",
         metavar="DIR",
@@ -270,6 +274,7 @@ def _sandbox_settings(args: argparse.Namespace, address: str | None) -> Sandbox:
         ttl=getattr(args, "ttl", None),
         address=address,
         volumes=parse_volume_options(args.volume),
+        secrets=getattr(args, "secret", None) or [],
     )
 
 
@@ -340,9 +345,15 @@ def _exec_request(
     cwd: str | None,
     timeout: float | None,
     interactive: bool,
+    secrets: list[str] | None = None,
 ) -> pb.ExecRequest:
     request = pb.ExecRequest(
-        sandbox_id=sandbox_id, argv=argv, env=env, cwd=cwd or "", stdin=interactive
+        sandbox_id=sandbox_id,
+        argv=argv,
+        env=env,
+        cwd=cwd or "",
+        stdin=interactive,
+        secrets=secrets or [],
     )
     if timeout is not None:
         request.timeout_seconds = timeout
@@ -463,6 +474,7 @@ def exec_command(args: argparse.Namespace) -> int:
             cwd=args.workdir,
             timeout=args.timeout,
             interactive=args.interactive,
+            secrets=args.secret,
         )
         exited = stream_exec(sandbox._client, request, interactive=args.interactive)
         memory_mib = None

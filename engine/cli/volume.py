@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine import errors
 from engine.cli.common import print_json, print_table, write_output
+from engine.core.models import CloudBucketConfig
 from engine.sdk.client import resolve_address
 from engine.sdk.volumes import Volume, VolumeClient
 from engine.storage.volumes import PathInfo, PathType, VolumeInfo
@@ -77,6 +78,13 @@ def register(
         description="Create volume NAME, unless it exists, and print its name.",
     )
     create.add_argument("name", metavar="NAME", help="volume name, such as data")
+    create.add_argument(
+        "--url",
+        default="",
+        help="fsspec URL of the backend: s3://BUCKET[/PREFIX], or memory://NAME for"
+        " tests (default: a local directory in the data dir)",
+    )
+    add_s3_options(create)
     create.set_defaults(func=create_command)
 
     listing = commands.add_parser(
@@ -210,6 +218,7 @@ def _volume_row(info: VolumeInfo) -> list[str]:
         str(info.file_count) if info.file_count is not None else "-",
         ",".join(info.sandbox_ids) or "-",
         _time(info.created_at),
+        info.url or "local",
     ]
 
 
@@ -231,9 +240,47 @@ def _path_row(info: PathInfo) -> list[str]:
 # ----------------------------------------------------------------- commands
 
 
+def add_s3_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection options of an S3 endpoint to a command."""
+    parser.add_argument(
+        "--endpoint",
+        default="",
+        help="S3 endpoint URL, such as http://127.0.0.1:9000 (default: AWS)",
+    )
+    parser.add_argument("--region", default="", help="S3 region, such as us-east-1")
+    parser.add_argument(
+        "--access-key-secret",
+        default="",
+        metavar="SECRET",
+        help="name of the secret with the access key id (default: anonymous)",
+    )
+    parser.add_argument(
+        "--secret-key-secret",
+        default="",
+        metavar="SECRET",
+        help="name of the secret with the secret access key",
+    )
+    parser.add_argument(
+        "--force-path-style",
+        action="store_true",
+        help="address buckets as ENDPOINT/BUCKET, as most S3-compatible servers need",
+    )
+
+
 def create_command(args: argparse.Namespace) -> int:
+    s3 = None
+    if args.endpoint or args.region or args.access_key_secret or args.secret_key_secret:
+        s3 = CloudBucketConfig(
+            endpoint=args.endpoint,
+            region=args.region,
+            access_key=args.access_key_secret,
+            secret_key=args.secret_key_secret,
+            force_path_style=args.force_path_style,
+        )
+    elif args.force_path_style:
+        s3 = CloudBucketConfig(force_path_style=True)
     with _client(args) as client:
-        info = client.create(args.name)
+        info = client.create(args.name, url=args.url, s3=s3)
     print(info.name)
     return 0
 
@@ -245,7 +292,7 @@ def ls_command(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(volumes)
             else:
-                header = ["NAME", "SIZE", "FILES", "SANDBOXES", "CREATED"]
+                header = ["NAME", "SIZE", "FILES", "SANDBOXES", "CREATED", "BACKEND"]
                 print_table([_volume_row(info) for info in volumes], header)
             return 0
         entries, truncated = client.list_path(args.name, args.pattern, limit=args.limit)

@@ -18,6 +18,7 @@ import secrets
 import signal as signals
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from engine.core.files import SandboxFiles
 from engine.core.models import (
     DEFAULT_OUTPUT_BUFFER_BYTES,
     DEFAULT_SANDBOX_OUTPUT_BYTES,
+    CloudBucketConfig,
     ExitReason,
     OutputChunk,
     ProcessInfo,
@@ -46,6 +48,7 @@ from engine.core.models import (
 )
 from engine.core.output import OutputBudget, OutputBuffer, OutputRate
 from engine.core.pool import SupervisorPool
+from engine.core.secrets import SecretInfo, SecretStore
 from engine.core.store import Store
 from engine.core.tenancy import current_workspace
 from engine.core.tokens import TokenStore
@@ -60,6 +63,8 @@ from engine.errors import (
 )
 from engine.runtime import cgroups, rootfs
 from engine.runtime.spawner import Spawner, SupervisorClient
+from engine.storage import fuse
+from engine.storage.fuse import FuseManager, MountConfig, S3Options
 from engine.storage.images import Image, ImageStore
 from engine.storage.trees import remove_tree
 from engine.storage.volumes import VolumeInfo, VolumeStore
@@ -82,6 +87,8 @@ MAX_REMEMBERED_SANDBOXES = 1000
 HELPER_PIDS = 3
 # Seconds a resolved image is reused before the image store is asked again.
 IMAGE_CACHE_SECONDS = 30.0
+# Threads that start and stop FUSE servers at once.
+FUSE_THREADS = 8
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -138,6 +145,13 @@ class _Sandbox:
     paused_readers: dict[int, tuple[asyncio.TimerHandle, Callable[[], None]]] = field(
         default_factory=dict
     )
+    # Values of spec.secrets, looked up at creation. Kept in memory only, and
+    # out of repr so that no log line can show them.
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # Access and secret key of each of spec.cloud_buckets, in order.
+    bucket_keys: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    # Names of the FUSE servers of the sandbox's bucket mounts.
+    fuse_servers: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -154,10 +168,21 @@ class Engine:
         self.volumes = VolumeStore(config.data_dir, config.uid_base)
         # Volume name -> ids of the PENDING or RUNNING sandboxes that mount it.
         self._volume_users: dict[str, set[str]] = {}
+        # FUSE servers of fsspec volumes (one per volume, started on first
+        # mount and kept until the volume is deleted or the engine stops) and
+        # of bucket mounts (one per mount and sandbox).
+        self.fuse = FuseManager(config.data_dir, config.uid_base)
+        self._fuse_locks: dict[str, asyncio.Lock] = {}
+        # Starting and stopping servers blocks for seconds, so it has threads
+        # of its own and never holds up the default executor's work.
+        self._fuse_executor = ThreadPoolExecutor(
+            max_workers=FUSE_THREADS, thread_name_prefix="engine-fuse"
+        )
         self.spawner = Spawner()
         self.store: Store | None = None
         # API tokens, for the gRPC TCP listener and the HTTP routes.
         self.tokens: TokenStore | None = None
+        self.secrets: SecretStore | None = None
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
         self.pool: SupervisorPool | None = None
@@ -183,10 +208,13 @@ class Engine:
         self._lock_data_dir()
         # After the lock: it removes what an interrupted create or delete left.
         self.volumes.prepare()
+        # Before the pool forks supervisors: see FuseManager.prepare.
+        self.fuse.prepare()
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
         self.tokens = TokenStore(self.store.db)
+        self.secrets = SecretStore(self.store.db)
         self._sweep()
         await self.spawner.start()
         self.pool = SupervisorPool(
@@ -283,6 +311,9 @@ class Engine:
         )
         if self.pool is not None:
             await self.pool.close()
+        await asyncio.get_running_loop().run_in_executor(
+            self._fuse_executor, self.fuse.stop_all
+        )
         await self.spawner.close()
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
@@ -291,6 +322,7 @@ class Engine:
             self.tokens = None
             self.store.close()
             self.store = None
+            self.secrets = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -309,6 +341,10 @@ class Engine:
         """Create a sandbox and return once it is RUNNING."""
         self._check_started()
         validation.check_spec(spec)
+        # Before anything exists, so that an unknown name leaves nothing behind.
+        secret_env = self._resolve_secrets(spec.secrets)
+        bucket_keys = [self._bucket_keys(mount.config) for mount in spec.cloud_buckets]
+        self._check_volume_backends(spec)
         image = self._resolve_image(spec.image)
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         now = time.time()
@@ -322,7 +358,12 @@ class Engine:
             last_activity_at=now,
             workspace=current_workspace(),
         )
-        sandbox = _Sandbox(info=info, directory=self.config.sandboxes_dir / sandbox_id)
+        sandbox = _Sandbox(
+            info=info,
+            directory=self.config.sandboxes_dir / sandbox_id,
+            secret_env=secret_env,
+            bucket_keys=bucket_keys,
+        )
         self.sandboxes[sandbox_id] = sandbox
         try:
             await self._start_sandbox(sandbox, image)
@@ -388,7 +429,7 @@ class Engine:
                 "work": str(directory / "work"),
                 "binds": [list(pair) for pair in image.binds],
             },
-            "volumes": self._acquire_volumes(sandbox),
+            "volumes": await self._mounts(sandbox),
         }
         assert self.pool is not None
         slot = await self.pool.take()
@@ -562,6 +603,9 @@ class Engine:
                 log.error(
                     "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
                 )
+        # No process of the sandbox is left to use its bucket mounts.
+        for name in sandbox.fuse_servers:
+            await loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
         await loop.run_in_executor(None, remove_tree, sandbox.directory)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
@@ -588,6 +632,37 @@ class Engine:
                     )
                     expire = self._terminate(sandbox, TerminationReason.TTL)
                     self._background(expire)
+
+    # Secrets.
+
+    def _resolve_secrets(self, names: tuple[str, ...]) -> dict[str, str]:
+        if not names:
+            return {}
+        self._check_started()
+        assert self.secrets is not None
+        return self.secrets.resolve(names)
+
+    async def create_secret(
+        self, name: str, value: str, *, overwrite: bool = False
+    ) -> tuple[SecretInfo, bool]:
+        """Store secret ``name``; return it and whether this call created it."""
+        self._check_started()
+        assert self.secrets is not None
+        info, created = self.secrets.create(name, value, overwrite=overwrite)
+        log.info("secret %s %s", name, "created" if created else "replaced")
+        return info, created
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        """Return every secret's name and times, never a value."""
+        self._check_started()
+        assert self.secrets is not None
+        return self.secrets.list()
+
+    async def delete_secret(self, name: str) -> None:
+        self._check_started()
+        assert self.secrets is not None
+        self.secrets.delete(name)
+        log.info("secret %s deleted", name)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         sandbox = self._get_running(sandbox_id)
@@ -618,7 +693,7 @@ class Engine:
         )
         for mount in ordered:
             self._volume_users.setdefault(mount.name, set()).add(sandbox_id)
-            _, created = self.volumes.create(mount.name)
+            info, created = self.volumes.create(mount.name)
             if created:
                 log.info("sandbox %s: created volume %s", sandbox_id, mount.name)
             mounts.append(
@@ -626,18 +701,135 @@ class Engine:
                     "source": str(self.volumes.data_path(mount.name)),
                     "target": mount.mount_path,
                     "read_only": mount.read_only,
+                    "volume": mount.name,
+                    "url": info.url,
                 }
             )
         return mounts
+
+    async def _mounts(self, sandbox: _Sandbox) -> list[dict[str, object]]:
+        """Return the volume and bucket mounts, parents first, with FUSE running."""
+        mounts = self._acquire_volumes(sandbox)
+        for mount in mounts:
+            url = mount.pop("url")
+            if url:
+                mount["source"] = await self._volume_server(str(mount["volume"]))
+            mount.pop("volume")
+        spec = sandbox.info.spec
+        loop = asyncio.get_running_loop()
+        for index, bucket in enumerate(spec.cloud_buckets):
+            name = f"{sandbox.info.sandbox_id}-bucket{index}"
+            access_key, secret_key = sandbox.bucket_keys[index]
+            prefix = fuse.check_key_prefix(bucket.config.key_prefix or "")
+            config = MountConfig(
+                url=f"s3://{bucket.name}/{prefix}" if prefix else f"s3://{bucket.name}",
+                mountpoint="",
+                cache_dir="",
+                uid=self.config.uid_base,
+                gid=self.config.uid_base,
+                read_only=bucket.config.read_only,
+                s3=_s3_options(bucket.config, access_key, secret_key),
+                fsname=f"engine-bucket-{bucket.name}",
+            )
+            sandbox.fuse_servers.append(name)
+            try:
+                server = await loop.run_in_executor(
+                    self._fuse_executor, self.fuse.start, name, config
+                )
+            except FailedPrecondition as error:
+                raise FailedPrecondition(
+                    f"cloud bucket {bucket.name!r} at {bucket.mount_path}: {error}"
+                ) from None
+            mounts.append(
+                {
+                    "source": str(server.mountpoint),
+                    "target": bucket.mount_path,
+                    "read_only": bucket.config.read_only,
+                }
+            )
+        return sorted(mounts, key=lambda mount: str(mount["target"]).count("/"))
+
+    async def _volume_server(self, name: str) -> str:
+        """Start volume ``name``'s FUSE server unless it runs; return its mount."""
+        server_name = f"volume-{name}"
+        lock = self._fuse_locks.setdefault(server_name, asyncio.Lock())
+        async with lock:
+            server = self.fuse.servers.get(server_name)
+            if server is not None and server.process.poll() is None:
+                return str(server.mountpoint)
+            loop = asyncio.get_running_loop()
+            if server is not None:
+                log.warning("FUSE server of volume %s exited; starting a new one", name)
+                await loop.run_in_executor(
+                    self._fuse_executor, self.fuse.stop, server_name
+                )
+            fields = self.volumes.metadata(name)
+            settings = CloudBucketConfig(**dict(fields.get("s3") or {}))  # type: ignore[arg-type]
+            access_key, secret_key = self._bucket_keys(settings)
+            config = MountConfig(
+                url=str(fields["url"]),
+                mountpoint="",
+                cache_dir="",
+                uid=self.config.uid_base,
+                gid=self.config.uid_base,
+                s3=_s3_options(settings, access_key, secret_key),
+                fsname=f"engine-volume-{name}",
+            )
+            try:
+                server = await loop.run_in_executor(
+                    self._fuse_executor, self.fuse.start, server_name, config
+                )
+            except FailedPrecondition as error:
+                raise FailedPrecondition(f"volume {name!r}: {error}") from None
+            return str(server.mountpoint)
+
+    def _bucket_keys(self, config: CloudBucketConfig) -> tuple[str, str]:
+        """Look up the access and secret key that ``config`` names, or ("", "")."""
+        if not config.access_key:
+            return "", ""
+        values = self._resolve_secrets((config.access_key, config.secret_key))
+        return values[config.access_key], values[config.secret_key]
+
+    def _check_volume_backends(self, spec: SandboxSpec) -> None:
+        """Raise NotFound for an fsspec volume that names a missing secret."""
+        for mount in spec.volumes:
+            with contextlib.suppress(NotFound):
+                fields = self.volumes.metadata(mount.name)
+                if fields.get("url"):
+                    settings = dict(fields.get("s3") or {})
+                    self._bucket_keys(CloudBucketConfig(**settings))  # type: ignore[arg-type]
 
     def _with_users(self, info: VolumeInfo) -> VolumeInfo:
         users = tuple(sorted(self._volume_users.get(info.name, ())))
         return replace(info, sandbox_ids=users)
 
-    async def create_volume(self, name: str) -> tuple[VolumeInfo, bool]:
-        """Create volume ``name`` unless it exists; return it and whether it is new."""
+    async def create_volume(
+        self, name: str, url: str = "", s3: CloudBucketConfig | None = None
+    ) -> tuple[VolumeInfo, bool]:
+        """Create volume ``name`` unless it exists; return it and whether it is new.
+
+        ``url`` is an fsspec URL (s3:// or memory://) for a FUSE-backed volume,
+        with ``s3`` the connection settings of an s3:// URL.
+        """
         self._check_started()
-        info, created = self.volumes.create(name)
+        settings = s3 or CloudBucketConfig()
+        if url:
+            protocol, _ = fuse.parse_url(url)
+            validation.check_volume_backend(protocol, settings)
+            # Fails now, with NotFound, rather than at the first mount.
+            self._bucket_keys(settings)
+        elif settings != CloudBucketConfig():
+            raise InvalidArgument(
+                f"volume {name!r}: s3 settings need an s3:// url; pass url too"
+            )
+        s3_fields = {
+            "endpoint": settings.endpoint,
+            "region": settings.region,
+            "access_key": settings.access_key,
+            "secret_key": settings.secret_key,
+            "force_path_style": settings.force_path_style,
+        }
+        info, created = self.volumes.create(name, url, s3_fields if url else None)
         return self._with_users(info), created
 
     async def list_volumes(self) -> list[VolumeInfo]:
@@ -661,6 +853,10 @@ class Engine:
         trash = self.volumes.detach(name)
         self._volume_users.pop(name, None)
         loop = asyncio.get_running_loop()
+        if f"volume-{name}" in self.fuse.servers:
+            await loop.run_in_executor(
+                self._fuse_executor, self.fuse.stop, f"volume-{name}"
+            )
         await loop.run_in_executor(None, self.volumes.purge, trash)
 
     # Processes.
@@ -674,13 +870,21 @@ class Engine:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        secrets: tuple[str, ...] | list[str] = (),
     ) -> ProcessInfo:
-        """Start ``argv`` in the sandbox (no shell) and return once it runs."""
+        """Start ``argv`` in the sandbox (no shell) and return once it runs.
+
+        The environment is, from lowest to highest precedence: the engine's
+        defaults, the spec's env, the sandbox's secrets, ``env``, and the
+        values of the secrets named in ``secrets``.
+        """
         sandbox = self._get_running(sandbox_id)
         spec = sandbox.info.spec
         cwd = cwd or spec.workdir
         env = env or {}
         validation.check_exec(argv, cwd, env, timeout)
+        secret_names = validation.check_secret_names("secrets", secrets)
+        exec_secrets = self._resolve_secrets(secret_names)
         full_env = {
             "PATH": DEFAULT_PATH,
             "HOME": "/root",
@@ -688,7 +892,10 @@ class Engine:
             "LANG": "C.UTF-8",
         }
         full_env.update(spec.env)
+        full_env.update(sandbox.secret_env)
         full_env.update(env)
+        full_env.update(exec_secrets)
+        validation.check_exec_size(argv, full_env)
         self._touch(sandbox)
         assert sandbox.supervisor is not None and sandbox.cgroup is not None
         try:
@@ -1018,6 +1225,18 @@ def _os_message(error: OSError) -> str:
             return f"{error.filename!r}: {error.strerror}"
         return error.strerror
     return str(error)
+
+
+def _s3_options(
+    config: CloudBucketConfig, access_key: str, secret_key: str
+) -> S3Options:
+    return S3Options(
+        endpoint=config.endpoint,
+        region=config.region,
+        access_key=access_key,
+        secret_key=secret_key,
+        force_path_style=config.force_path_style,
+    )
 
 
 def _check_traversable(data_dir: Path, uid: int) -> None:

@@ -73,6 +73,31 @@ class VolumeMount:
 
 
 @dataclass(frozen=True)
+class CloudBucketConfig:
+    """How to reach an S3-compatible bucket.
+
+    ``access_key`` and ``secret_key`` are names of secrets, not the keys.
+    """
+
+    endpoint: str = ""
+    region: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    read_only: bool = False
+    force_path_style: bool = False
+    key_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class CloudBucketMount:
+    """An S3 bucket mounted through FUSE at ``mount_path`` inside the sandbox."""
+
+    name: str
+    mount_path: str
+    config: CloudBucketConfig = field(default_factory=CloudBucketConfig)
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """Settings a caller requests for a new sandbox.
 
@@ -92,6 +117,10 @@ class SandboxSpec:
     ttl: float = DEFAULT_TTL_SECONDS
     nofile: int = DEFAULT_NOFILE
     volumes: tuple[VolumeMount, ...] = ()
+    # Names of secrets set as environment variables of every process; the
+    # values never enter the spec.
+    secrets: tuple[str, ...] = ()
+    cloud_buckets: tuple[CloudBucketMount, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 from pathlib import Path
 
 from engine.core.models import (
+    CloudBucketConfig,
+    CloudBucketMount,
     ExitReason,
     ProcessInfo,
     ProcessState,
@@ -49,6 +52,13 @@ CREATE TABLE IF NOT EXISTS processes (
 
 class Store:
     def __init__(self, path: Path) -> None:
+        # The database holds secret values, so only root may read it. SQLite
+        # gives its -wal and -shm files the mode of the database file.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # WAL with synchronous=NORMAL keeps a committed row across a daemon
         # crash (only a power loss can lose the last transactions).
@@ -103,7 +113,18 @@ class Store:
         # dataclasses.asdict stored each VolumeMount as a dict; rows written
         # before volumes existed have no "volumes" key.
         volumes = tuple(VolumeMount(**item) for item in fields.pop("volumes", ()))
-        spec = SandboxSpec(**fields, volumes=volumes)
+        secrets = tuple(fields.pop("secrets", ()))
+        buckets = tuple(
+            CloudBucketMount(
+                name=item["name"],
+                mount_path=item["mount_path"],
+                config=CloudBucketConfig(**item["config"]),
+            )
+            for item in fields.pop("cloud_buckets", ())
+        )
+        spec = SandboxSpec(
+            **fields, volumes=volumes, secrets=secrets, cloud_buckets=buckets
+        )
         return SandboxInfo(
             sandbox_id=row[0],
             spec=spec,

@@ -6,8 +6,16 @@ import math
 import posixpath
 import re
 
-from engine.core.models import SandboxSpec, VolumeMount
+from engine.core.models import (
+    CloudBucketConfig,
+    CloudBucketMount,
+    SandboxSpec,
+    VolumeMount,
+)
+from engine.core.secrets import check_name as check_secret_name
+from engine.core.secrets import check_names as check_secret_names
 from engine.errors import InvalidArgument
+from engine.storage.fuse import check_bucket, check_endpoint, check_key_prefix
 from engine.storage.volumes import check_name as check_volume_name
 
 # argv plus env, in bytes. The kernel allows 128 KiB per string and about a
@@ -23,11 +31,13 @@ MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
 MAX_NAME = 63
 MAX_LABELS = 64
 MAX_VOLUMES = 32
+MAX_BUCKETS = 8
 MAX_MOUNT_PATH_BYTES = 4096
 # The runtime mounts its own file systems here, and a volume must not hide them.
 RESERVED_MOUNT_PATHS = ("/proc", "/dev", "/sys")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 
 
@@ -88,7 +98,8 @@ def check_spec(spec: SandboxSpec) -> None:
             "digits, '.', '_' or '-'"
         )
     check_env(spec.env)
-    check_volumes(spec.volumes)
+    check_volumes(spec.volumes, spec.cloud_buckets)
+    check_secret_names("secrets", spec.secrets)
     if len(spec.labels) > MAX_LABELS:
         raise InvalidArgument(
             f"{len(spec.labels)} labels given; the maximum is {MAX_LABELS}"
@@ -106,51 +117,101 @@ def check_spec(spec: SandboxSpec) -> None:
         _check_text(f"label {key!r}", value)
 
 
-def check_volumes(volumes: tuple[VolumeMount, ...]) -> None:
-    """Check volume names and mount paths: absolute, normal, unreserved, distinct."""
+def check_volumes(
+    volumes: tuple[VolumeMount, ...], buckets: tuple[CloudBucketMount, ...] = ()
+) -> None:
+    """Check volume and bucket mounts: names, and paths absolute, normal, distinct."""
     if len(volumes) > MAX_VOLUMES:
         raise InvalidArgument(
             f"{len(volumes)} volumes given; the maximum is {MAX_VOLUMES}"
         )
+    if len(buckets) > MAX_BUCKETS:
+        raise InvalidArgument(
+            f"{len(buckets)} cloud buckets given; the maximum is {MAX_BUCKETS}"
+        )
     seen: set[str] = set()
     for mount in volumes:
         check_volume_name(mount.name)
-        path = mount.mount_path
-        display = shorten(repr(path))
-        _check_text("volume mount path", path)
-        if len(path.encode()) > MAX_MOUNT_PATH_BYTES:
+        _check_mount_path("volume", mount.mount_path, seen)
+    for bucket in buckets:
+        check_bucket(bucket.name)
+        _check_mount_path("cloud bucket", bucket.mount_path, seen)
+        config = bucket.config
+        check_endpoint(config.endpoint)
+        if config.region and not _REGION.match(config.region):
             raise InvalidArgument(
-                f"volume mount path {display} is longer than"
-                f" {MAX_MOUNT_PATH_BYTES} bytes"
+                f"invalid region {shorten(config.region)} of bucket {bucket.name!r}:"
+                " expected a name such as us-east-1"
             )
-        if not path.startswith("/"):
+        if bool(config.access_key) != bool(config.secret_key):
             raise InvalidArgument(
-                f"volume mount path {display} must be an absolute path, such as /data"
+                f"bucket {bucket.name!r} names only one of access_key and"
+                " secret_key; name both secrets, or neither for anonymous access"
             )
-        normal = "/" + posixpath.normpath(path).lstrip("/")
-        if normal == "/":
+        for key in (config.access_key, config.secret_key):
+            if key:
+                check_secret_name(key)
+        if config.key_prefix is not None:
+            check_key_prefix(config.key_prefix)
+
+
+def check_volume_backend(protocol: str, config: CloudBucketConfig) -> None:
+    """Check the connection settings of an fsspec volume."""
+    if protocol != "s3" and config != CloudBucketConfig():
+        raise InvalidArgument(
+            f"s3 settings apply only to s3:// urls, not {protocol}://"
+        )
+    if config.read_only or config.key_prefix is not None:
+        raise InvalidArgument(
+            "s3 settings of a volume may not set read_only or key_prefix; put the"
+            " prefix in the url and read_only in each Volume mount"
+        )
+    check_endpoint(config.endpoint)
+    if bool(config.access_key) != bool(config.secret_key):
+        raise InvalidArgument(
+            "the volume's s3 settings name only one of access_key and secret_key;"
+            " name both secrets, or neither for anonymous access"
+        )
+    for key in (config.access_key, config.secret_key):
+        if key:
+            check_secret_name(key)
+
+
+def _check_mount_path(kind: str, path: str, seen: set[str]) -> None:
+    display = shorten(repr(path))
+    _check_text(f"{kind} mount path", path)
+    if len(path.encode()) > MAX_MOUNT_PATH_BYTES:
+        raise InvalidArgument(
+            f"{kind} mount path {display} is longer than {MAX_MOUNT_PATH_BYTES} bytes"
+        )
+    if not path.startswith("/"):
+        raise InvalidArgument(
+            f"{kind} mount path {display} must be an absolute path, such as /data"
+        )
+    normal = "/" + posixpath.normpath(path).lstrip("/")
+    if normal == "/":
+        raise InvalidArgument(
+            f"{kind} mount path {display} is the sandbox's root; mount the"
+            f" {kind} on a directory such as /data"
+        )
+    # A path with "..", "." or "//" could name a reserved directory, so
+    # only the normal spelling is accepted.
+    if normal != path:
+        raise InvalidArgument(
+            f"{kind} mount path {display} is not in normal form; use {normal!r}"
+        )
+    for reserved in RESERVED_MOUNT_PATHS:
+        if path == reserved or path.startswith(reserved + "/"):
             raise InvalidArgument(
-                f"volume mount path {display} is the sandbox's root; mount the"
-                " volume on a directory such as /data"
+                f"{kind} mount path {display} is inside {reserved}, which the"
+                " engine mounts itself; choose another path"
             )
-        # A path with "..", "." or "//" could name a reserved directory, so
-        # only the normal spelling is accepted.
-        if normal != path:
-            raise InvalidArgument(
-                f"volume mount path {display} is not in normal form; use {normal!r}"
-            )
-        for reserved in RESERVED_MOUNT_PATHS:
-            if path == reserved or path.startswith(reserved + "/"):
-                raise InvalidArgument(
-                    f"volume mount path {display} is inside {reserved}, which the"
-                    " engine mounts itself; choose another path"
-                )
-        if path in seen:
-            raise InvalidArgument(
-                f"volume mount path {display} is given twice; mount each volume"
-                " on its own path"
-            )
-        seen.add(path)
+    if path in seen:
+        raise InvalidArgument(
+            f"{kind} mount path {display} is given twice; mount each volume or"
+            " bucket on its own path"
+        )
+    seen.add(path)
 
 
 def check_env(env: dict[str, str]) -> None:
@@ -165,6 +226,17 @@ def check_env(env: dict[str, str]) -> None:
                 "not starting with a digit"
             )
         _check_text(f"env {key}", value)
+
+
+def check_exec_size(argv: list[str], env: dict[str, str]) -> None:
+    """Raise InvalidArgument when argv plus env exceed MAX_EXEC_BYTES."""
+    size = sum(len(arg.encode()) + 1 for arg in argv)
+    size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise InvalidArgument(
+            f"argv and env are {size} bytes; the limit is {MAX_EXEC_BYTES} bytes. "
+            "Pass large data through stdin or a file instead"
+        )
 
 
 def check_exec(
@@ -183,13 +255,7 @@ def check_exec(
         raise InvalidArgument(f"cwd {shorten(cwd)} must be an absolute path")
     _check_text("cwd", cwd)
     check_env(env)
-    size = sum(len(arg.encode()) + 1 for arg in argv)
-    size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
-    if size > MAX_EXEC_BYTES:
-        raise InvalidArgument(
-            f"argv and env are {size} bytes; the limit is {MAX_EXEC_BYTES} bytes. "
-            "Pass large data through stdin or a file instead"
-        )
+    check_exec_size(argv, env)
     if timeout is not None and (math.isnan(timeout) or timeout < 0):
         raise InvalidArgument(
             f"timeout {timeout!r} must be 0 or more seconds (0: no timeout)"

@@ -21,6 +21,9 @@ _EXPORTS = {
     "parse_memory": "engine.sdk.sandbox",
     "Volume": "engine.sdk.volumes",
     "VolumeClient": "engine.sdk.volumes",
+    "SecretClient": "engine.sdk.secrets",
+    "CloudBucket": "engine.sdk.sandbox",
+    "CloudBucketConfig": "engine.sdk.sandbox",
     "EmbeddedEngine": "engine.sdk.embedded",
     "AsyncSandbox": "engine.sdk.aio",
 }

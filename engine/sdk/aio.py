@@ -36,6 +36,7 @@ from engine.sdk.sandbox import (
     ProcessStatus,
     Sandbox,
     SandboxProcessResponse,
+    _secret_names,
 )
 from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
@@ -246,6 +247,7 @@ class AsyncSandboxProcessManager:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        secrets: list[str] | None = None,
     ) -> AsyncSandboxProcess:
         """Start ``args`` and return once it runs, like SandboxProcessManager.exec."""
         if len(args) == 1 and isinstance(args[0], list | tuple):
@@ -258,6 +260,7 @@ class AsyncSandboxProcessManager:
             cwd=cwd or "",
             env=env or {},
             stdin=stdin,
+            secrets=_secret_names(secrets),
         )
         if timeout is not None:
             request.timeout_seconds = timeout

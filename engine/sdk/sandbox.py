@@ -24,6 +24,7 @@ from typing import Any
 
 from engine import errors
 from engine.core.models import (
+    CloudBucketConfig,
     ExitReason,
     ProcessInfo,
     ProcessState,
@@ -32,6 +33,7 @@ from engine.core.models import (
     SandboxStats,
     Stream,
 )
+from engine.core.models import CloudBucketMount as CloudBucket
 from engine.sdk.client import Client
 from engine.sdk.files import SandboxFileSystem
 from engine.sdk.volumes import Volume, check_volumes
@@ -39,6 +41,8 @@ from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CloudBucket", "CloudBucketConfig", "Sandbox", "SandboxInstance"]
 
 # WriteStdin sends at most this many bytes per message, below gRPC's default
 # 4 MiB message limit.
@@ -74,6 +78,18 @@ def parse_memory(value: int | str | None) -> int | None:
             f"invalid memory {value!r}: {mib} MiB is not a whole number of MiB"
         )
     return int(mib)
+
+
+def _secret_names(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Return secret names as a list, rejecting a bare string early."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        raise errors.InvalidArgument(
+            f"invalid secrets {names!r}: expected a list of secret names, such as"
+            f" [{names!r}]"
+        )
+    return list(names)
 
 
 @dataclass(frozen=True)
@@ -292,12 +308,14 @@ class SandboxProcessManager:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        secrets: list[str] | None = None,
     ) -> SandboxProcess:
         """Start ``args`` in the sandbox and return once it runs.
 
         ``timeout`` is in seconds: after it, the engine kills the process group
         and reports ExitReason.TIMEOUT with exit code 137. Without ``stdin``,
-        the process reads /dev/null.
+        the process reads /dev/null. ``secrets`` names secrets that become
+        environment variables of this process only.
         """
         if len(args) == 1 and isinstance(args[0], list | tuple):
             argv = list(args[0])
@@ -309,6 +327,7 @@ class SandboxProcessManager:
             cwd=cwd or "",
             env=env or {},
             stdin=stdin,
+            secrets=_secret_names(secrets),
         )
         if timeout is not None:
             request.timeout_seconds = timeout
@@ -419,6 +438,9 @@ class Sandbox:
     pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
     "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
     ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
+    ``secrets`` names secrets (``engine.sdk.secrets.SecretClient``) that become
+    environment variables of every process. ``cloud_buckets`` lists the
+    ``CloudBucket`` objects (S3 buckets) to mount through FUSE.
     """
 
     def __init__(
@@ -435,6 +457,8 @@ class Sandbox:
         ttl: float | None = None,
         address: str | None = None,
         volumes: list[Volume] | None = None,
+        secrets: list[str] | None = None,
+        cloud_buckets: list[CloudBucket] | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
@@ -446,6 +470,13 @@ class Sandbox:
         self.labels = dict(labels or {})
         self.ttl = ttl
         self.volumes = check_volumes(volumes or [])
+        self.secrets = _secret_names(secrets)
+        self.cloud_buckets = list(cloud_buckets or [])
+        for bucket in self.cloud_buckets:
+            if not isinstance(bucket, CloudBucket):
+                raise errors.InvalidArgument(
+                    f"invalid cloud bucket {bucket!r}: expected a CloudBucket"
+                )
         self.address = address
 
     def spec_proto(self) -> pb.SandboxSpec:
@@ -456,6 +487,10 @@ class Sandbox:
             name=self.name,
             labels=self.labels,
             volumes=[volume.to_proto() for volume in self.volumes],
+            secrets=self.secrets,
+            cloud_buckets=[
+                convert.bucket_mount_to_proto(b) for b in self.cloud_buckets
+            ],
         )
         optional: dict[str, Any] = {
             "cpu": self.cpu,

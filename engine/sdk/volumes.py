@@ -35,7 +35,9 @@ from typing import IO, Any
 import grpc
 
 from engine import errors
+from engine.core.models import CloudBucketConfig
 from engine.sdk.client import error_from_rpc, open_channel, resolve_address
+from engine.server.convert import bucket_config_to_proto
 from engine.server.volumes import path_from_proto, volume_from_proto
 from engine.storage.volumes import CHUNK_BYTES, PathInfo, VolumeInfo
 from engine.v1 import sandbox_pb2, volume_pb2_grpc
@@ -98,9 +100,19 @@ class VolumeClient:
 
     # Volumes.
 
-    def create(self, name: str) -> VolumeInfo:
-        """Create volume ``name``, or return it if it exists."""
-        reply = self._call("Create", pb.VolumeCreateRequest(name=name))
+    def create(
+        self, name: str, *, url: str = "", s3: CloudBucketConfig | None = None
+    ) -> VolumeInfo:
+        """Create volume ``name``, or return it if it exists.
+
+        ``url`` backs the volume with an fsspec file system instead of a local
+        directory: "s3://BUCKET/PREFIX" (with ``s3`` naming the endpoint and
+        the secrets of the keys) or "memory://NAME" for tests.
+        """
+        request = pb.VolumeCreateRequest(name=name, url=url)
+        if s3 is not None:
+            request.s3.CopyFrom(bucket_config_to_proto(s3))
+        reply = self._call("Create", request)
         return volume_from_proto(reply.volume)
 
     def list(self) -> list[VolumeInfo]:

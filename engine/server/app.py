@@ -19,10 +19,12 @@ from engine.server import deployments as deployment_service
 from engine.server import files as file_service
 from engine.server.auth import AuthInterceptor, TokenLookup
 from engine.server.interceptor import ErrorInterceptor
+from engine.server.secrets import SERVICE_NAME as SECRET_SERVICE_NAME
+from engine.server.secrets import SecretServicer
 from engine.server.servicer import SandboxServicer
 from engine.server.volumes import SERVICE_NAME as VOLUME_SERVICE_NAME
 from engine.server.volumes import VolumeServicer
-from engine.v1 import sandbox_pb2, sandbox_pb2_grpc, volume_pb2_grpc
+from engine.v1 import sandbox_pb2, sandbox_pb2_grpc, secret_pb2_grpc, volume_pb2_grpc
 
 if TYPE_CHECKING:
     from engine.core.engine import Engine
@@ -63,6 +65,7 @@ class Server:
             "",
             SERVICE_NAME,
             VOLUME_SERVICE_NAME,
+            SECRET_SERVICE_NAME,
             file_service.SERVICE_NAME,
         ):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -210,6 +213,7 @@ def create_server(
         SandboxServicer(engine), server
     )
     volume_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeServicer(engine), server)
+    secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(engine), server)
     file_service.add_to_server(engine, server)
     deployment_service.add_to_server(engine, server)
     health_servicer = health.aio.HealthServicer()
@@ -218,6 +222,7 @@ def create_server(
         [
             SERVICE_NAME,
             VOLUME_SERVICE_NAME,
+            SECRET_SERVICE_NAME,
             file_service.SERVICE_NAME,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,

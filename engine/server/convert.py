@@ -9,6 +9,8 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.core.models import (
+    CloudBucketConfig,
+    CloudBucketMount,
     ExitReason,
     OutputChunk,
     ProcessInfo,
@@ -91,6 +93,8 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
         ttl_seconds=spec.ttl,
         nofile=spec.nofile,
         volumes=[volume_mount_to_proto(mount) for mount in spec.volumes],
+        secrets=list(spec.secrets),
+        cloud_buckets=[bucket_mount_to_proto(mount) for mount in spec.cloud_buckets],
     )
     if spec.cpu is not None:
         message.cpu = spec.cpu
@@ -102,6 +106,28 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
 def volume_mount_to_proto(mount: VolumeMount) -> pb.VolumeMount:
     return pb.VolumeMount(
         name=mount.name, mount_path=mount.mount_path, read_only=mount.read_only
+    )
+
+
+def bucket_config_to_proto(config: CloudBucketConfig) -> pb.CloudBucketConfig:
+    message = pb.CloudBucketConfig(
+        endpoint=config.endpoint,
+        region=config.region,
+        access_key=config.access_key,
+        secret_key=config.secret_key,
+        read_only=config.read_only,
+        force_path_style=config.force_path_style,
+    )
+    if config.key_prefix is not None:
+        message.key_prefix = config.key_prefix
+    return message
+
+
+def bucket_mount_to_proto(mount: CloudBucketMount) -> pb.CloudBucketMount:
+    return pb.CloudBucketMount(
+        name=mount.name,
+        mount_path=mount.mount_path,
+        config=bucket_config_to_proto(mount.config),
     )
 
 
@@ -177,12 +203,36 @@ def spec_from_proto(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=message.ttl_seconds if message.HasField("ttl_seconds") else defaults.ttl,
         nofile=message.nofile if message.HasField("nofile") else defaults.nofile,
         volumes=tuple(volume_mount_from_proto(mount) for mount in message.volumes),
+        secrets=tuple(message.secrets),
+        cloud_buckets=tuple(
+            bucket_mount_from_proto(mount) for mount in message.cloud_buckets
+        ),
     )
 
 
 def volume_mount_from_proto(message: pb.VolumeMount) -> VolumeMount:
     return VolumeMount(
         name=message.name, mount_path=message.mount_path, read_only=message.read_only
+    )
+
+
+def bucket_config_from_proto(message: pb.CloudBucketConfig) -> CloudBucketConfig:
+    return CloudBucketConfig(
+        endpoint=message.endpoint,
+        region=message.region,
+        access_key=message.access_key,
+        secret_key=message.secret_key,
+        read_only=message.read_only,
+        force_path_style=message.force_path_style,
+        key_prefix=message.key_prefix if message.HasField("key_prefix") else None,
+    )
+
+
+def bucket_mount_from_proto(message: pb.CloudBucketMount) -> CloudBucketMount:
+    return CloudBucketMount(
+        name=message.name,
+        mount_path=message.mount_path,
+        config=bucket_config_from_proto(message.config),
     )
 
 

@@ -53,11 +53,16 @@ def _wrap_deserializer(
     return deserialize
 
 
-def _subject(request: Any) -> str:
-    """Name what a request is about, for logs: its sandbox or its volume."""
+def _subject(method: str, request: Any) -> str:
+    """Name what a request is about, for logs: its sandbox, volume or secret.
+
+    Only names are read, so a secret's value never reaches the log.
+    """
     sandbox_id = getattr(request, "sandbox_id", "")
     if sandbox_id:
         return f"sandbox {sandbox_id}"
+    if method.startswith("SecretService."):
+        return f"secret {getattr(request, 'name', '') or '-'}"
     volume = getattr(request, "volume", "") or getattr(request, "name", "")
     if volume:
         return f"volume {volume}"
@@ -71,7 +76,7 @@ async def _abort(
     error: BaseException,
 ) -> None:
     """Abort the RPC with the status for ``error``; this always raises."""
-    subject = _subject(request)
+    subject = _subject(method, request)
     if isinstance(error, EngineError):
         code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
         logger.info("%s for %s failed: %s: %s", method, subject, code.name, error)

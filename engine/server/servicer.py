@@ -118,6 +118,7 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             env=arguments.env,
             timeout=arguments.timeout,
             stdin=arguments.stdin,
+            secrets=arguments.secrets,
         )
         logger.debug(
             "started pid %d in sandbox %s: %s",

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine.core import secrets
 from engine.core.models import DEFAULT_TTL_SECONDS, SandboxSpec, Stream, VolumeMount
 from engine.core.validation import MAX_TTL_SECONDS
 from engine.errors import InvalidArgument
+from engine.server import convert
 from engine.server.convert import STREAMS_FROM_PROTO
 from engine.v1 import sandbox_pb2 as pb
 
@@ -128,6 +131,18 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         check_name(f"spec.volumes[{index}].mount_path", mount.mount_path)
         volumes.append(VolumeMount(mount.name, mount.mount_path, mount.read_only))
 
+    # The Engine checks bucket names, endpoints and mount paths.
+    buckets = []
+    for index, mount in enumerate(message.cloud_buckets):
+        check_name(f"spec.cloud_buckets[{index}].name", mount.name)
+        check_name(f"spec.cloud_buckets[{index}].mount_path", mount.mount_path)
+        for name in ("endpoint", "region", "access_key", "secret_key", "key_prefix"):
+            check_text(
+                f"spec.cloud_buckets[{index}].config.{name}",
+                getattr(mount.config, name),
+            )
+        buckets.append(convert.bucket_mount_from_proto(mount))
+
     return SandboxSpec(
         image=message.image or defaults.image,
         cpu=cpu,
@@ -140,7 +155,16 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=ttl,
         nofile=nofile,
         volumes=tuple(volumes),
+        secrets=check_secret_names("spec.secrets", message.secrets),
+        cloud_buckets=tuple(buckets),
     )
+
+
+def check_secret_names(field: str, names: Iterable[str]) -> tuple[str, ...]:
+    """Check the secret names of a request and drop repeated ones."""
+    for index, name in enumerate(names):
+        check_text(f"{field}[{index}]", name)
+    return secrets.check_names(field, names)
 
 
 def check_ttl(field: str, value: float) -> float:
@@ -160,6 +184,7 @@ class ExecArguments:
     env: dict[str, str]
     timeout: float | None
     stdin: bool
+    secrets: tuple[str, ...] = ()
 
 
 def exec_from_request(request: pb.ExecRequest) -> ExecArguments:
@@ -189,6 +214,7 @@ def exec_from_request(request: pb.ExecRequest) -> ExecArguments:
         env=check_env("env", dict(request.env)),
         timeout=timeout,
         stdin=request.stdin,
+        secrets=check_secret_names("secrets", request.secrets),
     )
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from engine.errors import InvalidArgument
+from engine.server import convert
 from engine.server.convert import timestamp_from_proto, timestamp_to_proto
 from engine.storage.volumes import (
     CHUNK_BYTES,
@@ -57,6 +58,7 @@ def volume_to_proto(info: VolumeInfo) -> pb.Volume:
         name=info.name,
         created_at=timestamp_to_proto(info.created_at),
         sandbox_ids=list(info.sandbox_ids),
+        url=info.url,
     )
     if info.size_bytes is not None:
         message.size_bytes = info.size_bytes
@@ -72,6 +74,7 @@ def volume_from_proto(message: pb.Volume) -> VolumeInfo:
         size_bytes=message.size_bytes if message.HasField("size_bytes") else None,
         file_count=message.file_count if message.HasField("file_count") else None,
         sandbox_ids=tuple(message.sandbox_ids),
+        url=message.url,
     )
 
 
@@ -110,7 +113,10 @@ class VolumeServicer(volume_pb2_grpc.VolumeServiceServicer):
     async def Create(
         self, request: pb.VolumeCreateRequest, context: grpc.aio.ServicerContext
     ) -> pb.VolumeCreateResponse:
-        info, created = await self._engine.create_volume(request.name)
+        s3 = None
+        if request.HasField("s3"):
+            s3 = convert.bucket_config_from_proto(request.s3)
+        info, created = await self._engine.create_volume(request.name, request.url, s3)
         if created:
             logger.info("created volume %s", info.name)
         return pb.VolumeCreateResponse(volume=volume_to_proto(info), created=created)

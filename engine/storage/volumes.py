@@ -116,6 +116,8 @@ class VolumeInfo:
     file_count: int | None = None
     # Sandboxes, PENDING or RUNNING, that mount the volume now.
     sandbox_ids: tuple[str, ...] = ()
+    # fsspec URL of the backend; "" for the local directory.
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -371,12 +373,19 @@ class VolumeStore:
 
     # Volumes.
 
-    def create(self, name: str) -> tuple[VolumeInfo, bool]:
-        """Create volume ``name`` unless it exists; return it and whether it is new."""
+    def create(
+        self, name: str, url: str = "", s3: dict[str, object] | None = None
+    ) -> tuple[VolumeInfo, bool]:
+        """Create volume ``name`` unless it exists; return it and whether it is new.
+
+        ``url`` is an fsspec URL for a FUSE-backed volume, with ``s3`` its
+        connection settings (secret names, not keys). Asking for an existing
+        volume with another URL raises AlreadyExists.
+        """
         check_name(name)
         final = self.directory / name
         if final.is_dir():
-            return self.get(name), False
+            return self._existing(name, url), False
         temp = self.directory / f".new-{secrets.token_hex(8)}"
         created_at = time.time()
         temp.mkdir(mode=0o700)
@@ -384,7 +393,11 @@ class VolumeStore:
             os.chown(temp, self.uid, self.uid)
             (temp / "data").mkdir(mode=0o755)
             os.chown(temp / "data", self.uid, self.uid)
-            metadata = json.dumps({"name": name, "created_at": created_at})
+            fields: dict[str, object] = {"name": name, "created_at": created_at}
+            if url:
+                fields["url"] = url
+                fields["s3"] = s3 or {}
+            metadata = json.dumps(fields)
             (temp / "volume.json").write_text(metadata + "\n")
             # The directory contains two entries, so renaming it onto an existing
             # volume fails (ENOTEMPTY or EEXIST) instead of replacing it.
@@ -392,21 +405,37 @@ class VolumeStore:
         except OSError as error:
             shutil.rmtree(temp, ignore_errors=True)
             if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                return self.get(name), False
+                return self._existing(name, url), False
             raise
         logger.info("created volume %s", name)
-        return VolumeInfo(name=name, created_at=created_at), True
+        return VolumeInfo(name=name, created_at=created_at, url=url), True
+
+    def _existing(self, name: str, url: str) -> VolumeInfo:
+        info = self.get(name)
+        if url and info.url != url:
+            raise AlreadyExists(
+                f"volume {name!r} exists with backend {info.url or 'local'!r}, not"
+                f" {url!r}; delete it first or choose another name"
+            )
+        return info
+
+    def metadata(self, name: str) -> dict[str, object]:
+        """Return the contents of volume ``name``'s volume.json."""
+        check_name(name)
+        try:
+            text = (self.directory / name / "volume.json").read_text()
+        except FileNotFoundError:
+            raise self._not_found(name) from None
+        return json.loads(text)
 
     def get(self, name: str) -> VolumeInfo:
         """Return volume ``name`` without its usage."""
-        check_name(name)
-        directory = self.directory / name
-        try:
-            text = (directory / "volume.json").read_text()
-        except FileNotFoundError:
-            raise self._not_found(name) from None
-        created_at = json.loads(text)["created_at"]
-        return VolumeInfo(name=name, created_at=float(created_at))
+        fields = self.metadata(name)
+        return VolumeInfo(
+            name=name,
+            created_at=float(fields["created_at"]),  # type: ignore[arg-type]
+            url=str(fields.get("url", "")),
+        )
 
     def list(self) -> list[VolumeInfo]:
         """Return every volume with its usage, in name order."""
@@ -416,7 +445,8 @@ class VolumeStore:
                 continue
             try:
                 info = self.get(name)
-                size, count = self.usage(name)
+                # A FUSE-backed volume's usage would take a walk of the bucket.
+                size, count = self.usage(name) if not info.url else (None, None)
             except NotFound:
                 # Deleted while this listing ran.
                 continue
@@ -426,6 +456,7 @@ class VolumeStore:
                     created_at=info.created_at,
                     size_bytes=size,
                     file_count=count,
+                    url=info.url,
                 )
             )
         return volumes
@@ -478,7 +509,14 @@ class VolumeStore:
     @contextlib.contextmanager
     def root(self, name: str) -> Iterator[int]:
         """Open the root of volume ``name``; yield an O_PATH descriptor of it."""
-        check_name(name)
+        url = self.get(name).url
+        if url:
+            # The daemon stays out of FUSE mounts, so that a stalled server can
+            # never block one of its threads.
+            raise FailedPrecondition(
+                f"volume {name!r} is backed by {url}; its files are reachable only"
+                " inside sandboxes that mount it, or in the backend itself"
+            )
         top = os.open(self.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fd = libc.openat2(

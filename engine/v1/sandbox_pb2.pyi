@@ -70,7 +70,7 @@ STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes")
+    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes", "secrets", "cloud_buckets")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class SandboxSpec(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOFILE_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     image: str
     cpu: float
     memory_mib: int
@@ -107,7 +109,37 @@ class SandboxSpec(_message.Message):
     ttl_seconds: float
     nofile: int
     volumes: _containers.RepeatedCompositeFieldContainer[VolumeMount]
-    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ...) -> None: ...
+    secrets: _containers.RepeatedScalarFieldContainer[str]
+    cloud_buckets: _containers.RepeatedCompositeFieldContainer[CloudBucketMount]
+    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ..., secrets: _Optional[_Iterable[str]] = ..., cloud_buckets: _Optional[_Iterable[_Union[CloudBucketMount, _Mapping]]] = ...) -> None: ...
+
+class CloudBucketConfig(_message.Message):
+    __slots__ = ("endpoint", "region", "access_key", "secret_key", "read_only", "force_path_style", "key_prefix")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_KEY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_KEY_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    FORCE_PATH_STYLE_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    region: str
+    access_key: str
+    secret_key: str
+    read_only: bool
+    force_path_style: bool
+    key_prefix: str
+    def __init__(self, endpoint: _Optional[str] = ..., region: _Optional[str] = ..., access_key: _Optional[str] = ..., secret_key: _Optional[str] = ..., read_only: _Optional[bool] = ..., force_path_style: _Optional[bool] = ..., key_prefix: _Optional[str] = ...) -> None: ...
+
+class CloudBucketMount(_message.Message):
+    __slots__ = ("name", "mount_path", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mount_path: str
+    config: CloudBucketConfig
+    def __init__(self, name: _Optional[str] = ..., mount_path: _Optional[str] = ..., config: _Optional[_Union[CloudBucketConfig, _Mapping]] = ...) -> None: ...
 
 class VolumeMount(_message.Message):
     __slots__ = ("name", "mount_path", "read_only")
@@ -251,7 +283,7 @@ class UpdateTTLResponse(_message.Message):
     def __init__(self, sandbox: _Optional[_Union[Sandbox, _Mapping]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin")
+    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "secrets")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,13 +297,15 @@ class ExecRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
     env: _containers.ScalarMap[str, str]
     timeout_seconds: float
     stdin: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    secrets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., secrets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecStarted(_message.Message):
     __slots__ = ("pid",)

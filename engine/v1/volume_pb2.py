@@ -22,64 +22,65 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from engine.v1 import sandbox_pb2 as engine_dot_v1_dot_sandbox__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngine/v1/volume.proto\x12\tengine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nsize_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\nfile_count\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x0bsandbox_ids\x18\x05 \x03(\tB\r\n\x0b_size_bytesB\r\n\x0b_file_count\"\xa8\x01\n\nVolumePath\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.engine.v1.VolumePathType\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\r\x12/\n\x0bmodified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\x06 \x01(\t\"#\n\x13VolumeCreateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x14VolumeCreateResponse\x12!\n\x06volume\x18\x01 \x01(\x0b\x32\x11.engine.v1.Volume\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x13\n\x11VolumeListRequest\"8\n\x12VolumeListResponse\x12\"\n\x07volumes\x18\x01 \x03(\x0b\x32\x11.engine.v1.Volume\"#\n\x13VolumeDeleteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14VolumeDeleteResponse\"G\n\x15VolumeListPathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"Q\n\x16VolumeListPathResponse\x12$\n\x05paths\x18\x01 \x03(\x0b\x32\x15.engine.v1.VolumePath\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"5\n\x15VolumeStatPathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"=\n\x16VolumeStatPathResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\"N\n\x12VolumeUploadHeader\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\x04mode\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_mode\"a\n\x13VolumeUploadRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.engine.v1.VolumeUploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\";\n\x14VolumeUploadResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\"5\n\x15VolumeDownloadRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"K\n\x16VolumeDownloadResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x15VolumeMovePathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\"=\n\x16VolumeMovePathResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\"L\n\x15VolumeCopyPathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\"=\n\x16VolumeCopyPathResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\":\n\x17VolumeDeletePathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\")\n\x18VolumeDeletePathResponse\x12\r\n\x05paths\x18\x01 \x03(\t*\xa7\x01\n\x0eVolumePathType\x12 \n\x1cVOLUME_PATH_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15VOLUME_PATH_TYPE_FILE\x10\x01\x12\x1e\n\x1aVOLUME_PATH_TYPE_DIRECTORY\x10\x02\x12\x1c\n\x18VOLUME_PATH_TYPE_SYMLINK\x10\x03\x12\x1a\n\x16VOLUME_PATH_TYPE_OTHER\x10\x04\x32\xa5\x06\n\rVolumeService\x12I\n\x06\x43reate\x12\x1e.engine.v1.VolumeCreateRequest\x1a\x1f.engine.v1.VolumeCreateResponse\x12\x43\n\x04List\x12\x1c.engine.v1.VolumeListRequest\x1a\x1d.engine.v1.VolumeListResponse\x12I\n\x06\x44\x65lete\x12\x1e.engine.v1.VolumeDeleteRequest\x1a\x1f.engine.v1.VolumeDeleteResponse\x12O\n\x08ListPath\x12 .engine.v1.VolumeListPathRequest\x1a!.engine.v1.VolumeListPathResponse\x12O\n\x08StatPath\x12 .engine.v1.VolumeStatPathRequest\x1a!.engine.v1.VolumeStatPathResponse\x12K\n\x06Upload\x12\x1e.engine.v1.VolumeUploadRequest\x1a\x1f.engine.v1.VolumeUploadResponse(\x01\x12Q\n\x08\x44ownload\x12 .engine.v1.VolumeDownloadRequest\x1a!.engine.v1.VolumeDownloadResponse0\x01\x12O\n\x08MovePath\x12 .engine.v1.VolumeMovePathRequest\x1a!.engine.v1.VolumeMovePathResponse\x12O\n\x08\x43opyPath\x12 .engine.v1.VolumeCopyPathRequest\x1a!.engine.v1.VolumeCopyPathResponse\x12U\n\nDeletePath\x12\".engine.v1.VolumeDeletePathRequest\x1a#.engine.v1.VolumeDeletePathResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngine/v1/volume.proto\x12\tengine.v1\x1a\x17\x65ngine/v1/sandbox.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nsize_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\nfile_count\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x0bsandbox_ids\x18\x05 \x03(\t\x12\x0b\n\x03url\x18\x06 \x01(\tB\r\n\x0b_size_bytesB\r\n\x0b_file_count\"\xa8\x01\n\nVolumePath\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.engine.v1.VolumePathType\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\r\x12/\n\x0bmodified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\x06 \x01(\t\"Z\n\x13VolumeCreateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12(\n\x02s3\x18\x03 \x01(\x0b\x32\x1c.engine.v1.CloudBucketConfig\"J\n\x14VolumeCreateResponse\x12!\n\x06volume\x18\x01 \x01(\x0b\x32\x11.engine.v1.Volume\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x13\n\x11VolumeListRequest\"8\n\x12VolumeListResponse\x12\"\n\x07volumes\x18\x01 \x03(\x0b\x32\x11.engine.v1.Volume\"#\n\x13VolumeDeleteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14VolumeDeleteResponse\"G\n\x15VolumeListPathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"Q\n\x16VolumeListPathResponse\x12$\n\x05paths\x18\x01 \x03(\x0b\x32\x15.engine.v1.VolumePath\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"5\n\x15VolumeStatPathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"=\n\x16VolumeStatPathResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\"N\n\x12VolumeUploadHeader\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\x04mode\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_mode\"a\n\x13VolumeUploadRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.engine.v1.VolumeUploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\";\n\x14VolumeUploadResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\"5\n\x15VolumeDownloadRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"K\n\x16VolumeDownloadResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x15VolumeMovePathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\"=\n\x16VolumeMovePathResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\"L\n\x15VolumeCopyPathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\"=\n\x16VolumeCopyPathResponse\x12#\n\x04path\x18\x01 \x01(\x0b\x32\x15.engine.v1.VolumePath\":\n\x17VolumeDeletePathRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\")\n\x18VolumeDeletePathResponse\x12\r\n\x05paths\x18\x01 \x03(\t*\xa7\x01\n\x0eVolumePathType\x12 \n\x1cVOLUME_PATH_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15VOLUME_PATH_TYPE_FILE\x10\x01\x12\x1e\n\x1aVOLUME_PATH_TYPE_DIRECTORY\x10\x02\x12\x1c\n\x18VOLUME_PATH_TYPE_SYMLINK\x10\x03\x12\x1a\n\x16VOLUME_PATH_TYPE_OTHER\x10\x04\x32\xa5\x06\n\rVolumeService\x12I\n\x06\x43reate\x12\x1e.engine.v1.VolumeCreateRequest\x1a\x1f.engine.v1.VolumeCreateResponse\x12\x43\n\x04List\x12\x1c.engine.v1.VolumeListRequest\x1a\x1d.engine.v1.VolumeListResponse\x12I\n\x06\x44\x65lete\x12\x1e.engine.v1.VolumeDeleteRequest\x1a\x1f.engine.v1.VolumeDeleteResponse\x12O\n\x08ListPath\x12 .engine.v1.VolumeListPathRequest\x1a!.engine.v1.VolumeListPathResponse\x12O\n\x08StatPath\x12 .engine.v1.VolumeStatPathRequest\x1a!.engine.v1.VolumeStatPathResponse\x12K\n\x06Upload\x12\x1e.engine.v1.VolumeUploadRequest\x1a\x1f.engine.v1.VolumeUploadResponse(\x01\x12Q\n\x08\x44ownload\x12 .engine.v1.VolumeDownloadRequest\x1a!.engine.v1.VolumeDownloadResponse0\x01\x12O\n\x08MovePath\x12 .engine.v1.VolumeMovePathRequest\x1a!.engine.v1.VolumeMovePathResponse\x12O\n\x08\x43opyPath\x12 .engine.v1.VolumeCopyPathRequest\x1a!.engine.v1.VolumeCopyPathResponse\x12U\n\nDeletePath\x12\".engine.v1.VolumeDeletePathRequest\x1a#.engine.v1.VolumeDeletePathResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'engine.v1.volume_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOLUMEPATHTYPE']._serialized_start=1700
-  _globals['_VOLUMEPATHTYPE']._serialized_end=1867
-  _globals['_VOLUME']._serialized_start=71
-  _globals['_VOLUME']._serialized_end=242
-  _globals['_VOLUMEPATH']._serialized_start=245
-  _globals['_VOLUMEPATH']._serialized_end=413
-  _globals['_VOLUMECREATEREQUEST']._serialized_start=415
-  _globals['_VOLUMECREATEREQUEST']._serialized_end=450
-  _globals['_VOLUMECREATERESPONSE']._serialized_start=452
-  _globals['_VOLUMECREATERESPONSE']._serialized_end=526
-  _globals['_VOLUMELISTREQUEST']._serialized_start=528
-  _globals['_VOLUMELISTREQUEST']._serialized_end=547
-  _globals['_VOLUMELISTRESPONSE']._serialized_start=549
-  _globals['_VOLUMELISTRESPONSE']._serialized_end=605
-  _globals['_VOLUMEDELETEREQUEST']._serialized_start=607
-  _globals['_VOLUMEDELETEREQUEST']._serialized_end=642
-  _globals['_VOLUMEDELETERESPONSE']._serialized_start=644
-  _globals['_VOLUMEDELETERESPONSE']._serialized_end=666
-  _globals['_VOLUMELISTPATHREQUEST']._serialized_start=668
-  _globals['_VOLUMELISTPATHREQUEST']._serialized_end=739
-  _globals['_VOLUMELISTPATHRESPONSE']._serialized_start=741
-  _globals['_VOLUMELISTPATHRESPONSE']._serialized_end=822
-  _globals['_VOLUMESTATPATHREQUEST']._serialized_start=824
-  _globals['_VOLUMESTATPATHREQUEST']._serialized_end=877
-  _globals['_VOLUMESTATPATHRESPONSE']._serialized_start=879
-  _globals['_VOLUMESTATPATHRESPONSE']._serialized_end=940
-  _globals['_VOLUMEUPLOADHEADER']._serialized_start=942
-  _globals['_VOLUMEUPLOADHEADER']._serialized_end=1020
-  _globals['_VOLUMEUPLOADREQUEST']._serialized_start=1022
-  _globals['_VOLUMEUPLOADREQUEST']._serialized_end=1119
-  _globals['_VOLUMEUPLOADRESPONSE']._serialized_start=1121
-  _globals['_VOLUMEUPLOADRESPONSE']._serialized_end=1180
-  _globals['_VOLUMEDOWNLOADREQUEST']._serialized_start=1182
-  _globals['_VOLUMEDOWNLOADREQUEST']._serialized_end=1235
-  _globals['_VOLUMEDOWNLOADRESPONSE']._serialized_start=1237
-  _globals['_VOLUMEDOWNLOADRESPONSE']._serialized_end=1312
-  _globals['_VOLUMEMOVEPATHREQUEST']._serialized_start=1314
-  _globals['_VOLUMEMOVEPATHREQUEST']._serialized_end=1390
-  _globals['_VOLUMEMOVEPATHRESPONSE']._serialized_start=1392
-  _globals['_VOLUMEMOVEPATHRESPONSE']._serialized_end=1453
-  _globals['_VOLUMECOPYPATHREQUEST']._serialized_start=1455
-  _globals['_VOLUMECOPYPATHREQUEST']._serialized_end=1531
-  _globals['_VOLUMECOPYPATHRESPONSE']._serialized_start=1533
-  _globals['_VOLUMECOPYPATHRESPONSE']._serialized_end=1594
-  _globals['_VOLUMEDELETEPATHREQUEST']._serialized_start=1596
-  _globals['_VOLUMEDELETEPATHREQUEST']._serialized_end=1654
-  _globals['_VOLUMEDELETEPATHRESPONSE']._serialized_start=1656
-  _globals['_VOLUMEDELETEPATHRESPONSE']._serialized_end=1697
-  _globals['_VOLUMESERVICE']._serialized_start=1870
-  _globals['_VOLUMESERVICE']._serialized_end=2675
+  _globals['_VOLUMEPATHTYPE']._serialized_start=1793
+  _globals['_VOLUMEPATHTYPE']._serialized_end=1960
+  _globals['_VOLUME']._serialized_start=96
+  _globals['_VOLUME']._serialized_end=280
+  _globals['_VOLUMEPATH']._serialized_start=283
+  _globals['_VOLUMEPATH']._serialized_end=451
+  _globals['_VOLUMECREATEREQUEST']._serialized_start=453
+  _globals['_VOLUMECREATEREQUEST']._serialized_end=543
+  _globals['_VOLUMECREATERESPONSE']._serialized_start=545
+  _globals['_VOLUMECREATERESPONSE']._serialized_end=619
+  _globals['_VOLUMELISTREQUEST']._serialized_start=621
+  _globals['_VOLUMELISTREQUEST']._serialized_end=640
+  _globals['_VOLUMELISTRESPONSE']._serialized_start=642
+  _globals['_VOLUMELISTRESPONSE']._serialized_end=698
+  _globals['_VOLUMEDELETEREQUEST']._serialized_start=700
+  _globals['_VOLUMEDELETEREQUEST']._serialized_end=735
+  _globals['_VOLUMEDELETERESPONSE']._serialized_start=737
+  _globals['_VOLUMEDELETERESPONSE']._serialized_end=759
+  _globals['_VOLUMELISTPATHREQUEST']._serialized_start=761
+  _globals['_VOLUMELISTPATHREQUEST']._serialized_end=832
+  _globals['_VOLUMELISTPATHRESPONSE']._serialized_start=834
+  _globals['_VOLUMELISTPATHRESPONSE']._serialized_end=915
+  _globals['_VOLUMESTATPATHREQUEST']._serialized_start=917
+  _globals['_VOLUMESTATPATHREQUEST']._serialized_end=970
+  _globals['_VOLUMESTATPATHRESPONSE']._serialized_start=972
+  _globals['_VOLUMESTATPATHRESPONSE']._serialized_end=1033
+  _globals['_VOLUMEUPLOADHEADER']._serialized_start=1035
+  _globals['_VOLUMEUPLOADHEADER']._serialized_end=1113
+  _globals['_VOLUMEUPLOADREQUEST']._serialized_start=1115
+  _globals['_VOLUMEUPLOADREQUEST']._serialized_end=1212
+  _globals['_VOLUMEUPLOADRESPONSE']._serialized_start=1214
+  _globals['_VOLUMEUPLOADRESPONSE']._serialized_end=1273
+  _globals['_VOLUMEDOWNLOADREQUEST']._serialized_start=1275
+  _globals['_VOLUMEDOWNLOADREQUEST']._serialized_end=1328
+  _globals['_VOLUMEDOWNLOADRESPONSE']._serialized_start=1330
+  _globals['_VOLUMEDOWNLOADRESPONSE']._serialized_end=1405
+  _globals['_VOLUMEMOVEPATHREQUEST']._serialized_start=1407
+  _globals['_VOLUMEMOVEPATHREQUEST']._serialized_end=1483
+  _globals['_VOLUMEMOVEPATHRESPONSE']._serialized_start=1485
+  _globals['_VOLUMEMOVEPATHRESPONSE']._serialized_end=1546
+  _globals['_VOLUMECOPYPATHREQUEST']._serialized_start=1548
+  _globals['_VOLUMECOPYPATHREQUEST']._serialized_end=1624
+  _globals['_VOLUMECOPYPATHRESPONSE']._serialized_start=1626
+  _globals['_VOLUMECOPYPATHRESPONSE']._serialized_end=1687
+  _globals['_VOLUMEDELETEPATHREQUEST']._serialized_start=1689
+  _globals['_VOLUMEDELETEPATHREQUEST']._serialized_end=1747
+  _globals['_VOLUMEDELETEPATHRESPONSE']._serialized_start=1749
+  _globals['_VOLUMEDELETEPATHRESPONSE']._serialized_end=1790
+  _globals['_VOLUMESERVICE']._serialized_start=1963
+  _globals['_VOLUMESERVICE']._serialized_end=2768
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from engine.v1 import sandbox_pb2 as _sandbox_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -24,18 +25,20 @@ VOLUME_PATH_TYPE_SYMLINK: VolumePathType
 VOLUME_PATH_TYPE_OTHER: VolumePathType
 
 class Volume(_message.Message):
-    __slots__ = ("name", "created_at", "size_bytes", "file_count", "sandbox_ids")
+    __slots__ = ("name", "created_at", "size_bytes", "file_count", "sandbox_ids", "url")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FILE_COUNT_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_IDS_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     name: str
     created_at: _timestamp_pb2.Timestamp
     size_bytes: int
     file_count: int
     sandbox_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., sandbox_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    url: str
+    def __init__(self, name: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., sandbox_ids: _Optional[_Iterable[str]] = ..., url: _Optional[str] = ...) -> None: ...
 
 class VolumePath(_message.Message):
     __slots__ = ("path", "type", "size", "mode", "modified_at", "symlink_target")
@@ -54,10 +57,14 @@ class VolumePath(_message.Message):
     def __init__(self, path: _Optional[str] = ..., type: _Optional[_Union[VolumePathType, str]] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., modified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., symlink_target: _Optional[str] = ...) -> None: ...
 
 class VolumeCreateRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "url", "s3")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    S3_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    url: str
+    s3: _sandbox_pb2.CloudBucketConfig
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., s3: _Optional[_Union[_sandbox_pb2.CloudBucketConfig, _Mapping]] = ...) -> None: ...
 
 class VolumeCreateResponse(_message.Message):
     __slots__ = ("volume", "created")

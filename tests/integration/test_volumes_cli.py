@@ -52,6 +52,7 @@ def test_create_and_ls(cli: CliRunner, volume: str) -> None:
         "FILES",
         "SANDBOXES",
         "CREATED",
+        "BACKEND",
     ]
     assert any(line.startswith(volume) for line in table.stdout.splitlines())
 
