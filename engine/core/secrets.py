@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine.core.tenancy import current_workspace
 from engine.errors import AlreadyExists, InvalidArgument, NotFound
 
 MAX_NAME_CHARS = 128
@@ -28,10 +29,12 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (
-    name TEXT PRIMARY KEY,
+    workspace TEXT NOT NULL,
+    name TEXT NOT NULL,
     value TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (workspace, name)
 );
 """
 
@@ -94,7 +97,10 @@ def check_names(field: str, names: Iterable[str]) -> tuple[str, ...]:
 
 
 class SecretStore:
-    """The ``secrets`` table of the Engine's database."""
+    """The ``secrets`` table of the Engine's database.
+
+    Every method acts on the secrets of the current workspace only.
+    """
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -110,8 +116,10 @@ class SecretStore:
         check_name(name)
         check_value(name, value)
         now = time.time()
+        workspace = current_workspace()
         row = self.db.execute(
-            "SELECT created_at FROM secrets WHERE name = ?", (name,)
+            "SELECT created_at FROM secrets WHERE workspace = ? AND name = ?",
+            (workspace, name),
         ).fetchone()
         if row is not None and not overwrite:
             raise AlreadyExists(
@@ -121,26 +129,33 @@ class SecretStore:
         if row is None:
             try:
                 self.db.execute(
-                    "INSERT INTO secrets VALUES (?, ?, ?, ?)", (name, value, now, now)
+                    "INSERT INTO secrets VALUES (?, ?, ?, ?, ?)",
+                    (workspace, name, value, now, now),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"secret {name!r} already exists") from None
             return SecretInfo(name, now, now), True
         self.db.execute(
-            "UPDATE secrets SET value = ?, updated_at = ? WHERE name = ?",
-            (value, now, name),
+            "UPDATE secrets SET value = ?, updated_at = ?"
+            " WHERE workspace = ? AND name = ?",
+            (value, now, workspace, name),
         )
         return SecretInfo(name, row[0], now), False
 
     def list(self) -> list[SecretInfo]:
         rows = self.db.execute(
-            "SELECT name, created_at, updated_at FROM secrets ORDER BY name"
+            "SELECT name, created_at, updated_at FROM secrets WHERE workspace = ?"
+            " ORDER BY name",
+            (current_workspace(),),
         )
         return [SecretInfo(*row) for row in rows]
 
     def delete(self, name: str) -> None:
         check_name(name)
-        cursor = self.db.execute("DELETE FROM secrets WHERE name = ?", (name,))
+        cursor = self.db.execute(
+            "DELETE FROM secrets WHERE workspace = ? AND name = ?",
+            (current_workspace(), name),
+        )
         if cursor.rowcount == 0:
             raise NotFound(f"secret {name!r} not found; `engine secret ls` lists them")
 
@@ -151,7 +166,9 @@ class SecretStore:
             return {}
         placeholders = ", ".join("?" * len(names))
         rows = self.db.execute(
-            f"SELECT name, value FROM secrets WHERE name IN ({placeholders})", names
+            "SELECT name, value FROM secrets WHERE workspace = ?"
+            f" AND name IN ({placeholders})",
+            (current_workspace(), *names),
         )
         values = dict(rows.fetchall())
         missing = [name for name in names if name not in values]

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from engine.core.secrets import SecretInfo
-from engine.sdk.client import error_from_rpc, resolve_address
+from engine.sdk.client import error_from_rpc, open_channel, resolve_address
 from engine.server.secrets import secret_from_proto
 from engine.v1 import secret_pb2 as pb
 from engine.v1 import secret_pb2_grpc
@@ -37,9 +37,9 @@ class SecretClient:
     the default socket is used.
     """
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, token: str | None = None) -> None:
         self.address = resolve_address(address)
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = open_channel(self.address, token)
         self.stub = secret_pb2_grpc.SecretServiceStub(self._channel)
 
     def _call(self, method: str, request: Any) -> Any:

@@ -27,6 +27,7 @@ import engine.v1
 from engine.core.deployments import DeploymentKind, DeploymentSpec, package_directory
 from engine.errors import NotFound, PermissionDenied
 from engine.sdk.deploy import DeploymentClient
+from engine.sdk.secrets import SecretClient
 from engine.v1 import sandbox_pb2 as pb
 from engine.v1 import sandbox_pb2_grpc
 from tests.integration.conftest import (
@@ -288,3 +289,38 @@ def test_token_cannot_name_other_workspace(
     client = DeploymentClient(tenants.tcp_address, token=tenants.beta)
     with client, pytest.raises(PermissionDenied, match="acts for workspace 'beta'"):
         client.list(workspace="alpha")
+
+
+def test_secrets_scoped_to_workspace(tenants: Tenants) -> None:
+    with SecretClient(tenants.tcp_address, token=tenants.alpha) as alpha:
+        alpha.create("ALPHA_ONLY", "alpha-value")
+        assert "ALPHA_ONLY" in [info.name for info in alpha.list()]
+    with SecretClient(tenants.tcp_address, token=tenants.beta) as beta:
+        assert "ALPHA_ONLY" not in [info.name for info in beta.list()]
+        with pytest.raises(NotFound):
+            beta.delete("ALPHA_ONLY")
+        beta.create("ALPHA_ONLY", "beta-value")
+    stub = sandbox_pb2_grpc.SandboxServiceStub(tenants.channel)
+    auth = (("authorization", f"Bearer {tenants.beta}"),)
+    created = stub.Create(
+        pb.CreateRequest(spec=pb.SandboxSpec(secrets=["ALPHA_ONLY"])),
+        metadata=auth,
+        timeout=30,
+    )
+    try:
+        events = stub.Exec(
+            pb.ExecRequest(
+                sandbox_id=created.sandbox.sandbox_id,
+                argv=["sh", "-c", 'printf %s "$ALPHA_ONLY"'],
+            ),
+            metadata=auth,
+            timeout=30,
+        )
+        output = b"".join(event.output.data for event in events)
+    finally:
+        stub.Terminate(
+            pb.TerminateRequest(sandbox_id=created.sandbox.sandbox_id),
+            metadata=auth,
+            timeout=30,
+        )
+    assert output == b"beta-value"
