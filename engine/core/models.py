@@ -90,6 +90,11 @@ class SandboxSpec:
     ttl: float = DEFAULT_TTL_SECONDS
     nofile: int = DEFAULT_NOFILE
     volumes: tuple[VolumeMount, ...] = ()
+    # No interface but loopback: no egress at all, DNS included.
+    block_network: bool = False
+    # IPv4 CIDRs the sandbox may reach; empty means everywhere the engine's
+    # uplinks lead. Excludes block_network.
+    allow_list: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,10 @@ class SandboxInfo:
     # Seconds since the epoch of the last exec, stdin or file operation.
     last_activity_at: float
     error: str = ""
+    # The sandbox's IPv4 address on the engine's bridge; "" without a network.
+    address: str = ""
+    # Exposed port inside the sandbox -> URL that reaches it from the host.
+    urls: dict[int, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -91,6 +91,7 @@ class Store:
         # dataclasses.asdict stored each VolumeMount as a dict; rows written
         # before volumes existed have no "volumes" key.
         volumes = tuple(VolumeMount(**item) for item in fields.pop("volumes", ()))
+        fields["allow_list"] = tuple(fields.get("allow_list", ()))
         spec = SandboxSpec(**fields, volumes=volumes)
         return SandboxInfo(
             sandbox_id=row[0],

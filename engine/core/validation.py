@@ -7,6 +7,7 @@ import posixpath
 import re
 
 from engine.core.models import SandboxSpec, VolumeMount
+from engine.core.network import check_policy
 from engine.errors import InvalidArgument
 from engine.storage.volumes import check_name as check_volume_name
 
@@ -83,6 +84,7 @@ def check_spec(spec: SandboxSpec) -> None:
         )
     check_env(spec.env)
     check_volumes(spec.volumes)
+    check_policy(spec.block_network, spec.allow_list)
     if len(spec.labels) > MAX_LABELS:
         raise InvalidArgument(
             f"{len(spec.labels)} labels given; the maximum is {MAX_LABELS}"

@@ -41,6 +41,9 @@ class IsolationSpec:
     tmp_size: str | None
     # (host directory, path inside the sandbox, read-only) of each volume.
     volumes: tuple[tuple[str, str, bool], ...] = ()
+    # The sandbox's IPv4 address and resolv.conf text; None without a network.
+    address: str | None = None
+    resolv_conf: str | None = None
 
 
 def enter_namespaces(
@@ -126,7 +129,7 @@ def build_root(spec: IsolationSpec) -> str:
     rootfs.prepare_dirs(old_root)
     rootfs.mount_dev(old_root)
     rootfs.mount_tmp(old_root, spec.tmp_size)
-    rootfs.write_etc(spec.hostname, old_root)
+    rootfs.write_etc(spec.hostname, old_root, spec.address, spec.resolv_conf)
     for source, target, read_only in spec.volumes:
         rootfs.mount_volume(old_root + source, target, old_root, read_only=read_only)
     rootfs.make_workdir(spec.workdir, old_root)

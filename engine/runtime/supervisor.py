@@ -6,6 +6,10 @@ control socket for a spec:
 
     {"op": "start", "spec": {...}}
 
+The pool may send one {"op": "network", "ifname", "address", "gateway"}
+first, answered with {"op": "network_ready"}: the supervisor configures the
+sandbox's end of its veth pair, in the network namespace it already has.
+
 It then builds the sandbox's root, forks PID 1 (``engine.runtime.init``),
 which replies {"op": "ready"} or {"op": "failed", "message"} on the same
 socket, and waits for PID 1 to exit. The supervisor stays outside the
@@ -15,13 +19,14 @@ sandbox's PID namespace, so sandbox code cannot see or signal it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import traceback
 
-from engine.runtime import init, isolation, libc, protocol, rootfs
+from engine.runtime import init, isolation, libc, netlink, protocol, rootfs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,9 @@ def run(
         if os.getppid() != zygote_pid:
             return
         received = protocol.recv(control)
+        if received is not None and received[0].get("op") == "network":
+            _configure_network(control, received[0])
+            received = protocol.recv(control)
         if received is None:
             # The pool was closed before this supervisor was used.
             status = 0
@@ -75,6 +83,20 @@ def run(
         traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def _configure_network(control: socket.socket, message: protocol.Message) -> None:
+    """Configure the sandbox's end of its veth pair, then reply on ``control``."""
+    try:
+        netlink.configure_inside(
+            message["ifname"],
+            ipaddress.IPv4Interface(message["address"]),
+            ipaddress.IPv4Address(message["gateway"]),
+        )
+    except OSError as error:
+        protocol.send(control, {"op": "failed", "message": str(error)})
+        raise
+    protocol.send(control, {"op": "network_ready"})
 
 
 def _run_init(
@@ -131,4 +153,6 @@ def _isolation_spec(spec: protocol.Message) -> isolation.IsolationSpec:
             (volume["source"], volume["target"], bool(volume["read_only"]))
             for volume in spec.get("volumes", ())
         ),
+        address=spec.get("address"),
+        resolv_conf=spec.get("resolv_conf"),
     )
