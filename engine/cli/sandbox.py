@@ -65,6 +65,7 @@ def register(
     )
     add_limit_options(run)
     add_volume_option(run)
+    add_network_options(run)
     run.add_argument(
         "--timeout",
         type=float,
@@ -99,6 +100,7 @@ def register(
     )
     add_limit_options(create)
     add_volume_option(create)
+    add_network_options(create)
     create.add_argument("--name", default="", help="name shown by ls (default: none)")
     create.add_argument(
         "--label",
@@ -253,6 +255,44 @@ def register(
     )
     remove.set_defaults(func=rm_command)
 
+    expose = commands.add_parser(
+        "expose",
+        parents=[common],
+        help="forward a host TCP port to a port inside a sandbox",
+        description="Forward a new TCP port on the daemon's host to PORT inside"
+        " sandbox ID, and print its URL. The forward ends with the sandbox.",
+    )
+    expose.add_argument("sandbox_id", metavar="ID", help="sandbox id, sb-...")
+    expose.add_argument("port", type=int, metavar="PORT", help="TCP port inside")
+    expose.set_defaults(func=expose_command)
+
+    urls = commands.add_parser(
+        "urls",
+        parents=[common],
+        help="list the exposed ports of a sandbox",
+        description="Print one line per exposed port of sandbox ID: the port"
+        " inside and its URL.",
+    )
+    urls.add_argument("sandbox_id", metavar="ID", help="sandbox id, sb-...")
+    urls.add_argument("--json", action="store_true", help="print a JSON object")
+    urls.set_defaults(func=urls_command)
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--block-network",
+        action="store_true",
+        help="give the sandbox loopback only: no egress, DNS included",
+    )
+    group.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="allow egress only to this IPv4 CIDR; repeat for more"
+        " (default: every destination the daemon's uplinks reach)",
+    )
+
 
 # ------------------------------------------------------------------ helpers
 
@@ -270,6 +310,8 @@ def _sandbox_settings(args: argparse.Namespace, address: str | None) -> Sandbox:
         ttl=getattr(args, "ttl", None),
         address=address,
         volumes=parse_volume_options(args.volume),
+        block_network=args.block_network,
+        allow_list=args.allow,
     )
 
 
@@ -571,6 +613,29 @@ def inspect_command(args: argparse.Namespace) -> int:
         print_json(sandbox.status())
     finally:
         sandbox.close()
+    return 0
+
+
+def expose_command(args: argparse.Namespace) -> int:
+    sandbox = _connect(args, args.sandbox_id)
+    try:
+        print(sandbox.expose_port(args.port))
+    finally:
+        sandbox.close()
+    return 0
+
+
+def urls_command(args: argparse.Namespace) -> int:
+    sandbox = _connect(args, args.sandbox_id)
+    try:
+        urls = sandbox.list_urls()
+    finally:
+        sandbox.close()
+    if args.json:
+        print_json({str(port): url for port, url in sorted(urls.items())})
+        return 0
+    for port, url in sorted(urls.items()):
+        print(f"{port}\t{url}")
     return 0
 
 

@@ -76,6 +76,34 @@ def parse_memory(value: int | str | None) -> int | None:
     return int(mib)
 
 
+def check_allow_list(allow_list: list[str] | None) -> list[str]:
+    """Return the allow-list as a list of strings; the daemon checks each CIDR."""
+    if allow_list is None:
+        return []
+    if isinstance(allow_list, str):
+        raise errors.InvalidArgument(
+            f"invalid allow_list {allow_list!r}: expected a list of CIDRs such as"
+            " ['198.51.100.0/24']"
+        )
+    entries = list(allow_list)
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise errors.InvalidArgument(
+                f"invalid allow_list entry {entry!r}: expected a CIDR string"
+            )
+    return entries
+
+
+def network_request(
+    sandbox_id: str, block_network: bool, allow_list: list[str] | None
+) -> pb.UpdateNetworkPermissionsRequest:
+    return pb.UpdateNetworkPermissionsRequest(
+        sandbox_id=sandbox_id,
+        block_network=block_network,
+        allow_list=check_allow_list(allow_list),
+    )
+
+
 @dataclass(frozen=True)
 class ProcessStatus:
     """State of a process. ``exit_code`` is None while it runs."""
@@ -389,6 +417,30 @@ class SandboxInstance:
         reply = self._client.call("Stats", pb.StatsRequest(sandbox_id=self.sandbox_id))
         return convert.stats_from_proto(reply)
 
+    def update_network_permissions(
+        self, *, block_network: bool = False, allow_list: list[str] | None = None
+    ) -> SandboxInfo:
+        """Replace the egress policy; open connections it forbids are cut."""
+        reply = self._client.call(
+            "UpdateNetworkPermissions",
+            network_request(self.sandbox_id, block_network, allow_list),
+        )
+        return convert.sandbox_from_proto(reply.sandbox)
+
+    def expose_port(self, port: int) -> str:
+        """Forward a host TCP port to ``port`` inside the sandbox; return its URL."""
+        reply = self._client.call(
+            "ExposePort", pb.ExposePortRequest(sandbox_id=self.sandbox_id, port=port)
+        )
+        return reply.url
+
+    def list_urls(self) -> dict[int, str]:
+        """Return exposed port inside the sandbox -> URL."""
+        reply = self._client.call(
+            "ListUrls", pb.ListUrlsRequest(sandbox_id=self.sandbox_id)
+        )
+        return dict(reply.urls)
+
     def terminate(self) -> SandboxInfo:
         """Kill every process and remove the sandbox; a second call changes nothing."""
         reply = self._client.call(
@@ -419,6 +471,9 @@ class Sandbox:
     pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
     "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
     ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
+    ``block_network`` leaves the sandbox loopback only, DNS included;
+    ``allow_list`` limits egress to those IPv4 CIDRs. Passing both is
+    InvalidArgument.
     """
 
     def __init__(
@@ -435,6 +490,8 @@ class Sandbox:
         ttl: float | None = None,
         address: str | None = None,
         volumes: list[Volume] | None = None,
+        block_network: bool = False,
+        allow_list: list[str] | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
@@ -447,6 +504,8 @@ class Sandbox:
         self.ttl = ttl
         self.volumes = check_volumes(volumes or [])
         self.address = address
+        self.block_network = block_network
+        self.allow_list = check_allow_list(allow_list)
 
     def spec_proto(self) -> pb.SandboxSpec:
         spec = pb.SandboxSpec(
@@ -456,6 +515,8 @@ class Sandbox:
             name=self.name,
             labels=self.labels,
             volumes=[volume.to_proto() for volume in self.volumes],
+            block_network=self.block_network,
+            allow_list=self.allow_list,
         )
         optional: dict[str, Any] = {
             "cpu": self.cpu,

@@ -91,6 +91,8 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
         ttl_seconds=spec.ttl,
         nofile=spec.nofile,
         volumes=[volume_mount_to_proto(mount) for mount in spec.volumes],
+        block_network=spec.block_network,
+        allow_list=list(spec.allow_list),
     )
     if spec.cpu is not None:
         message.cpu = spec.cpu
@@ -114,6 +116,8 @@ def sandbox_to_proto(info: SandboxInfo) -> pb.Sandbox:
         created_at=timestamp_to_proto(info.created_at),
         last_activity_at=timestamp_to_proto(info.last_activity_at),
         error=info.error,
+        address=info.address,
+        urls=info.urls,
     )
     if info.terminated_at is not None:
         message.terminated_at.CopyFrom(timestamp_to_proto(info.terminated_at))
@@ -177,6 +181,8 @@ def spec_from_proto(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=message.ttl_seconds if message.HasField("ttl_seconds") else defaults.ttl,
         nofile=message.nofile if message.HasField("nofile") else defaults.nofile,
         volumes=tuple(volume_mount_from_proto(mount) for mount in message.volumes),
+        block_network=message.block_network,
+        allow_list=tuple(message.allow_list),
     )
 
 
@@ -201,6 +207,8 @@ def sandbox_from_proto(message: pb.Sandbox) -> SandboxInfo:
         terminated_at=terminated_at,
         last_activity_at=timestamp_from_proto(message.last_activity_at),
         error=message.error,
+        address=message.address,
+        urls=dict(message.urls),
     )
 
 

@@ -139,6 +139,9 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=ttl,
         nofile=nofile,
         volumes=tuple(volumes),
+        block_network=message.block_network,
+        # The Engine checks the CIDRs and the combination (check_policy).
+        allow_list=tuple(message.allow_list),
     )
 
 
