@@ -264,7 +264,10 @@ class Network:
             uplink_rule,
             f"add rule {table} egress ip saddr vmap @sandboxes",
             f"add rule {table} egress drop",
-            f"add rule {table} input iifname {bridge} drop",
+            f"add rule {table} input iifname {bridge} meta l4proto tcp "
+            "reject with tcp reset",
+            f"add rule {table} input iifname {bridge} "
+            "reject with icmpx admin-prohibited",
             f"add rule {table} output oifname {bridge} ct state {replies} accept",
             f"add rule {table} output oifname {bridge} drop",
             f"add rule {table} postrouting iifname {bridge} oifname != {bridge} "
