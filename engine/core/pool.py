@@ -192,6 +192,16 @@ class SupervisorPool:
                 )
         await loop.run_in_executor(None, slot.cgroup.destroy)
 
+    def slots(self) -> list[Slot]:
+        """Return every pooled slot, networked or not."""
+        return [slot for ready in self.ready.values() for slot in ready]
+
+    def refilling(self) -> bool:
+        """Return True while a refill of either kind is in progress."""
+        return any(
+            task is not None and not task.done() for task in self._refill.values()
+        )
+
     async def close(self) -> None:
         self._closed = True
         for task in self._refill.values():
