@@ -31,7 +31,6 @@ CLONE_NEWNET = 0x40000000
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
 SPLICE_F_MOVE = 1
-SPLICE_F_MORE = 4
 LISTEN_BACKLOG = 128
 # Connections one forwarder carries at once; more wait in the listen backlog.
 MAX_CONNECTIONS = 256
@@ -145,14 +144,15 @@ def _pump(source: socket.socket, target: socket.socket, finished) -> None:  # ty
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
-        flags = SPLICE_F_MOVE | SPLICE_F_MORE
         source_fd, target_fd = source.fileno(), target.fileno()
         while True:
-            moved = os.splice(source_fd, write_end, PIPE_BYTES, flags=flags)
+            moved = os.splice(source_fd, write_end, PIPE_BYTES, flags=SPLICE_F_MOVE)
             if moved == 0:
                 break
+            # No SPLICE_F_MORE: it would let TCP hold back a short message,
+            # such as a request that waits for its reply.
             while moved:
-                moved -= os.splice(read_end, target_fd, moved, flags=flags)
+                moved -= os.splice(read_end, target_fd, moved, flags=SPLICE_F_MOVE)
         # End of stream: pass it on, and let the other direction finish.
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)

@@ -62,6 +62,40 @@ def test_expose_port_returns_url(network_daemon: Any) -> None:
         assert sb.status().urls == {8080: url}
 
 
+ECHO = """
+import socket
+server = socket.create_server(("127.0.0.1", 8090))
+print("listening", flush=True)
+client, _ = server.accept()
+while data := client.recv(4096):
+    client.sendall(data)
+"""
+
+
+def test_exposed_port_carries_dialogue(network_daemon: Any) -> None:
+    with Sandbox(address=network_daemon.address).create() as sb:
+        process = sb.process.exec("python3", "-c", ECHO)
+        output = b""
+        deadline = time.monotonic() + 10
+        while b"listening" not in output:
+            assert time.monotonic() < deadline, "echo server did not start"
+            output += process.stdout.read_available()
+            time.sleep(0.05)
+        parts = urlsplit(sb.expose_port(8090))
+        assert parts.hostname is not None and parts.port is not None
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as conn:
+            # Short messages in both directions, with the connection open.
+            for word in (b"one", b"two", b"three"):
+                conn.sendall(word)
+                assert conn.recv(64) == word
+            big = bytes(range(256)) * 4096
+            conn.sendall(big)
+            received = b""
+            while len(received) < len(big):
+                received += conn.recv(1 << 16)
+            assert received == big
+
+
 def test_expose_port_with_blocked_egress(network_daemon: Any) -> None:
     with Sandbox(address=network_daemon.address, block_network=True).create() as sb:
         start_greeter(sb, "0.0.0.0", 9000)
