@@ -10,7 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(libseccomp2 debootstrap python3-venv bubblewrap runc)
+# libnftables1 is the library behind nft, which the engine loads for its
+# packet filter rules.
+packages=(libseccomp2 libnftables1 debootstrap python3-venv bubblewrap runc)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

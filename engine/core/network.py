@@ -31,6 +31,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,9 +135,11 @@ class Network:
         self.subnet: ipaddress.IPv4Network | None = None
         self.gateway: ipaddress.IPv4Address | None = None
         self.nft: Nft | None = None
-        self._free: list[int] = []
+        # Host numbers in use. attach and detach run in executor threads, so
+        # the lock guards these two fields.
         self._used: set[int] = set()
         self._next = 0
+        self._lock = threading.Lock()
 
     # Lifecycle.
 
@@ -211,9 +214,12 @@ class Network:
                     f"network subnet {self.requested_subnet!r} is invalid: {error}; "
                     "pass a network address such as 10.213.0.0/16"
                 ) from None
-            if subnet.prefixlen > 29:
+            # A /12 has host numbers of at most 5 hex digits, which keeps veth
+            # names within the kernel's 15 characters.
+            if not 12 <= subnet.prefixlen <= 29:
                 raise InvalidArgument(
-                    f"network subnet {subnet} is too small; use a /29 or larger"
+                    f"network subnet {subnet} has an unsupported size; "
+                    "use a prefix from /12 to /29"
                 )
             clash = [route for route in taken if route.overlaps(subnet)]
             if clash:
@@ -282,12 +288,14 @@ class Network:
         # Host numbers 1 (the gateway) .. broadcast - 1, handed out in turn so
         # that a released address is reused as late as possible.
         last = self.subnet.num_addresses - 2
-        for _ in range(last):
-            self._next = self._next % last + 1
-            if self._next != 1 and self._next not in self._used:
-                self._used.add(self._next)
-                address = self.subnet.network_address + self._next
-                return ipaddress.IPv4Interface(f"{address}/{self.subnet.prefixlen}")
+        with self._lock:
+            for _ in range(last):
+                self._next = self._next % last + 1
+                if self._next != 1 and self._next not in self._used:
+                    self._used.add(self._next)
+                    address = self.subnet.network_address + self._next
+                    prefix = self.subnet.prefixlen
+                    return ipaddress.IPv4Interface(f"{address}/{prefix}")
         raise ResourceExhausted(
             f"every address of the sandbox subnet {self.subnet} is in use; "
             "terminate sandboxes or configure a larger subnet"
@@ -295,7 +303,8 @@ class Network:
 
     def _release_address(self, address: ipaddress.IPv4Interface) -> None:
         assert self.subnet is not None
-        self._used.discard(int(address.ip) - int(self.subnet.network_address))
+        with self._lock:
+            self._used.discard(int(address.ip) - int(self.subnet.network_address))
 
     def attach(self, pid: int) -> Attachment:
         """Create a veth pair into the network namespace of ``pid``.
