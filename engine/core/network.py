@@ -12,10 +12,10 @@ Each Engine owns, under names derived from its data dir like its cgroup root:
 The base chains of the table drop, whatever a sandbox's policy:
 
 - forward: packets from the bridge back into the bridge (sandbox to
-  sandbox), IPv6, link-local, metadata, multicast and broadcast
-  destinations, packets that leave through an interface outside
-  ``Config.uplinks``, and packets from an address with no sandbox chain;
-  new connections into the bridge from anywhere;
+  sandbox), and IPv6. Also packets to link-local, metadata, multicast and
+  broadcast destinations, packets that would leave through an interface
+  outside ``Config.uplinks``, and packets from an address with no sandbox
+  chain. New connections into the bridge from anywhere are dropped too;
 - input: every packet from the bridge to any of the host's own addresses,
   except replies to connections the host opened;
 - output: new connections from the host into the bridge.
@@ -42,7 +42,7 @@ from engine.runtime.nftables import Nft
 log = logging.getLogger(__name__)
 
 # Destinations no sandbox reaches, whatever its allow-list. 169.254.0.0/16
-# holds the metadata services of AWS, GCP and Azure (169.254.169.254) and
+# contains the metadata services of AWS, GCP and Azure (169.254.169.254) and
 # 100.100.100.200 is Alibaba Cloud's; 0.0.0.0/8 and 127.0.0.0/8 are never
 # valid destinations on the wire.
 BLOCKED_DESTINATIONS = (
@@ -53,7 +53,7 @@ BLOCKED_DESTINATIONS = (
     "224.0.0.0/4",
     "255.255.255.255",
 )
-# Where the engine picks its /16 when Config.subnet is unset.
+# Range of the /16 that the engine picks when Config.subnet is unset.
 AUTO_SUBNET_RANGE = ipaddress.IPv4Network("10.0.0.0/8")
 AUTO_PREFIX = 16
 # Held while an engine picks a subnet and creates its bridge, so two engines
@@ -359,7 +359,7 @@ class Network:
             *self._policy_rules(chain, policy),
         ]
         self.nft.run("\n".join(batch) + "\n")
-        # The chain sees every packet the sandbox sends, so a now-blocked
+        # The chain matches every packet the sandbox sends, so a now-blocked
         # destination gets no more data from it. Deleting the conntrack
         # entries stops the replies too, because the forward chain admits
         # packets into the bridge only for a tracked connection.
