@@ -158,7 +158,9 @@ async def _time_throughput(
         os.set_blocking(direct.stdout.fileno(), False)
         _wait_listening(lambda: direct.stdout.read() or b"")  # type: ignore[union-attr]
         direct_rates = []
-        info = await engine.create_sandbox(SandboxSpec())
+        # No CPU quota on the sandbox: the row measures the forwarding path,
+        # not the sink's cgroup, and the host's sink has no quota either.
+        info = await engine.create_sandbox(SandboxSpec(cpu=None))
         try:
             process = await engine.exec(
                 info.sandbox_id, ["python3", "-c", SINK, "127.0.0.1", "9000"]
@@ -305,7 +307,7 @@ def render(results: Results, command: str) -> str:
             "|---|---|---|---|---|",
             f"| create, median of {len(results.create_network_ms)}"
             f" | {network:.2f} ms | {loopback:.2f} ms (loopback only)"
-            f" | +{added:.2f} ms | +{CREATE_TARGET_MS:.0f} ms or less: {create_ok} |",
+            f" | {added:+.2f} ms | +{CREATE_TARGET_MS:.0f} ms or less: {create_ok} |",
             f"| TCP throughput, median of {len(results.direct_mib_s)}"
             f" | {exposed:.0f} MiB/s (exposed port) | {direct:.0f} MiB/s (loopback)"
             f" | {ratio:.2f}x | {THROUGHPUT_TARGET}x or more: {ratio_ok} |",

@@ -568,9 +568,12 @@ class Engine:
 
     async def _release_network(self, sandbox: _Sandbox) -> None:
         """Stop the sandbox's port forwarders and remove its chain and veth pair."""
-        for forwarder in sandbox.forwarders.values():
-            forwarder.close()
+        loop = asyncio.get_running_loop()
+        forwarders = list(sandbox.forwarders.values())
         sandbox.forwarders.clear()
+        for forwarder in forwarders:
+            # close() joins the forwarder's accept thread.
+            await loop.run_in_executor(None, forwarder.close)
         if sandbox.info.urls:
             self._set_info(sandbox, urls={})
         if sandbox.netns_fd is not None:
@@ -579,7 +582,6 @@ class Engine:
         attachment, sandbox.attachment = sandbox.attachment, None
         if attachment is None or self.network is None:
             return
-        loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(
                 None, self.network.remove, sandbox.info.sandbox_id, attachment
@@ -647,21 +649,24 @@ class Engine:
         ):
             raise InvalidArgument(f"port {port!r} must be an integer from 1 to 65535")
         self._touch(sandbox)
-        existing = sandbox.forwarders.get(port)
-        if existing is not None:
-            return existing.url
-        assert sandbox.netns_fd is not None
-        try:
-            forwarder = PortForwarder(
-                sandbox.netns_fd, port, self.config.expose_host, sandbox_id
-            )
-        except OSError as error:
-            raise Unavailable(
-                f"cannot listen on {self.config.expose_host} for port {port} of "
-                f"sandbox {sandbox_id}: {_os_message(error)}"
-            ) from error
-        sandbox.forwarders[port] = forwarder
-        self._set_info(sandbox, urls={**sandbox.info.urls, port: forwarder.url})
+        # Under the lock, so a terminate in progress cannot miss the forwarder.
+        async with sandbox.lock:
+            sandbox = self._get_running(sandbox_id)
+            existing = sandbox.forwarders.get(port)
+            if existing is not None:
+                return existing.url
+            assert sandbox.netns_fd is not None
+            try:
+                forwarder = PortForwarder(
+                    sandbox.netns_fd, port, self.config.expose_host, sandbox_id
+                )
+            except OSError as error:
+                raise Unavailable(
+                    f"cannot listen on {self.config.expose_host} for port {port} "
+                    f"of sandbox {sandbox_id}: {_os_message(error)}"
+                ) from error
+            sandbox.forwarders[port] = forwarder
+            self._set_info(sandbox, urls={**sandbox.info.urls, port: forwarder.url})
         log.info("sandbox %s: port %d exposed at %s", sandbox_id, port, forwarder.url)
         return forwarder.url
 
