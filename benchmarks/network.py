@@ -298,7 +298,11 @@ def render(results: Results, command: str) -> str:
     ratio = exposed / direct
     create_ok = "met" if added <= CREATE_TARGET_MS else "missed"
     ratio_ok = "met" if ratio >= THROUGHPUT_TARGET else "missed"
-    machine = f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} cores"
+    load = os.getloadavg()[0]
+    machine = (
+        f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} cores,"
+        f" 1-minute load average {load:.1f} at the end"
+    )
     return "\n".join(
         [
             f"Command: `{command}` on {machine}.",
