@@ -5,7 +5,9 @@ the zygote, the first move into a v1 memory cgroup (8 to 15 ms in the kernel,
 measured on Linux 6.18, because it waits for an RCU grace period) and the
 unshare of seven namespaces. A supervisor that has done all of that, but has
 not seen a spec yet, is the same for every sandbox, so the pool makes them
-ahead of demand and hands each one to exactly one sandbox.
+ahead of demand and hands each one to exactly one sandbox. Slots for
+networked sandboxes also get their veth pair, address and default route
+here, so that creating such a sandbox only adds its nftables chain.
 """
 
 from __future__ import annotations
