@@ -86,7 +86,10 @@ class SupervisorPool:
             slot = ready.popleft()
             if _alive(slot):
                 return slot
-            log.warning("supervisor pool: slot %d died while pooled", slot.pid)
+            log.warning(
+                "supervisor pool: discarding slot %d: its supervisor or veth is gone",
+                slot.pid,
+            )
             await self.discard(slot)
         return await self.make(network)
 
@@ -216,16 +219,24 @@ class SupervisorPool:
 
 
 def _alive(slot: Slot) -> bool:
-    """Return False if the slot's supervisor closed its control socket.
+    """Return False if the slot's supervisor or its veth pair is gone.
 
-    A pooled supervisor sends nothing unprompted, so a readable socket means
-    end of stream.
+    A pooled supervisor sends nothing unprompted, so a readable control
+    socket means end of stream. if_nametoindex is one ioctl, cheap enough
+    for the creation path.
     """
     try:
         readable, _, _ = select.select([slot.control], [], [], 0)
     except (OSError, ValueError):
         return False
-    return not readable
+    if readable:
+        return False
+    if slot.attachment is not None:
+        try:
+            socket.if_nametoindex(slot.attachment.host_ifname)
+        except OSError:
+            return False
+    return True
 
 
 def _request(control: socket.socket, message: protocol.Message) -> protocol.Message:

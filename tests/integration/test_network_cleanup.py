@@ -188,3 +188,21 @@ def test_restart_sweeps_crash_leftovers(daemon_factory: Any) -> None:
     assert restarted.stop() == 0
     assert network_state(data_dir, subnet) == NetworkState((), (), (), (), (), ())
     assert network_state(data_dir, new_subnet) == NetworkState((), (), (), (), (), ())
+
+
+def test_pool_discards_slot_without_veth(engine_factory: Any) -> None:
+    runner = engine_factory()
+    pool = runner.engine.pool
+    assert pool is not None
+    runner.wait_until(lambda: len(pool.ready[True]) >= 2, "two networked slots")
+    broken = pool.ready[True][0]
+    assert broken.attachment is not None
+    broken_address = str(broken.attachment.address.ip)
+    assert netlink.delete_link(broken.attachment.host_ifname)
+    sandbox_id = runner.create()
+    info = runner.call(runner.engine.get_sandbox(sandbox_id))
+    assert info.address
+    assert info.address != broken_address
+    assert broken not in pool.slots()
+    runner.wait_until(lambda: not runner.pid_alive(broken.pid), "the supervisor exit")
+    runner.terminate(sandbox_id)
