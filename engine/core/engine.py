@@ -174,6 +174,15 @@ class Engine:
                 "the engine must run as root to create namespaces, cgroups and "
                 "mounts; run `sudo engine serve`"
             )
+        self.network = Network(
+            self.config.data_dir,
+            subnet=self.config.subnet,
+            dns_servers=self.config.dns_servers,
+            uplinks=self.config.uplinks,
+        )
+        loop = asyncio.get_running_loop()
+        # Bad settings fail here, before anything on the host changes.
+        await loop.run_in_executor(None, self.network.validate)
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
@@ -183,15 +192,8 @@ class Engine:
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
         self._sweep()
-        self.network = Network(
-            self.config.data_dir,
-            subnet=self.config.subnet,
-            dns_servers=self.config.dns_servers,
-            uplinks=self.config.uplinks,
-        )
         # Its start also removes the bridge, veths and nftables table that a
         # crashed engine on this data dir left.
-        loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.network.start)
         await self.spawner.start()
         self.pool = SupervisorPool(

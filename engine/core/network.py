@@ -143,16 +143,34 @@ class Network:
 
     # Lifecycle.
 
-    def start(self) -> None:
-        """Remove what a crashed engine left, then create the bridge and the table."""
-        self.nft = Nft()
-        self.sweep(leftovers=True)
+    def validate(self) -> None:
+        """Raise InvalidArgument for a bad DNS server, subnet or uplink setting.
+
+        It changes nothing, so the Engine calls it before it touches the host.
+        """
+        if self.requested_subnet is not None:
+            self._requested_network()
+        for server in self.dns_servers:
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                raise InvalidArgument(
+                    f"DNS server {server!r} is not an IPv4 address; "
+                    "pass one such as 192.0.2.53"
+                ) from None
         for uplink in self.uplinks:
             if netlink.link_index(uplink) is None:
                 raise InvalidArgument(
                     f"uplink interface {uplink!r} does not exist; "
                     "pass the name of a host interface"
                 )
+
+    def start(self) -> None:
+        """Remove what a crashed engine left, then create the bridge and the table."""
+        self.validate()
+        self.nft = Nft()
+        self.sweep(leftovers=True)
+        for uplink in self.uplinks:
             if not netlink.forwarding_enabled(uplink):
                 log.warning(
                     "replies that arrive on uplink %s are not forwarded to "
@@ -207,20 +225,7 @@ class Network:
     def _choose_subnet(self) -> ipaddress.IPv4Network:
         taken = netlink.ipv4_routes() + [a.network for a in netlink.ipv4_addresses()]
         if self.requested_subnet is not None:
-            try:
-                subnet = ipaddress.IPv4Network(self.requested_subnet, strict=True)
-            except ValueError as error:
-                raise InvalidArgument(
-                    f"network subnet {self.requested_subnet!r} is invalid: {error}; "
-                    "pass a network address such as 10.213.0.0/16"
-                ) from None
-            # A /12 has host numbers of at most 5 hex digits, which keeps veth
-            # names within the kernel's 15 characters.
-            if not 12 <= subnet.prefixlen <= 29:
-                raise InvalidArgument(
-                    f"network subnet {subnet} has an unsupported size; "
-                    "use a prefix from /12 to /29"
-                )
+            subnet = self._requested_network()
             clash = [route for route in taken if route.overlaps(subnet)]
             if clash:
                 raise FailedPrecondition(
@@ -238,6 +243,24 @@ class Network:
             f"every /{AUTO_PREFIX} in {AUTO_SUBNET_RANGE} overlaps a host route; "
             "pass a subnet with --subnet"
         )
+
+    def _requested_network(self) -> ipaddress.IPv4Network:
+        assert self.requested_subnet is not None
+        try:
+            subnet = ipaddress.IPv4Network(self.requested_subnet, strict=True)
+        except ValueError as error:
+            raise InvalidArgument(
+                f"network subnet {self.requested_subnet!r} is invalid: {error}; "
+                "pass a network address such as 10.213.0.0/16"
+            ) from None
+        # A /12 has host numbers of at most 5 hex digits, which keeps veth
+        # names within the kernel's 15 characters.
+        if not 12 <= subnet.prefixlen <= 29:
+            raise InvalidArgument(
+                f"network subnet {subnet} has an unsupported size; "
+                "use a prefix from /12 to /29"
+            )
+        return subnet
 
     def _table_batch(self) -> str:
         table = f"inet {self.table}"

@@ -170,6 +170,21 @@ def test_daemon_rejects_missing_uplink(data_dir: Path) -> None:
     )
     assert result.returncode != 0
     assert "'no-such-if0' does not exist" in result.stderr
+    # Rejected before the engine touched the data dir.
+    assert not (data_dir / "sandboxes").exists()
+
+
+def test_daemon_rejects_bad_dns(data_dir: Path) -> None:
+    result = subprocess.run(
+        [str(ENGINE_BIN), "serve", "--data-dir", str(data_dir), "--dns", "dns.example"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "'dns.example' is not an IPv4 address" in result.stderr
+    assert not (data_dir / "sandboxes").exists()
 
 
 def _wait_for(condition: Any, timeout: float = 10) -> None:
