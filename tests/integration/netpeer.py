@@ -57,7 +57,9 @@ class RemoteHost:
         self.host_address = str(hosts[0])
         self.address = str(hosts[1])
         self.prefix = subnet.prefixlen
-        self.log_path = Path(tempfile.mkstemp(prefix="netpeer-", suffix=".log")[1])
+        fd, log_path = tempfile.mkstemp(prefix="netpeer-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log_path)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RemoteHost:

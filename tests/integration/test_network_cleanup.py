@@ -1,9 +1,9 @@
 """What sandbox networking leaves on the host: links, addresses, routes, nftables.
 
-Each test runs a private daemon and lists, by the names derived from its data
-dir, the bridge and veth links, the IPv4 addresses and routes on them and in
-the engine's subnet, and the engine's nftables table with its chains and
-map elements, before, during and after. Other engines on the machine use
+Each test runs a private engine and lists its network objects before,
+during and after: the bridge and veth links named after its data dir, the
+IPv4 addresses and routes in its subnet, and its nftables table with the
+table's chains and map elements. Other engines on the machine use
 other names, so they do not disturb the comparison.
 """
 
