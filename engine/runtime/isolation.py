@@ -13,6 +13,7 @@ that.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -30,6 +31,14 @@ from engine.runtime import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class CgroupRemovedError(OSError):
+    """The Engine removed the supervisor's cgroup before the supervisor joined it.
+
+    The pool does so when a prefork is cancelled, as at engine stop, so it is
+    no error of the supervisor's.
+    """
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,14 @@ def enter_namespaces(
     # own cgroup, and every process forked later starts inside it, so no exec
     # pays for a cgroup migration.
     for fd in cgroup_fds:
-        os.write(fd, b"0")
+        try:
+            os.write(fd, b"0")
+        except OSError as error:
+            if error.errno == errno.ENODEV:
+                raise CgroupRemovedError(
+                    error.errno, "the cgroup was removed"
+                ) from None
+            raise
         os.close(fd)
 
     # Supplementary groups survive unshare(CLONE_NEWUSER) and would keep

@@ -46,7 +46,11 @@ def run(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         libc.set_name("engine-sandbox")
-        isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd, owner_uid)
+        try:
+            isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd, owner_uid)
+        except isolation.CgroupRemovedError:
+            status = 0
+            return
         # The kernel clears the parent-death signal when the euid changes, as
         # it did in enter_namespaces, so set it again and check that the
         # zygote did not die in between.
