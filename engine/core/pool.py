@@ -72,6 +72,8 @@ class SupervisorPool:
         # Keyed by whether the slots have a veth pair.
         self.ready: dict[bool, deque[Slot]] = {False: deque(), True: deque()}
         self._refill: dict[bool, asyncio.Task[None] | None] = {False: None, True: None}
+        # Removals of slots whose make failed or was cancelled.
+        self._cleanups: set[asyncio.Future[None]] = set()
         self._closed = False
 
     async def take(self, network: bool = False) -> Slot:
@@ -115,16 +117,44 @@ class SupervisorPool:
             if network:
                 await self._attach(slot)
         except BaseException:
-            try:
-                if slot is not None:
-                    await asyncio.shield(self.discard(slot))
-                else:
-                    await asyncio.shield(loop.run_in_executor(None, group.destroy))
-            except (RuntimeError, asyncio.CancelledError):
-                # The loop is shutting down and runs no executor jobs any more.
-                group.destroy()
+            await self._clean_up_failed(loop, group, slot)
             raise
         return slot
+
+    async def _clean_up_failed(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        group: cgroups.Cgroup,
+        slot: Slot | None,
+    ) -> None:
+        """Remove what a failed or cancelled make left, once and only once.
+
+        The cleanup runs as a task of its own that close() waits for, so a
+        second cancellation neither interrupts it nor starts another removal
+        of the same cgroup beside it.
+        """
+        try:
+            if slot is not None:
+                cleanup = asyncio.ensure_future(self.discard(slot))
+            else:
+                cleanup = asyncio.ensure_future(
+                    loop.run_in_executor(None, group.destroy)
+                )
+        except RuntimeError:
+            # The loop is shutting down and runs no executor jobs any more.
+            if slot is not None:
+                slot.control.close()
+            group.destroy()
+            return
+        self._cleanups.add(cleanup)
+        cleanup.add_done_callback(self._cleanup_done)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(cleanup)
+
+    def _cleanup_done(self, task: asyncio.Future[None]) -> None:
+        self._cleanups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("supervisor pool: cleanup failed: %s", task.exception())
 
     async def _attach(self, slot: Slot) -> None:
         if self.network is None:
@@ -213,6 +243,7 @@ class SupervisorPool:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         for ready in self.ready.values():
             while ready:
                 await self.discard(ready.popleft())

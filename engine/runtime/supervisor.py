@@ -57,10 +57,10 @@ def run(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote_pid:
             return
-        received = protocol.recv(control)
+        received = _receive(control)
         if received is not None and received[0].get("op") == "network":
             _configure_network(control, received[0])
-            received = protocol.recv(control)
+            received = _receive(control)
         if received is None:
             # The pool was closed before this supervisor was used.
             status = 0
@@ -87,6 +87,18 @@ def run(
         traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def _receive(control: socket.socket) -> tuple[protocol.Message, list[int]] | None:
+    """Receive the next request, or None once the Engine has closed the socket.
+
+    The Engine may close it with this supervisor's reply still unread, when it
+    discards the slot, and the kernel then reports ECONNRESET.
+    """
+    try:
+        return protocol.recv(control)
+    except ConnectionResetError:
+        return None
 
 
 def _configure_network(control: socket.socket, message: protocol.Message) -> None:
