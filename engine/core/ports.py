@@ -77,16 +77,15 @@ class PortForwarder:
             except OSError:
                 return
             self._slots.acquire()
-            try:
-                self._connect(client)
-            except BaseException:
-                self._slots.release()
-                raise
+            # _connect releases the slot on every path.
+            self._connect(client)
 
     def _connect(self, client: socket.socket) -> None:
         inner = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             inner.connect(("127.0.0.1", self.port))
+            for sock in (client, inner):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as error:
             log.info(
                 "%s: port %d: connect inside failed: %s",
@@ -98,8 +97,6 @@ class PortForwarder:
             client.close()
             self._slots.release()
             return
-        for sock in (client, inner):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             if self._closed:
                 client.close()
@@ -120,10 +117,22 @@ class PortForwarder:
             inner.close()
             self._slots.release()
 
-        for source, target in ((client, inner), (inner, client)):
-            threading.Thread(
-                target=_pump, args=(source, target, finished), daemon=True
-            ).start()
+        started = 0
+        try:
+            for source, target in ((client, inner), (inner, client)):
+                threading.Thread(
+                    target=_pump, args=(source, target, finished), daemon=True
+                ).start()
+                started += 1
+        except RuntimeError as error:
+            # No thread could be started: end this connection, and stand in
+            # for each pump that never ran.
+            log.error("%s: port %d: %s", self.label, self.port, error)
+            for sock in (client, inner):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            for _ in range(2 - started):
+                finished()
 
     def close(self) -> None:
         """Stop accepting and cut every open connection."""

@@ -144,6 +144,15 @@ def test_unexposed_port_unreachable_from_remote(
     assert result.stdout.startswith("failed"), result.stdout + result.stderr
 
 
+def test_exposed_port_without_listener(network_daemon: Any) -> None:
+    with Sandbox(address=network_daemon.address).create() as sb:
+        parts = urlsplit(sb.expose_port(8099))
+        assert parts.hostname is not None and parts.port is not None
+        # The forwarder accepts, finds nothing listening inside and closes.
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as conn:
+            assert conn.recv(16) == b""
+
+
 @pytest.mark.parametrize("port", [0, 65536, 70000])
 def test_expose_bad_port(network_daemon: Any, port: int) -> None:
     with Sandbox(address=network_daemon.address).create() as sb:
