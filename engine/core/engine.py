@@ -275,7 +275,12 @@ class Engine:
             return_exceptions=True,
         )
         if self.pool is not None:
-            await self.pool.close()
+            # A failure here must not skip the rest: the zygote, the network
+            # and the data dir lock are released below either way.
+            try:
+                await self.pool.close()
+            except (EngineError, OSError) as error:
+                log.error("supervisor pool not fully removed: %s", error)
         await self.spawner.close()
         if self.network is not None:
             loop = asyncio.get_running_loop()
