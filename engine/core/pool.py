@@ -246,7 +246,14 @@ class SupervisorPool:
         await asyncio.gather(*self._cleanups, return_exceptions=True)
         for ready in self.ready.values():
             while ready:
-                await self.discard(ready.popleft())
+                slot = ready.popleft()
+                try:
+                    await self.discard(slot)
+                except (EngineError, OSError) as error:
+                    # The next start's sweep removes what is left.
+                    log.error(
+                        "supervisor pool: slot %d not removed: %s", slot.pid, error
+                    )
 
 
 def _alive(slot: Slot) -> bool:
