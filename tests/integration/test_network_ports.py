@@ -60,6 +60,9 @@ def test_expose_port_returns_url(network_daemon: Any) -> None:
         assert sb.expose_port(8080) == url
         assert sb.list_urls() == {8080: url}
         assert sb.status().urls == {8080: url}
+        # Blocking egress leaves exposed ports working.
+        sb.update_network_permissions(block_network=True)
+        assert fetch(url) == f"hello from {sb.sandbox_id}".encode()
 
 
 ECHO = """
