@@ -41,8 +41,9 @@ class Config:
     subnet: str | None = None
     # Name servers written to every networked sandbox's /etc/resolv.conf.
     dns_servers: tuple[str, ...] = ()
-    # Host interfaces that sandbox egress may leave through. None of them
-    # means sandbox traffic never leaves the host.
+    # Host interfaces that sandbox egress may leave through; "auto" means
+    # those of the host's IPv4 default routes. An empty tuple means
+    # sandbox traffic never leaves the host.
     uplinks: tuple[str, ...] = ()
     # Policy of sandboxes that pass neither block_network nor allow_list.
     block_network_by_default: bool = False

@@ -49,9 +49,10 @@ def register(
         action="append",
         default=[],
         metavar="IFNAME",
-        help="host interface that sandbox egress may leave through; repeat for"
-        " more. Replies arriving on it need net.ipv4.conf.IFNAME.forwarding=1"
-        " (default: none, so sandbox traffic stays on this host)",
+        help="host interface that sandbox egress may leave through, or 'auto'"
+        " for those of the host's default routes; repeat for more. Replies"
+        " arriving on it need net.ipv4.conf.IFNAME.forwarding=1 (default:"
+        " none, so sandbox traffic stays on this host)",
     )
     serve.add_argument(
         "--block-network-by-default",

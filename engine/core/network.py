@@ -59,6 +59,9 @@ AUTO_PREFIX = 16
 # Held while an engine picks a subnet and creates its bridge, so two engines
 # starting at once never pick the same one.
 SUBNET_LOCK = Path("/run/engine-network.lock")
+# Config.uplinks entry that means the interfaces of the host's IPv4
+# default routes, resolved when the engine starts.
+AUTO_UPLINKS = "auto"
 # The interface name of every networked sandbox.
 SANDBOX_IFNAME = "eth0"
 
@@ -158,6 +161,15 @@ class Network:
                     f"DNS server {server!r} is not an IPv4 address; "
                     "pass one such as 192.0.2.53"
                 ) from None
+        if AUTO_UPLINKS in self.uplinks:
+            found = netlink.default_route_interfaces()
+            if not found:
+                raise InvalidArgument(
+                    f"uplink {AUTO_UPLINKS!r}: the host has no IPv4 default route; "
+                    "name the uplink interfaces instead"
+                )
+            named = [name for name in self.uplinks if name != AUTO_UPLINKS]
+            self.uplinks = tuple(dict.fromkeys([*named, *found]))
         for uplink in self.uplinks:
             if netlink.link_index(uplink) is None:
                 raise InvalidArgument(

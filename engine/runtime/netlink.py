@@ -55,6 +55,20 @@ def ipv4_routes() -> list[ipaddress.IPv4Network]:
     return networks
 
 
+def default_route_interfaces() -> list[str]:
+    """Return the names of the interfaces that IPv4 default routes leave through."""
+    names = []
+    with IPRoute() as ipr:
+        for route in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+            index = route.get_attr("RTA_OIF")
+            if route["dst_len"] != 0 or index is None:
+                continue
+            links = ipr.get_links(index)
+            if links:
+                names.append(links[0].get_attr("IFLA_IFNAME"))
+    return sorted(set(names))
+
+
 def ipv4_addresses() -> list[ipaddress.IPv4Interface]:
     """Return every IPv4 address of this namespace with its prefix."""
     with IPRoute() as ipr:

@@ -20,6 +20,9 @@ import pytest
 from conftest import ENGINE_BIN, make_data_dir
 
 from engine import Sandbox, errors
+from engine.core.network import instance_names
+from engine.runtime import netlink
+from engine.runtime.nftables import Nft
 from engine.sdk.aio import AsyncSandbox
 from engine.sdk.embedded import EmbeddedEngine
 
@@ -198,3 +201,22 @@ def _remove(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def test_auto_uplink_uses_default_routes(daemon_factory: Any) -> None:
+    expected = netlink.default_route_interfaces()
+    assert expected, "the host has no IPv4 default route to resolve"
+    daemon = daemon_factory("--uplink", "auto")
+    _, _, table = instance_names(daemon.data_dir)
+    nft = Nft()
+    try:
+        egress = nft.run(f"list chain inet {table} egress")
+    finally:
+        nft.close()
+    names = ", ".join(f'"{name}"' for name in expected)
+    if len(expected) == 1:
+        assert f"oifname != {names} drop" in egress
+    else:
+        assert f"oifname != {{ {names} }} drop" in egress
+    # Only the ruleset is read: no sandbox sends a packet in this test.
+    assert "uplinks " + ", ".join(expected) in daemon.log()
