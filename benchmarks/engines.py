@@ -55,8 +55,17 @@ def engine_command() -> list[str]:
     return [sys.executable, "-m", "engine.cli.main"]
 
 
+# Engine sandboxes here are loopback only, as the bubblewrap and runc rows
+# are, so every row measures the same isolation. benchmarks/network.py
+# measures what a network adds.
 def _spec_proto() -> pb.SandboxSpec:
-    return pb.SandboxSpec(image="host", cpu=CPU_CORES, memory_mib=MEMORY_MIB, pids=PIDS)
+    return pb.SandboxSpec(
+        image="host",
+        cpu=CPU_CORES,
+        memory_mib=MEMORY_MIB,
+        pids=PIDS,
+        block_network=True,
+    )
 
 
 class Daemon:
@@ -273,7 +282,13 @@ class GrpcRuns:
 
 
 def _spec() -> SandboxSpec:
-    return SandboxSpec(image="host", cpu=CPU_CORES, memory_mib=MEMORY_MIB, pids=PIDS)
+    return SandboxSpec(
+        image="host",
+        cpu=CPU_CORES,
+        memory_mib=MEMORY_MIB,
+        pids=PIDS,
+        block_network=True,
+    )
 
 
 class EmbeddedRuns:

@@ -1,10 +1,11 @@
-"""Engine configuration: the data dir, the uid range and the socket path."""
+"""Engine configuration: the data dir, the uid range, the socket path and networking."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_UID_BASE = 100000
 DEFAULT_UID_COUNT = 65536
@@ -40,16 +41,26 @@ class Config:
     uid_base: int = DEFAULT_UID_BASE
     uid_count: int = DEFAULT_UID_COUNT
     subordinate_id_files: tuple[Path, ...] = SUBORDINATE_ID_FILES
+    # The sandboxes' IPv4 subnet; None picks a /16 in 10.0.0.0/8 that no host
+    # route or address overlaps.
+    subnet: str | None = None
+    # Name servers written to every networked sandbox's /etc/resolv.conf.
+    dns_servers: tuple[str, ...] = ()
+    # Host interfaces that sandbox egress may leave through; "auto" means
+    # those of the host's IPv4 default routes. An empty tuple means
+    # sandbox traffic never leaves the host.
+    uplinks: tuple[str, ...] = ()
+    # Policy of sandboxes that pass neither block_network nor allow_list.
+    block_network_by_default: bool = False
+    # Address that exposed ports listen on.
+    expose_host: str = "127.0.0.1"
 
     @classmethod
     def from_data_dir(
-        cls,
-        data_dir: str | os.PathLike[str] | None = None,
-        *,
-        uid_base: int = DEFAULT_UID_BASE,
+        cls, data_dir: str | os.PathLike[str] | None = None, **settings: Any
     ) -> Config:
         path = Path(data_dir) if data_dir is not None else default_data_dir()
-        return cls(data_dir=path.absolute(), uid_base=uid_base)
+        return cls(data_dir=path.absolute(), **settings)
 
     @property
     def sandboxes_dir(self) -> Path:

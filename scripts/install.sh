@@ -10,9 +10,11 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# fuse3 brings libfuse3, which mfusepy loads for fsspec volumes and bucket mounts.
-# busybox-static is the userland of the hostile images in the escape tests.
-packages=(libseccomp2 debootstrap python3-venv bubblewrap runc fuse3 busybox-static)
+# fuse3 brings libfuse3, which mfusepy loads for fsspec volumes and bucket
+# mounts. libnftables1 is the library behind nft, which the engine loads for
+# its packet filter rules. busybox-static is the userland of the hostile
+# images in the escape tests.
+packages=(libseccomp2 libnftables1 debootstrap python3-venv bubblewrap runc fuse3 busybox-static)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

@@ -215,8 +215,7 @@ class EngineRunner:
         assert pool is not None
 
         def idle() -> bool:
-            refill = pool._refill
-            return refill is None or refill.done()
+            return not pool.refilling()
 
         self.wait_until(idle, "the supervisor pool to finish its refill")
 
@@ -235,13 +234,13 @@ class EngineRunner:
         """Return the cgroup names of the pool's unused supervisors."""
         pool = self.engine.pool
         assert pool is not None
-        return {slot.cgroup.name for slot in pool.ready}
+        return {slot.cgroup.name for slot in pool.slots()}
 
     def pool_pids(self) -> set[int]:
         """Return the host pids of the pool's unused supervisors."""
         pool = self.engine.pool
         assert pool is not None
-        return {slot.pid for slot in pool.ready}
+        return {slot.pid for slot in pool.slots()}
 
     def sandbox_dirs(self) -> set[str]:
         return set(os.listdir(self.engine.config.sandboxes_dir))

@@ -67,6 +67,7 @@ def register(
     add_limit_options(run)
     add_volume_option(run)
     add_secret_option(run, SECRET_HELP)
+    add_network_options(run)
     run.add_argument(
         "--timeout",
         type=float,
@@ -102,6 +103,7 @@ def register(
     add_limit_options(create)
     add_volume_option(create)
     add_secret_option(create, SECRET_HELP + " (every process of the sandbox)")
+    add_network_options(create)
     create.add_argument("--name", default="", help="name shown by ls (default: none)")
     create.add_argument(
         "--label",
@@ -257,6 +259,44 @@ def register(
     )
     remove.set_defaults(func=rm_command)
 
+    expose = commands.add_parser(
+        "expose",
+        parents=[common],
+        help="forward a host TCP port to a port inside a sandbox",
+        description="Forward a new TCP port on the daemon's host to PORT inside"
+        " sandbox ID, and print its URL. The forward ends with the sandbox.",
+    )
+    expose.add_argument("sandbox_id", metavar="ID", help="sandbox id, sb-...")
+    expose.add_argument("port", type=int, metavar="PORT", help="TCP port inside")
+    expose.set_defaults(func=expose_command)
+
+    urls = commands.add_parser(
+        "urls",
+        parents=[common],
+        help="list the exposed ports of a sandbox",
+        description="Print one line per exposed port of sandbox ID: the port"
+        " inside and its URL.",
+    )
+    urls.add_argument("sandbox_id", metavar="ID", help="sandbox id, sb-...")
+    urls.add_argument("--json", action="store_true", help="print a JSON object")
+    urls.set_defaults(func=urls_command)
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--block-network",
+        action="store_true",
+        help="give the sandbox loopback only: no egress, DNS included",
+    )
+    group.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="allow egress only to this IPv4 CIDR; repeat for more"
+        " (default: every destination the daemon's uplinks reach)",
+    )
+
 
 # ------------------------------------------------------------------ helpers
 
@@ -275,6 +315,8 @@ def _sandbox_settings(args: argparse.Namespace, address: str | None) -> Sandbox:
         address=address,
         volumes=parse_volume_options(args.volume),
         secrets=getattr(args, "secret", None) or [],
+        block_network=args.block_network,
+        allow_list=args.allow,
     )
 
 
@@ -583,6 +625,29 @@ def inspect_command(args: argparse.Namespace) -> int:
         print_json(sandbox.status())
     finally:
         sandbox.close()
+    return 0
+
+
+def expose_command(args: argparse.Namespace) -> int:
+    sandbox = _connect(args, args.sandbox_id)
+    try:
+        print(sandbox.expose_port(args.port))
+    finally:
+        sandbox.close()
+    return 0
+
+
+def urls_command(args: argparse.Namespace) -> int:
+    sandbox = _connect(args, args.sandbox_id)
+    try:
+        urls = sandbox.list_urls()
+    finally:
+        sandbox.close()
+    if args.json:
+        print_json({str(port): url for port, url in sorted(urls.items())})
+        return 0
+    for port, url in sorted(urls.items()):
+        print(f"{port}\t{url}")
     return 0
 
 

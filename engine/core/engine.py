@@ -46,8 +46,16 @@ from engine.core.models import (
     Stream,
     TerminationReason,
 )
+from engine.core.network import (
+    Attachment,
+    Network,
+    NetworkPolicy,
+    check_policy,
+    open_netns,
+)
 from engine.core.output import OutputBudget, OutputBuffer, OutputRate
 from engine.core.pool import SupervisorPool
+from engine.core.ports import PortForwarder
 from engine.core.secrets import SecretInfo, SecretStore
 from engine.core.store import Store
 from engine.core.tenancy import current_workspace
@@ -152,6 +160,11 @@ class _Sandbox:
     bucket_keys: list[tuple[str, str]] = field(default_factory=list, repr=False)
     # Names of the FUSE servers of the sandbox's bucket mounts.
     fuse_servers: list[str] = field(default_factory=list)
+    # The veth pair and address of a networked sandbox.
+    attachment: Attachment | None = None
+    # The sandbox's network namespace, kept open for exposed ports.
+    netns_fd: int | None = None
+    forwarders: dict[int, PortForwarder] = field(default_factory=dict)
 
 
 class Engine:
@@ -186,6 +199,7 @@ class Engine:
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
         self.pool: SupervisorPool | None = None
+        self.network: Network | None = None
         # Image name -> (Image, monotonic time it was resolved).
         self._images: dict[str, tuple[Image, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -203,6 +217,15 @@ class Engine:
                 "mounts; run `sudo engine serve`"
             )
         self._check_uid_range()
+        self.network = Network(
+            self.config.data_dir,
+            subnet=self.config.subnet,
+            dns_servers=self.config.dns_servers,
+            uplinks=self.config.uplinks,
+        )
+        loop = asyncio.get_running_loop()
+        # Bad settings fail here, before anything on the host changes.
+        await loop.run_in_executor(None, self.network.validate)
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
@@ -216,14 +239,18 @@ class Engine:
         self.tokens = TokenStore(self.store.db)
         self.secrets = SecretStore(self.store.db)
         self._sweep()
+        # Its start also removes the bridge, veths and nftables table that a
+        # crashed engine on this data dir left.
+        await loop.run_in_executor(None, self.network.start)
         await self.spawner.start()
         self.pool = SupervisorPool(
             self.cgroup_driver,
             self.spawner,
             self.config.uid_base,
             self.config.uid_count,
+            network=self.network,
         )
-        self.pool.schedule_refill()
+        self.pool.schedule_refill(network=not self.config.block_network_by_default)
         self._reaper = asyncio.create_task(self._reap_expired())
         self._started = True
         log.info(
@@ -310,11 +337,23 @@ class Engine:
             return_exceptions=True,
         )
         if self.pool is not None:
-            await self.pool.close()
+            # A failure here must not skip the rest: the zygote, the network
+            # and the data dir lock are released below either way.
+            try:
+                await self.pool.close()
+            except (EngineError, OSError) as error:
+                log.error("supervisor pool not fully removed: %s", error)
         await asyncio.get_running_loop().run_in_executor(
             self._fuse_executor, self.fuse.stop_all
         )
         await self.spawner.close()
+        if self.network is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, self.network.close)
+            except EngineError as error:
+                log.error("network not removed: %s", error)
+            self.network = None
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
                 self.cgroup_driver.remove_root()
@@ -345,6 +384,8 @@ class Engine:
         secret_env = self._resolve_secrets(spec.secrets)
         bucket_keys = [self._bucket_keys(mount.config) for mount in spec.cloud_buckets]
         self._check_volume_backends(spec)
+        policy = self._policy(spec)
+        spec = replace(spec, block_network=policy.block, allow_list=policy.allow_list)
         image = self._resolve_image(spec.image)
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         now = time.time()
@@ -431,10 +472,20 @@ class Engine:
             },
             "volumes": await self._mounts(sandbox),
         }
-        assert self.pool is not None
-        slot = await self.pool.take()
+        assert self.pool is not None and self.network is not None
+        networked = not spec.block_network
+        slot = await self.pool.take(network=networked)
         sandbox.cgroup = slot.cgroup
         sandbox.supervisor_pid = slot.pid
+        sandbox.attachment, slot.attachment = slot.attachment, None
+        sandbox.netns_fd = open_netns(slot.pid)
+        if sandbox.attachment is not None:
+            address = sandbox.attachment.address.ip
+            runtime_spec["address"] = str(address)
+            runtime_spec["resolv_conf"] = self.network.resolv_conf()
+            self._set_info(sandbox, address=str(address))
+            policy = NetworkPolicy(spec.block_network, spec.allow_list)
+            self.network.apply(sandbox.info.sandbox_id, sandbox.attachment, policy)
         sandbox.supervisor = SupervisorClient(
             slot.control, lambda pid, status: self._on_exit(sandbox, pid, status)
         )
@@ -607,9 +658,118 @@ class Engine:
         for name in sandbox.fuse_servers:
             await loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
         await loop.run_in_executor(None, remove_tree, sandbox.directory)
+        await self._release_network(sandbox)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
             users.discard(sandbox.info.sandbox_id)
+
+    async def _release_network(self, sandbox: _Sandbox) -> None:
+        """Stop the sandbox's port forwarders and remove its chain and veth pair."""
+        loop = asyncio.get_running_loop()
+        forwarders = list(sandbox.forwarders.values())
+        sandbox.forwarders.clear()
+        for forwarder in forwarders:
+            # close() joins the forwarder's accept thread.
+            await loop.run_in_executor(None, forwarder.close)
+        if sandbox.info.urls:
+            self._set_info(sandbox, urls={})
+        if sandbox.netns_fd is not None:
+            os.close(sandbox.netns_fd)
+            sandbox.netns_fd = None
+        attachment, sandbox.attachment = sandbox.attachment, None
+        if attachment is None or self.network is None:
+            return
+        try:
+            await loop.run_in_executor(
+                None, self.network.remove, sandbox.info.sandbox_id, attachment
+            )
+        except (EngineError, OSError) as error:
+            # The sweep at the next start removes the table and every veth.
+            log.error(
+                "sandbox %s: network not removed: %s", sandbox.info.sandbox_id, error
+            )
+
+    def _policy(self, spec: SandboxSpec) -> NetworkPolicy:
+        """Return the sandbox's policy, the daemon's default applied."""
+        policy = check_policy(spec.block_network, spec.allow_list)
+        if self.config.block_network_by_default and not policy.allow_list:
+            return NetworkPolicy(block=True)
+        return policy
+
+    # Network.
+
+    async def update_network_permissions(
+        self,
+        sandbox_id: str,
+        *,
+        block_network: bool = False,
+        allow_list: tuple[str, ...] | list[str] = (),
+    ) -> SandboxInfo:
+        """Replace the sandbox's egress policy, for open connections too."""
+        sandbox = self._get_running(sandbox_id)
+        policy = check_policy(block_network, tuple(allow_list))
+        async with sandbox.lock:
+            sandbox = self._get_running(sandbox_id)
+            attachment = sandbox.attachment
+            if attachment is None and not policy.block:
+                raise FailedPrecondition(
+                    f"sandbox {sandbox_id} was created with block_network and has "
+                    "no interface but loopback; create a new sandbox for egress"
+                )
+            if attachment is not None:
+                assert self.network is not None
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(
+                    None, self.network.update, sandbox_id, attachment, policy
+                )
+            spec = replace(
+                sandbox.info.spec,
+                block_network=policy.block,
+                allow_list=policy.allow_list,
+            )
+            self._touch(sandbox)
+            self._set_info(sandbox, spec=spec)
+        log.info(
+            "sandbox %s: network policy now %s",
+            sandbox_id,
+            "blocked" if policy.block else (", ".join(policy.allow_list) or "open"),
+        )
+        return sandbox.info
+
+    async def expose_port(self, sandbox_id: str, port: int) -> str:
+        """Forward a new TCP port of the host to ``port`` inside; return its URL."""
+        sandbox = self._get_running(sandbox_id)
+        if (
+            isinstance(port, bool)
+            or not isinstance(port, int)
+            or not 1 <= port <= 65535
+        ):
+            raise InvalidArgument(f"port {port!r} must be an integer from 1 to 65535")
+        self._touch(sandbox)
+        # Under the lock, so a terminate in progress cannot miss the forwarder.
+        async with sandbox.lock:
+            sandbox = self._get_running(sandbox_id)
+            existing = sandbox.forwarders.get(port)
+            if existing is not None:
+                return existing.url
+            assert sandbox.netns_fd is not None
+            try:
+                forwarder = PortForwarder(
+                    sandbox.netns_fd, port, self.config.expose_host, sandbox_id
+                )
+            except OSError as error:
+                raise Unavailable(
+                    f"cannot listen on {self.config.expose_host} for port {port} "
+                    f"of sandbox {sandbox_id}: {_os_message(error)}"
+                ) from error
+            sandbox.forwarders[port] = forwarder
+            self._set_info(sandbox, urls={**sandbox.info.urls, port: forwarder.url})
+        log.info("sandbox %s: port %d exposed at %s", sandbox_id, port, forwarder.url)
+        return forwarder.url
+
+    async def list_urls(self, sandbox_id: str) -> dict[int, str]:
+        """Return exposed port -> URL for the sandbox."""
+        return dict(self._get(sandbox_id).info.urls)
 
     async def _reap_expired(self) -> None:
         while True:

@@ -121,6 +121,11 @@ class SandboxSpec:
     # values never enter the spec.
     secrets: tuple[str, ...] = ()
     cloud_buckets: tuple[CloudBucketMount, ...] = ()
+    # No interface but loopback: no egress at all, DNS included.
+    block_network: bool = False
+    # IPv4 CIDRs the sandbox may reach; empty means everywhere the engine's
+    # uplinks lead. Excludes block_network.
+    allow_list: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,10 @@ class SandboxInfo:
     error: str = ""
     # The tenant that created the sandbox; see engine.core.tenancy.
     workspace: str = DEFAULT_WORKSPACE
+    # The sandbox's IPv4 address on the engine's bridge; "" without a network.
+    address: str = ""
+    # Exposed port inside the sandbox -> URL that reaches it from the host.
+    urls: dict[int, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -113,6 +113,7 @@ class Store:
         # dataclasses.asdict stored each VolumeMount as a dict; rows written
         # before volumes existed have no "volumes" key.
         volumes = tuple(VolumeMount(**item) for item in fields.pop("volumes", ()))
+        fields["allow_list"] = tuple(fields.get("allow_list", ()))
         secrets = tuple(fields.pop("secrets", ()))
         buckets = tuple(
             CloudBucketMount(

@@ -12,6 +12,7 @@ from engine.core.models import (
     SandboxSpec,
     VolumeMount,
 )
+from engine.core.network import check_policy
 from engine.core.secrets import check_name as check_secret_name
 from engine.core.secrets import check_names as check_secret_names
 from engine.errors import InvalidArgument
@@ -100,6 +101,7 @@ def check_spec(spec: SandboxSpec) -> None:
     check_env(spec.env)
     check_volumes(spec.volumes, spec.cloud_buckets)
     check_secret_names("secrets", spec.secrets)
+    check_policy(spec.block_network, spec.allow_list)
     if len(spec.labels) > MAX_LABELS:
         raise InvalidArgument(
             f"{len(spec.labels)} labels given; the maximum is {MAX_LABELS}"

@@ -13,6 +13,7 @@ that.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -32,6 +33,14 @@ from engine.runtime import (
 log = logging.getLogger(__name__)
 
 
+class CgroupRemovedError(OSError):
+    """The Engine removed the supervisor's cgroup before the supervisor joined it.
+
+    The pool does so when a prefork is cancelled, as at engine stop, so it is
+    no error of the supervisor's.
+    """
+
+
 @dataclass(frozen=True)
 class IsolationSpec:
     sandbox_id: str
@@ -42,6 +51,9 @@ class IsolationSpec:
     shm: rootfs.TmpfsLimits
     # (host directory, path inside the sandbox, read-only) of each volume.
     volumes: tuple[tuple[str, str, bool], ...] = ()
+    # The sandbox's IPv4 address and resolv.conf text; None without a network.
+    address: str | None = None
+    resolv_conf: str | None = None
 
 
 def enter_namespaces(
@@ -58,7 +70,14 @@ def enter_namespaces(
     # own cgroup, and every process forked later starts inside it, so no exec
     # pays for a cgroup migration.
     for fd in cgroup_fds:
-        os.write(fd, b"0")
+        try:
+            os.write(fd, b"0")
+        except OSError as error:
+            if error.errno == errno.ENODEV:
+                raise CgroupRemovedError(
+                    error.errno, "the cgroup was removed"
+                ) from None
+            raise
         os.close(fd)
 
     # Supplementary groups survive unshare(CLONE_NEWUSER) and would keep
@@ -127,7 +146,7 @@ def build_root(spec: IsolationSpec) -> str:
     rootfs.prepare_dirs(old_root)
     rootfs.mount_dev(old_root, spec.shm)
     rootfs.mount_tmp(old_root, spec.tmp)
-    rootfs.write_etc(spec.hostname, old_root)
+    rootfs.write_etc(spec.hostname, old_root, spec.address, spec.resolv_conf)
     for source, target, read_only in spec.volumes:
         rootfs.mount_volume(old_root + source, target, old_root, read_only=read_only)
     rootfs.make_workdir(spec.workdir, old_root)

@@ -1,6 +1,7 @@
-"""Sandbox networking.
+"""The loopback interface of a sandbox's network namespace.
 
-A sandbox has its own network namespace with only the loopback interface up.
+PID 1 brings ``lo`` up. A networked sandbox's ``eth0`` is configured earlier,
+by the supervisor (``netlink.configure_inside``).
 """
 
 from __future__ import annotations

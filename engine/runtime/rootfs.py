@@ -258,15 +258,28 @@ def _write(path: str, text: str, old_root: str) -> None:
         file.write(text)
 
 
-def write_etc(hostname: str, old_root: str) -> None:
-    """Write /etc/hostname, hosts and resolv.conf, and passwd and group if absent."""
+def write_etc(
+    hostname: str,
+    old_root: str,
+    address: str | None = None,
+    resolv_conf: str | None = None,
+) -> None:
+    """Write /etc/hostname, hosts and resolv.conf, and passwd and group if absent.
+
+    ``address`` is the sandbox's IPv4 address and ``resolv_conf`` the text of
+    its resolv.conf; a loopback-only sandbox has neither.
+    """
     _write("/etc/hostname", f"{hostname}\n", old_root)
     hosts = (
         f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"
     )
+    if address is not None:
+        hosts += f"{address}\t{hostname}\n"
     _write("/etc/hosts", hosts, old_root)
-    # Loopback-only sandboxes have no resolver to reach.
-    _write("/etc/resolv.conf", "# no network: no name servers\n", old_root)
+    if resolv_conf is None:
+        # Loopback-only sandboxes have no resolver to reach.
+        resolv_conf = "# no network: no name servers\n"
+    _write("/etc/resolv.conf", resolv_conf, old_root)
     for name, text in (("passwd", PASSWD), ("group", GROUP)):
         path = f"/etc/{name}"
         if os.path.islink(path) or not os.path.isfile(path):

@@ -6,6 +6,10 @@ control socket for a spec:
 
     {"op": "start", "spec": {...}}
 
+The pool may send one {"op": "network", "ifname", "address", "gateway"}
+first, answered with {"op": "network_ready"}: the supervisor configures the
+sandbox's end of its veth pair, in the network namespace it already has.
+
 It then builds the sandbox's root, forks PID 1 (``engine.runtime.init``),
 which replies {"op": "ready"} or {"op": "failed", "message"} on the same
 socket, and waits for PID 1 to exit. The supervisor stays outside the
@@ -15,13 +19,14 @@ sandbox's PID namespace, so sandbox code cannot see or signal it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import traceback
 
-from engine.runtime import init, isolation, libc, protocol, rootfs
+from engine.runtime import init, isolation, libc, netlink, protocol, rootfs
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +46,21 @@ def run(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         libc.set_name("engine-sandbox")
-        isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd, owner_uid)
+        try:
+            isolation.enter_namespaces(cgroup_fds, notify_fd, wait_fd, owner_uid)
+        except isolation.CgroupRemovedError:
+            status = 0
+            return
         # The kernel clears the parent-death signal when the euid changes, as
         # it did in enter_namespaces, so set it again and check that the
         # zygote did not die in between.
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote_pid:
             return
-        received = protocol.recv(control)
+        received = _receive(control)
+        if received is not None and received[0].get("op") == "network":
+            _configure_network(control, received[0])
+            received = _receive(control)
         if received is None:
             # The pool was closed before this supervisor was used.
             status = 0
@@ -75,6 +87,32 @@ def run(
         traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def _receive(control: socket.socket) -> tuple[protocol.Message, list[int]] | None:
+    """Receive the next request, or None once the Engine has closed the socket.
+
+    The Engine may close it with this supervisor's reply still unread, when it
+    discards the slot, and the kernel then reports ECONNRESET.
+    """
+    try:
+        return protocol.recv(control)
+    except ConnectionResetError:
+        return None
+
+
+def _configure_network(control: socket.socket, message: protocol.Message) -> None:
+    """Configure the sandbox's end of its veth pair, then reply on ``control``."""
+    try:
+        netlink.configure_inside(
+            message["ifname"],
+            ipaddress.IPv4Interface(message["address"]),
+            ipaddress.IPv4Address(message["gateway"]),
+        )
+    except OSError as error:
+        protocol.send(control, {"op": "failed", "message": str(error)})
+        raise
+    protocol.send(control, {"op": "network_ready"})
 
 
 def _run_init(
@@ -132,4 +170,6 @@ def _isolation_spec(spec: protocol.Message) -> isolation.IsolationSpec:
             (volume["source"], volume["target"], bool(volume["read_only"]))
             for volume in spec.get("volumes", ())
         ),
+        address=spec.get("address"),
+        resolv_conf=spec.get("resolv_conf"),
     )

@@ -37,6 +37,7 @@ from engine.sdk.sandbox import (
     Sandbox,
     SandboxProcessResponse,
     _secret_names,
+    network_request,
 )
 from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
@@ -333,6 +334,30 @@ class AsyncSandboxInstance:
             pb.UpdateTTLRequest(sandbox_id=self.sandbox_id, ttl_seconds=ttl),
         )
         return convert.sandbox_from_proto(reply.sandbox)
+
+    async def update_network_permissions(
+        self, *, block_network: bool = False, allow_list: list[str] | None = None
+    ) -> SandboxInfo:
+        """Replace the egress policy; open connections it forbids are cut."""
+        reply = await self._client.call(
+            "UpdateNetworkPermissions",
+            network_request(self.sandbox_id, block_network, allow_list),
+        )
+        return convert.sandbox_from_proto(reply.sandbox)
+
+    async def expose_port(self, port: int) -> str:
+        """Forward a host TCP port to ``port`` inside the sandbox; return its URL."""
+        reply = await self._client.call(
+            "ExposePort", pb.ExposePortRequest(sandbox_id=self.sandbox_id, port=port)
+        )
+        return reply.url
+
+    async def list_urls(self) -> dict[int, str]:
+        """Return exposed port inside the sandbox -> URL."""
+        reply = await self._client.call(
+            "ListUrls", pb.ListUrlsRequest(sandbox_id=self.sandbox_id)
+        )
+        return dict(reply.urls)
 
     async def stats(self) -> SandboxStats:
         reply = await self._client.call(

@@ -60,8 +60,11 @@ class EmbeddedEngine:
     terminates every sandbox and removes the socket directory.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
-        self.config = Config.from_data_dir(data_dir)
+    def __init__(
+        self, data_dir: str | os.PathLike[str] | None = None, **settings: Any
+    ) -> None:
+        # settings: other fields of engine.config.Config, such as dns_servers.
+        self.config = Config.from_data_dir(data_dir, **settings)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._engine: Engine | None = None

@@ -92,6 +92,34 @@ def _secret_names(names: list[str] | tuple[str, ...] | None) -> list[str]:
     return list(names)
 
 
+def check_allow_list(allow_list: list[str] | None) -> list[str]:
+    """Return the allow-list as a list of strings; the daemon checks each CIDR."""
+    if allow_list is None:
+        return []
+    if isinstance(allow_list, str):
+        raise errors.InvalidArgument(
+            f"invalid allow_list {allow_list!r}: expected a list of CIDRs such as"
+            " ['198.51.100.0/24']"
+        )
+    entries = list(allow_list)
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise errors.InvalidArgument(
+                f"invalid allow_list entry {entry!r}: expected a CIDR string"
+            )
+    return entries
+
+
+def network_request(
+    sandbox_id: str, block_network: bool, allow_list: list[str] | None
+) -> pb.UpdateNetworkPermissionsRequest:
+    return pb.UpdateNetworkPermissionsRequest(
+        sandbox_id=sandbox_id,
+        block_network=block_network,
+        allow_list=check_allow_list(allow_list),
+    )
+
+
 @dataclass(frozen=True)
 class ProcessStatus:
     """State of a process. ``exit_code`` is None while it runs."""
@@ -408,6 +436,30 @@ class SandboxInstance:
         reply = self._client.call("Stats", pb.StatsRequest(sandbox_id=self.sandbox_id))
         return convert.stats_from_proto(reply)
 
+    def update_network_permissions(
+        self, *, block_network: bool = False, allow_list: list[str] | None = None
+    ) -> SandboxInfo:
+        """Replace the egress policy; open connections it forbids are cut."""
+        reply = self._client.call(
+            "UpdateNetworkPermissions",
+            network_request(self.sandbox_id, block_network, allow_list),
+        )
+        return convert.sandbox_from_proto(reply.sandbox)
+
+    def expose_port(self, port: int) -> str:
+        """Forward a host TCP port to ``port`` inside the sandbox; return its URL."""
+        reply = self._client.call(
+            "ExposePort", pb.ExposePortRequest(sandbox_id=self.sandbox_id, port=port)
+        )
+        return reply.url
+
+    def list_urls(self) -> dict[int, str]:
+        """Return exposed port inside the sandbox -> URL."""
+        reply = self._client.call(
+            "ListUrls", pb.ListUrlsRequest(sandbox_id=self.sandbox_id)
+        )
+        return dict(reply.urls)
+
     def terminate(self) -> SandboxInfo:
         """Kill every process and remove the sandbox; a second call changes nothing."""
         reply = self._client.call(
@@ -441,6 +493,9 @@ class Sandbox:
     ``secrets`` names secrets (``engine.sdk.secrets.SecretClient``) that become
     environment variables of every process. ``cloud_buckets`` lists the
     ``CloudBucket`` objects (S3 buckets) to mount through FUSE.
+    ``block_network`` leaves the sandbox loopback only, DNS included;
+    ``allow_list`` limits egress to those IPv4 CIDRs. Passing both is
+    InvalidArgument.
     """
 
     def __init__(
@@ -459,6 +514,8 @@ class Sandbox:
         volumes: list[Volume] | None = None,
         secrets: list[str] | None = None,
         cloud_buckets: list[CloudBucket] | None = None,
+        block_network: bool = False,
+        allow_list: list[str] | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
@@ -478,6 +535,8 @@ class Sandbox:
                     f"invalid cloud bucket {bucket!r}: expected a CloudBucket"
                 )
         self.address = address
+        self.block_network = block_network
+        self.allow_list = check_allow_list(allow_list)
 
     def spec_proto(self) -> pb.SandboxSpec:
         spec = pb.SandboxSpec(
@@ -491,6 +550,8 @@ class Sandbox:
             cloud_buckets=[
                 convert.bucket_mount_to_proto(b) for b in self.cloud_buckets
             ],
+            block_network=self.block_network,
+            allow_list=self.allow_list,
         )
         optional: dict[str, Any] = {
             "cpu": self.cpu,

@@ -95,6 +95,8 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
         volumes=[volume_mount_to_proto(mount) for mount in spec.volumes],
         secrets=list(spec.secrets),
         cloud_buckets=[bucket_mount_to_proto(mount) for mount in spec.cloud_buckets],
+        block_network=spec.block_network,
+        allow_list=list(spec.allow_list),
     )
     if spec.cpu is not None:
         message.cpu = spec.cpu
@@ -140,6 +142,8 @@ def sandbox_to_proto(info: SandboxInfo) -> pb.Sandbox:
         created_at=timestamp_to_proto(info.created_at),
         last_activity_at=timestamp_to_proto(info.last_activity_at),
         error=info.error,
+        address=info.address,
+        urls=info.urls,
     )
     if info.terminated_at is not None:
         message.terminated_at.CopyFrom(timestamp_to_proto(info.terminated_at))
@@ -207,6 +211,8 @@ def spec_from_proto(message: pb.SandboxSpec) -> SandboxSpec:
         cloud_buckets=tuple(
             bucket_mount_from_proto(mount) for mount in message.cloud_buckets
         ),
+        block_network=message.block_network,
+        allow_list=tuple(message.allow_list),
     )
 
 
@@ -251,6 +257,8 @@ def sandbox_from_proto(message: pb.Sandbox) -> SandboxInfo:
         terminated_at=terminated_at,
         last_activity_at=timestamp_from_proto(message.last_activity_at),
         error=message.error,
+        address=message.address,
+        urls=dict(message.urls),
     )
 
 

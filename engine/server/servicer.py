@@ -107,6 +107,35 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         info = await self._engine.update_ttl(request.sandbox_id, ttl)
         return pb.UpdateTTLResponse(sandbox=convert.sandbox_to_proto(info))
 
+    async def UpdateNetworkPermissions(
+        self,
+        request: pb.UpdateNetworkPermissionsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UpdateNetworkPermissionsResponse:
+        validation.check_sandbox_id(request.sandbox_id)
+        info = await self._engine.update_network_permissions(
+            request.sandbox_id,
+            block_network=request.block_network,
+            allow_list=tuple(request.allow_list),
+        )
+        return pb.UpdateNetworkPermissionsResponse(
+            sandbox=convert.sandbox_to_proto(info)
+        )
+
+    async def ExposePort(
+        self, request: pb.ExposePortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExposePortResponse:
+        validation.check_sandbox_id(request.sandbox_id)
+        url = await self._engine.expose_port(request.sandbox_id, request.port)
+        return pb.ExposePortResponse(url=url)
+
+    async def ListUrls(
+        self, request: pb.ListUrlsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListUrlsResponse:
+        validation.check_sandbox_id(request.sandbox_id)
+        urls = await self._engine.list_urls(request.sandbox_id)
+        return pb.ListUrlsResponse(urls=urls)
+
     async def Exec(
         self, request: pb.ExecRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExecEvent]:

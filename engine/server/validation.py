@@ -157,6 +157,9 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         volumes=tuple(volumes),
         secrets=check_secret_names("spec.secrets", message.secrets),
         cloud_buckets=tuple(buckets),
+        block_network=message.block_network,
+        # The Engine checks the CIDRs and the combination (check_policy).
+        allow_list=tuple(message.allow_list),
     )
 
 

@@ -70,7 +70,7 @@ STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes", "secrets", "cloud_buckets")
+    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes", "secrets", "cloud_buckets", "block_network", "allow_list")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class SandboxSpec(_message.Message):
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
     CLOUD_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NETWORK_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LIST_FIELD_NUMBER: _ClassVar[int]
     image: str
     cpu: float
     memory_mib: int
@@ -111,7 +113,9 @@ class SandboxSpec(_message.Message):
     volumes: _containers.RepeatedCompositeFieldContainer[VolumeMount]
     secrets: _containers.RepeatedScalarFieldContainer[str]
     cloud_buckets: _containers.RepeatedCompositeFieldContainer[CloudBucketMount]
-    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ..., secrets: _Optional[_Iterable[str]] = ..., cloud_buckets: _Optional[_Iterable[_Union[CloudBucketMount, _Mapping]]] = ...) -> None: ...
+    block_network: bool
+    allow_list: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ..., secrets: _Optional[_Iterable[str]] = ..., cloud_buckets: _Optional[_Iterable[_Union[CloudBucketMount, _Mapping]]] = ..., block_network: _Optional[bool] = ..., allow_list: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CloudBucketConfig(_message.Message):
     __slots__ = ("endpoint", "region", "access_key", "secret_key", "read_only", "force_path_style", "key_prefix")
@@ -152,7 +156,14 @@ class VolumeMount(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mount_path: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("sandbox_id", "spec", "state", "termination_reason", "created_at", "terminated_at", "last_activity_at", "expires_at", "error")
+    __slots__ = ("sandbox_id", "spec", "state", "termination_reason", "created_at", "terminated_at", "last_activity_at", "expires_at", "error", "address", "urls")
+    class UrlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +173,8 @@ class Sandbox(_message.Message):
     LAST_ACTIVITY_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    URLS_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     spec: SandboxSpec
     state: SandboxState
@@ -171,7 +184,9 @@ class Sandbox(_message.Message):
     last_activity_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
     error: str
-    def __init__(self, sandbox_id: _Optional[str] = ..., spec: _Optional[_Union[SandboxSpec, _Mapping]] = ..., state: _Optional[_Union[SandboxState, str]] = ..., termination_reason: _Optional[_Union[TerminationReason, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., terminated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    address: str
+    urls: _containers.ScalarMap[int, str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., spec: _Optional[_Union[SandboxSpec, _Mapping]] = ..., state: _Optional[_Union[SandboxState, str]] = ..., termination_reason: _Optional[_Union[TerminationReason, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., terminated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., address: _Optional[str] = ..., urls: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("pid", "argv", "cwd", "state", "exit_code", "signal", "exit_reason", "started_at", "ended_at")
@@ -281,6 +296,55 @@ class UpdateTTLResponse(_message.Message):
     SANDBOX_FIELD_NUMBER: _ClassVar[int]
     sandbox: Sandbox
     def __init__(self, sandbox: _Optional[_Union[Sandbox, _Mapping]] = ...) -> None: ...
+
+class UpdateNetworkPermissionsRequest(_message.Message):
+    __slots__ = ("sandbox_id", "block_network", "allow_list")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NETWORK_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LIST_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    block_network: bool
+    allow_list: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., block_network: _Optional[bool] = ..., allow_list: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateNetworkPermissionsResponse(_message.Message):
+    __slots__ = ("sandbox",)
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
+    sandbox: Sandbox
+    def __init__(self, sandbox: _Optional[_Union[Sandbox, _Mapping]] = ...) -> None: ...
+
+class ExposePortRequest(_message.Message):
+    __slots__ = ("sandbox_id", "port")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class ExposePortResponse(_message.Message):
+    __slots__ = ("url",)
+    URL_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    def __init__(self, url: _Optional[str] = ...) -> None: ...
+
+class ListUrlsRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class ListUrlsResponse(_message.Message):
+    __slots__ = ("urls",)
+    class UrlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    URLS_FIELD_NUMBER: _ClassVar[int]
+    urls: _containers.ScalarMap[int, str]
+    def __init__(self, urls: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "secrets")

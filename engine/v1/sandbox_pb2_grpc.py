@@ -100,6 +100,21 @@ class SandboxServiceStub:
                 request_serializer=engine_dot_v1_dot_sandbox__pb2.StatsRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_sandbox__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.UpdateNetworkPermissions = channel.unary_unary(
+                '/engine.v1.SandboxService/UpdateNetworkPermissions',
+                request_serializer=engine_dot_v1_dot_sandbox__pb2.UpdateNetworkPermissionsRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_sandbox__pb2.UpdateNetworkPermissionsResponse.FromString,
+                _registered_method=True)
+        self.ExposePort = channel.unary_unary(
+                '/engine.v1.SandboxService/ExposePort',
+                request_serializer=engine_dot_v1_dot_sandbox__pb2.ExposePortRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_sandbox__pb2.ExposePortResponse.FromString,
+                _registered_method=True)
+        self.ListUrls = channel.unary_unary(
+                '/engine.v1.SandboxService/ListUrls',
+                request_serializer=engine_dot_v1_dot_sandbox__pb2.ListUrlsRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_sandbox__pb2.ListUrlsResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -202,6 +217,30 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateNetworkPermissions(self, request, context):
+        """Replaces a running sandbox's egress policy. It applies to open
+        connections too: a connection to a destination the new policy forbids
+        is cut.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExposePort(self, request, context):
+        """Forwards a new TCP port on the daemon's host to a port inside a sandbox
+        and returns its URL. Exposing an exposed port returns the same URL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUrls(self, request, context):
+        """Returns the URLs of a sandbox's exposed ports.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +308,21 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=engine_dot_v1_dot_sandbox__pb2.StatsRequest.FromString,
                     response_serializer=engine_dot_v1_dot_sandbox__pb2.StatsResponse.SerializeToString,
+            ),
+            'UpdateNetworkPermissions': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNetworkPermissions,
+                    request_deserializer=engine_dot_v1_dot_sandbox__pb2.UpdateNetworkPermissionsRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_sandbox__pb2.UpdateNetworkPermissionsResponse.SerializeToString,
+            ),
+            'ExposePort': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExposePort,
+                    request_deserializer=engine_dot_v1_dot_sandbox__pb2.ExposePortRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_sandbox__pb2.ExposePortResponse.SerializeToString,
+            ),
+            'ListUrls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUrls,
+                    request_deserializer=engine_dot_v1_dot_sandbox__pb2.ListUrlsRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_sandbox__pb2.ListUrlsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +677,87 @@ class SandboxService:
             '/engine.v1.SandboxService/Stats',
             engine_dot_v1_dot_sandbox__pb2.StatsRequest.SerializeToString,
             engine_dot_v1_dot_sandbox__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNetworkPermissions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.SandboxService/UpdateNetworkPermissions',
+            engine_dot_v1_dot_sandbox__pb2.UpdateNetworkPermissionsRequest.SerializeToString,
+            engine_dot_v1_dot_sandbox__pb2.UpdateNetworkPermissionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExposePort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.SandboxService/ExposePort',
+            engine_dot_v1_dot_sandbox__pb2.ExposePortRequest.SerializeToString,
+            engine_dot_v1_dot_sandbox__pb2.ExposePortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUrls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.SandboxService/ListUrls',
+            engine_dot_v1_dot_sandbox__pb2.ListUrlsRequest.SerializeToString,
+            engine_dot_v1_dot_sandbox__pb2.ListUrlsResponse.FromString,
             options,
             channel_credentials,
             insecure,

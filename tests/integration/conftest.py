@@ -261,3 +261,41 @@ def cli(cli_env: dict[str, str]) -> CliRunner:
         )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def remote_host() -> Iterator[Any]:
+    """A test-owned network namespace serving TCP, UDP and DNS; see netpeer.py."""
+    from netpeer import RemoteHost
+
+    remote = RemoteHost().start()
+    try:
+        yield remote
+    finally:
+        remote.close()
+
+
+@pytest.fixture(scope="module")
+def network_daemon(remote_host: Any) -> Iterator[Daemon]:
+    """A daemon whose sandboxes reach only ``remote_host``, which is also their DNS.
+
+    Its unauthenticated TCP listener is on the host end of the remote host's
+    veth, a host address that sandboxes must not reach.
+    """
+    data_dir = make_data_dir()
+    running = start_daemon(
+        data_dir,
+        "--uplink",
+        remote_host.host_ifname,
+        "--dns",
+        remote_host.address,
+        "--listen",
+        f"{remote_host.host_address}:0",
+    )
+    try:
+        yield running
+    finally:
+        status = running.stop()
+        log = running.log()
+        remove_data_dir(running)
+        assert status == 0, f"daemon exited with {status}; log:\n{log}"

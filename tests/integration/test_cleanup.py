@@ -289,7 +289,7 @@ def _abandon(runner: EngineRunner, fds_before: set[int]) -> None:
         if sandbox.supervisor is not None:
             sandbox.supervisor.channel.sock.close()
     if engine.pool is not None:
-        for slot in engine.pool.ready:
+        for slot in engine.pool.slots():
             slot.control.close()
     if engine.store is not None:
         engine.store.close()

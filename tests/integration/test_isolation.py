@@ -240,7 +240,10 @@ def test_root_writes_stay_in_sandbox(engine: EngineRunner, sandbox_id: str) -> N
 # Network.
 
 
-def test_only_loopback_interface(engine: EngineRunner, sandbox_id: str) -> None:
+def test_only_loopback_interface(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = new_sandbox(block_network=True)
     names = _json(
         engine,
         sandbox_id,
@@ -250,7 +253,20 @@ def test_only_loopback_interface(engine: EngineRunner, sandbox_id: str) -> None:
     assert names == ["lo"]
 
 
-def test_proc_net_dev_lists_loopback(engine: EngineRunner, sandbox_id: str) -> None:
+def test_default_has_veth_interface(engine: EngineRunner, sandbox_id: str) -> None:
+    names = _json(
+        engine,
+        sandbox_id,
+        "import json, socket\n"
+        "print(json.dumps([name for _, name in socket.if_nameindex()]))",
+    )
+    assert names == ["lo", "eth0"]
+
+
+def test_proc_net_dev_lists_loopback(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = new_sandbox(block_network=True)
     result = engine.run(sandbox_id, ["cat", "/proc/net/dev"])
     assert result.exit_code == 0
     # The first two lines are column headers.

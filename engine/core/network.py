@@ -1,0 +1,458 @@
+"""Sandbox networking: the engine's bridge, subnet, nftables table and policies.
+
+Each Engine owns, under names derived from its data dir like its cgroup root:
+
+- bridge ``eng-<hash>`` with the subnet's first address, the gateway, and
+  IPv4 forwarding enabled on that interface only;
+- one veth pair per networked sandbox: the host end ``ev<hash><n>`` is an
+  isolated port of the bridge, and the other end is ``eth0`` in the sandbox;
+- nftables table ``inet engine-<hash>``, with one chain ``sb-...`` per
+  sandbox, reached through the verdict map ``sandboxes`` by source address.
+
+The base chains of the table drop, whatever a sandbox's policy:
+
+- forward: packets from the bridge back into the bridge (sandbox to
+  sandbox), and IPv6. Also packets to link-local, metadata, multicast and
+  broadcast destinations, packets that would leave through an interface
+  outside ``Config.uplinks``, and packets from an address with no sandbox
+  chain. New connections into the bridge from anywhere are dropped too;
+- input: every packet from the bridge to any of the host's own addresses,
+  except replies to connections the host opened;
+- output: new connections from the host into the bridge.
+
+Sandbox egress is masqueraded to the address of the outgoing interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from engine.runtime import netlink
+from engine.runtime.nftables import Nft
+
+log = logging.getLogger(__name__)
+
+# Destinations no sandbox reaches, whatever its allow-list. 169.254.0.0/16
+# contains the metadata services of AWS, GCP and Azure (169.254.169.254) and
+# 100.100.100.200 is Alibaba Cloud's; 0.0.0.0/8 and 127.0.0.0/8 are never
+# valid destinations on the wire.
+BLOCKED_DESTINATIONS = (
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "100.100.100.200",
+    "224.0.0.0/4",
+    "255.255.255.255",
+)
+# Range of the /16 that the engine picks when Config.subnet is unset.
+AUTO_SUBNET_RANGE = ipaddress.IPv4Network("10.0.0.0/8")
+AUTO_PREFIX = 16
+# Held while an engine picks a subnet and creates its bridge, so two engines
+# starting at once never pick the same one.
+SUBNET_LOCK = Path("/run/engine-network.lock")
+# Config.uplinks entry that means the interfaces of the host's IPv4
+# default routes, resolved when the engine starts.
+AUTO_UPLINKS = "auto"
+# The interface name of every networked sandbox.
+SANDBOX_IFNAME = "eth0"
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Egress of one sandbox: none, only to ``allow_list``, or everywhere."""
+
+    block: bool = False
+    allow_list: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A veth pair prepared for one supervisor, with the sandbox's address."""
+
+    address: ipaddress.IPv4Interface
+    gateway: ipaddress.IPv4Address
+    host_ifname: str
+
+
+def parse_allow_list(entries: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Return the allow-list's CIDRs in normal form, or raise InvalidArgument."""
+    cidrs = []
+    for entry in entries:
+        try:
+            network = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise InvalidArgument(
+                f"allow_list entry {entry!r} is not a valid CIDR; "
+                "use a form such as 198.51.100.0/24 or 203.0.113.7"
+            ) from None
+        if network.version != 4:
+            raise InvalidArgument(
+                f"allow_list entry {entry!r} is an IPv6 network; sandboxes have "
+                "IPv4 only, so pass IPv4 CIDRs"
+            )
+        cidrs.append(str(network))
+    return tuple(dict.fromkeys(cidrs))
+
+
+def check_policy(block: bool, allow_list: tuple[str, ...]) -> NetworkPolicy:
+    """Return the policy for these options, or raise InvalidArgument."""
+    cidrs = parse_allow_list(allow_list)
+    if block and cidrs:
+        raise InvalidArgument(
+            "block_network and allow_list were both given; pass block_network "
+            "for no egress or allow_list for egress to those CIDRs only"
+        )
+    return NetworkPolicy(block=block, allow_list=cidrs)
+
+
+def instance_names(data_dir: Path) -> tuple[str, str, str]:
+    """Return the bridge, veth prefix and nft table names for ``data_dir``."""
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+    return f"eng-{digest}", f"ev{digest}", f"engine-{digest}"
+
+
+class Network:
+    """The networking of one Engine; every method blocks, so call it in an executor."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        subnet: str | None = None,
+        dns_servers: tuple[str, ...] = (),
+        uplinks: tuple[str, ...] = (),
+    ) -> None:
+        self.bridge, self.veth_prefix, self.table = instance_names(data_dir)
+        self.requested_subnet = subnet
+        self.dns_servers = dns_servers
+        self.uplinks = uplinks
+        self.subnet: ipaddress.IPv4Network | None = None
+        self.gateway: ipaddress.IPv4Address | None = None
+        self.nft: Nft | None = None
+        # Host numbers in use. attach and detach run in executor threads, so
+        # the lock guards these two fields.
+        self._used: set[int] = set()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    # Lifecycle.
+
+    def validate(self) -> None:
+        """Raise InvalidArgument for a bad DNS server, subnet or uplink setting.
+
+        It changes nothing, so the Engine calls it before it touches the host.
+        """
+        if self.requested_subnet is not None:
+            self._requested_network()
+        for server in self.dns_servers:
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                raise InvalidArgument(
+                    f"DNS server {server!r} is not an IPv4 address; "
+                    "pass one such as 192.0.2.53"
+                ) from None
+        if AUTO_UPLINKS in self.uplinks:
+            found = netlink.default_route_interfaces()
+            if not found:
+                raise InvalidArgument(
+                    f"uplink {AUTO_UPLINKS!r}: the host has no IPv4 default route; "
+                    "name the uplink interfaces instead"
+                )
+            named = [name for name in self.uplinks if name != AUTO_UPLINKS]
+            self.uplinks = tuple(dict.fromkeys([*named, *found]))
+        for uplink in self.uplinks:
+            if netlink.link_index(uplink) is None:
+                raise InvalidArgument(
+                    f"uplink interface {uplink!r} does not exist; "
+                    "pass the name of a host interface"
+                )
+
+    def start(self) -> None:
+        """Remove what a crashed engine left, then create the bridge and the table."""
+        self.validate()
+        self.nft = Nft()
+        self.sweep(leftovers=True)
+        for uplink in self.uplinks:
+            if not netlink.forwarding_enabled(uplink):
+                log.warning(
+                    "replies that arrive on uplink %s are not forwarded to "
+                    "sandboxes until net.ipv4.conf.%s.forwarding is 1",
+                    uplink,
+                    uplink,
+                )
+        with _host_lock():
+            self.subnet = self._choose_subnet()
+            self.gateway = next(self.subnet.hosts())
+            gateway = ipaddress.IPv4Interface(f"{self.gateway}/{self.subnet.prefixlen}")
+            netlink.create_bridge(self.bridge, gateway)
+        try:
+            netlink.enable_forwarding(self.bridge)
+            self.nft.run(self._table_batch())
+        except BaseException:
+            netlink.delete_link(self.bridge)
+            raise
+        log.info(
+            "network: bridge %s on %s, nftables table inet %s, uplinks %s",
+            self.bridge,
+            self.subnet,
+            self.table,
+            ", ".join(self.uplinks) or "none",
+        )
+
+    def sweep(self, *, leftovers: bool = False) -> None:
+        """Delete this engine's table, bridge and veths if they exist.
+
+        With ``leftovers`` each one found is logged as left by a crash.
+        """
+        assert self.nft is not None
+        report = log.warning if leftovers else log.debug
+        if self.table in self.nft.table_names("inet"):
+            report("removing leftover nftables table inet %s", self.table)
+            self.nft.run(f"delete table inet {self.table}")
+        for name in netlink.link_names(self.veth_prefix):
+            report("removing leftover veth %s", name)
+            netlink.delete_link(name)
+        if netlink.delete_link(self.bridge):
+            report("removed leftover bridge %s", self.bridge)
+
+    def close(self) -> None:
+        """Delete the table and the bridge; sandboxes must be detached first."""
+        if self.nft is None:
+            return
+        with contextlib.suppress(OSError):
+            self.sweep()
+        self.nft.close()
+        self.nft = None
+
+    def _choose_subnet(self) -> ipaddress.IPv4Network:
+        taken = netlink.ipv4_routes() + [a.network for a in netlink.ipv4_addresses()]
+        if self.requested_subnet is not None:
+            subnet = self._requested_network()
+            clash = [route for route in taken if route.overlaps(subnet)]
+            if clash:
+                raise FailedPrecondition(
+                    f"network subnet {subnet} overlaps the host's route to "
+                    f"{clash[0]}; choose another subnet"
+                )
+            return subnet
+        candidates = list(AUTO_SUBNET_RANGE.subnets(new_prefix=AUTO_PREFIX))
+        start = int(self.table[-8:], 16) % len(candidates)
+        for offset in range(len(candidates)):
+            subnet = candidates[(start + offset) % len(candidates)]
+            if not any(route.overlaps(subnet) for route in taken):
+                return subnet
+        raise ResourceExhausted(
+            f"every /{AUTO_PREFIX} in {AUTO_SUBNET_RANGE} overlaps a host route; "
+            "pass a subnet with --subnet"
+        )
+
+    def _requested_network(self) -> ipaddress.IPv4Network:
+        assert self.requested_subnet is not None
+        try:
+            subnet = ipaddress.IPv4Network(self.requested_subnet, strict=True)
+        except ValueError as error:
+            raise InvalidArgument(
+                f"network subnet {self.requested_subnet!r} is invalid: {error}; "
+                "pass a network address such as 10.213.0.0/16"
+            ) from None
+        # A /12 has host numbers of at most 5 hex digits, which keeps veth
+        # names within the kernel's 15 characters.
+        if not 12 <= subnet.prefixlen <= 29:
+            raise InvalidArgument(
+                f"network subnet {subnet} has an unsupported size; "
+                "use a prefix from /12 to /29"
+            )
+        return subnet
+
+    def _table_batch(self) -> str:
+        table = f"inet {self.table}"
+        bridge = f'"{self.bridge}"'
+        blocked = ", ".join(BLOCKED_DESTINATIONS)
+        replies = "established,related"
+        if self.uplinks:
+            uplinks = ", ".join(f'"{name}"' for name in self.uplinks)
+            uplink_rule = f"add rule {table} egress oifname != {{ {uplinks} }} drop"
+        else:
+            uplink_rule = f"add rule {table} egress drop"
+        lines = [
+            f"add table {table}",
+            f"add map {table} sandboxes {{ type ipv4_addr : verdict; }}",
+            f"add chain {table} forward "
+            "{ type filter hook forward priority filter; policy accept; }",
+            f"add chain {table} egress",
+            f"add chain {table} input "
+            "{ type filter hook input priority filter; policy accept; }",
+            f"add chain {table} output "
+            "{ type filter hook output priority filter; policy accept; }",
+            f"add chain {table} postrouting "
+            "{ type nat hook postrouting priority srcnat; policy accept; }",
+            f"add rule {table} forward iifname {bridge} jump egress",
+            f"add rule {table} forward oifname {bridge} ct state {replies} accept",
+            f"add rule {table} forward oifname {bridge} drop",
+            f"add rule {table} egress oifname {bridge} drop",
+            f"add rule {table} egress meta nfproto ipv6 drop",
+            f"add rule {table} egress ip daddr {{ {blocked} }} drop",
+            uplink_rule,
+            f"add rule {table} egress ip saddr vmap @sandboxes",
+            f"add rule {table} egress drop",
+            f"add rule {table} input iifname {bridge} meta l4proto tcp "
+            "reject with tcp reset",
+            f"add rule {table} input iifname {bridge} "
+            "reject with icmpx admin-prohibited",
+            f"add rule {table} output oifname {bridge} ct state {replies} accept",
+            f"add rule {table} output oifname {bridge} drop",
+            f"add rule {table} postrouting iifname {bridge} oifname != {bridge} "
+            "masquerade",
+        ]
+        return "\n".join(lines) + "\n"
+
+    # Addresses and veth pairs.
+
+    def _allocate(self) -> ipaddress.IPv4Interface:
+        assert self.subnet is not None
+        # Host numbers 1 (the gateway) .. broadcast - 1, handed out in turn so
+        # that a released address is reused as late as possible.
+        last = self.subnet.num_addresses - 2
+        with self._lock:
+            for _ in range(last):
+                self._next = self._next % last + 1
+                if self._next != 1 and self._next not in self._used:
+                    self._used.add(self._next)
+                    address = self.subnet.network_address + self._next
+                    prefix = self.subnet.prefixlen
+                    return ipaddress.IPv4Interface(f"{address}/{prefix}")
+        raise ResourceExhausted(
+            f"every address of the sandbox subnet {self.subnet} is in use; "
+            "terminate sandboxes or configure a larger subnet"
+        )
+
+    def _release_address(self, address: ipaddress.IPv4Interface) -> None:
+        assert self.subnet is not None
+        with self._lock:
+            self._used.discard(int(address.ip) - int(self.subnet.network_address))
+
+    def attach(self, pid: int) -> Attachment:
+        """Create a veth pair into the network namespace of ``pid``.
+
+        The sandbox's end, ``eth0``, has no address until the supervisor runs
+        ``netlink.configure_inside`` with the returned attachment.
+        """
+        assert self.gateway is not None
+        address = self._allocate()
+        number = int(address.ip) - int(address.network.network_address)
+        host_ifname = f"{self.veth_prefix}{number:04x}"
+        try:
+            bridge = netlink.link_index(self.bridge)
+            if bridge is None:
+                raise OSError(0, f"bridge {self.bridge} is missing")
+            netlink.create_veth(host_ifname, SANDBOX_IFNAME, pid, bridge)
+        except BaseException:
+            self._release_address(address)
+            raise
+        return Attachment(address, self.gateway, host_ifname)
+
+    def detach(self, attachment: Attachment) -> None:
+        """Delete the veth pair and free the address."""
+        try:
+            netlink.delete_link(attachment.host_ifname)
+            netlink.flush_conntrack(attachment.address.ip)
+        finally:
+            self._release_address(attachment.address)
+
+    # Policies.
+
+    def apply(
+        self, sandbox_id: str, attachment: Attachment, policy: NetworkPolicy
+    ) -> None:
+        """Create the sandbox's chain and map its address to it, in one transaction."""
+        assert self.nft is not None
+        chain = _chain(sandbox_id)
+        table = f"inet {self.table}"
+        batch = [f"add chain {table} {chain}", *self._policy_rules(chain, policy)]
+        element = f"{attachment.address.ip} : jump {chain}"
+        batch.append(f"add element {table} sandboxes {{ {element} }}")
+        self.nft.run("\n".join(batch) + "\n")
+
+    def update(
+        self, sandbox_id: str, attachment: Attachment, policy: NetworkPolicy
+    ) -> None:
+        """Replace the sandbox's rules and cut connections they no longer allow."""
+        assert self.nft is not None
+        chain = _chain(sandbox_id)
+        batch = [
+            f"flush chain inet {self.table} {chain}",
+            *self._policy_rules(chain, policy),
+        ]
+        self.nft.run("\n".join(batch) + "\n")
+        # The chain matches every packet the sandbox sends, so a now-blocked
+        # destination gets no more data from it. Deleting the conntrack
+        # entries stops the replies too, because the forward chain admits
+        # packets into the bridge only for a tracked connection.
+        netlink.flush_conntrack(attachment.address.ip)
+
+    def remove(self, sandbox_id: str, attachment: Attachment) -> None:
+        """Delete the sandbox's map element and chain, its veth and its address."""
+        assert self.nft is not None
+        chain = _chain(sandbox_id)
+        table = f"inet {self.table}"
+        try:
+            self.nft.run(
+                f"delete element {table} sandboxes {{ {attachment.address.ip} }}\n"
+                f"delete chain {table} {chain}\n"
+            )
+        finally:
+            self.detach(attachment)
+
+    def _policy_rules(self, chain: str, policy: NetworkPolicy) -> list[str]:
+        prefix = f"add rule inet {self.table} {chain}"
+        rules = []
+        if not policy.block and not policy.allow_list:
+            return [f"{prefix} accept"]
+        if policy.allow_list:
+            rules.append(
+                f"{prefix} ip daddr {{ {', '.join(policy.allow_list)} }} accept"
+            )
+        # A reset or an ICMP error, not a silent drop, so sandbox code fails
+        # at once instead of waiting for a timeout.
+        rules.append(f"{prefix} meta l4proto tcp reject with tcp reset")
+        rules.append(f"{prefix} reject with icmpx admin-prohibited")
+        return rules
+
+    def resolv_conf(self) -> str:
+        if not self.dns_servers:
+            return "# the engine has no DNS servers configured\n"
+        return "".join(f"nameserver {server}\n" for server in self.dns_servers)
+
+    def ruleset(self) -> str:
+        """Return the text of this engine's nftables table."""
+        assert self.nft is not None
+        return self.nft.run(f"list table inet {self.table}")
+
+
+def _chain(sandbox_id: str) -> str:
+    return sandbox_id if sandbox_id.startswith("sb-") else f"sb-{sandbox_id}"
+
+
+@contextlib.contextmanager
+def _host_lock():  # type: ignore[no-untyped-def]
+    fd = os.open(SUBNET_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_netns(pid: int) -> int:
+    """Open the network namespace of ``pid``; the descriptor keeps it alive."""
+    return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
