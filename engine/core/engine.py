@@ -58,7 +58,7 @@ from engine.core.pool import SupervisorPool
 from engine.core.ports import PortForwarder
 from engine.core.secrets import SecretInfo, SecretStore
 from engine.core.store import Store
-from engine.core.tenancy import current_workspace
+from engine.core.tenancy import DEFAULT_WORKSPACE, current_workspace
 from engine.core.tokens import TokenStore
 from engine.errors import (
     EngineError,
@@ -178,7 +178,10 @@ class Engine:
         self.files = SandboxFiles(self)
         # Paths inside volumes: engine.volumes.list_path(...) etc. Create,
         # list and delete volumes with the Engine's own methods.
-        self.volumes = VolumeStore(config.data_dir, config.uid_base)
+        # Workspace -> its volumes; see the ``volumes`` property.
+        self._volume_stores = {
+            DEFAULT_WORKSPACE: VolumeStore(config.data_dir, config.uid_base)
+        }
         # Volume name -> ids of the PENDING or RUNNING sandboxes that mount it.
         self._volume_users: dict[str, set[str]] = {}
         # FUSE servers of fsspec volumes (one per volume, started on first
@@ -207,6 +210,26 @@ class Engine:
         self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
 
+    @property
+    def volumes(self) -> VolumeStore:
+        """The volumes of the current workspace.
+
+        The default workspace's live in DATA_DIR/volumes, and another's in
+        DATA_DIR/volumes/@WORKSPACE, a name no volume can have.
+        """
+        workspace = current_workspace()
+        store = self._volume_stores.get(workspace)
+        if store is None:
+            default = self._volume_stores[DEFAULT_WORKSPACE]
+            store = VolumeStore(
+                self.config.data_dir,
+                self.config.uid_base,
+                directory=default.directory / f"@{workspace}",
+            )
+            store.prepare()
+            self._volume_stores[workspace] = store
+        return store
+
     # Lifecycle of the Engine itself.
 
     async def start(self) -> None:
@@ -230,7 +253,7 @@ class Engine:
         _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
         # After the lock: it removes what an interrupted create or delete left.
-        self.volumes.prepare()
+        self._volume_stores[DEFAULT_WORKSPACE].prepare()
         # Before the pool forks supervisors: see FuseManager.prepare.
         self.fuse.prepare()
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
@@ -852,7 +875,9 @@ class Engine:
             sandbox.info.spec.volumes, key=lambda mount: mount.mount_path.count("/")
         )
         for mount in ordered:
-            self._volume_users.setdefault(mount.name, set()).add(sandbox_id)
+            self._volume_users.setdefault(_volume_key(mount.name), set()).add(
+                sandbox_id
+            )
             info, created = self.volumes.create(mount.name)
             if created:
                 log.info("sandbox %s: created volume %s", sandbox_id, mount.name)
@@ -911,7 +936,7 @@ class Engine:
 
     async def _volume_server(self, name: str) -> str:
         """Start volume ``name``'s FUSE server unless it runs; return its mount."""
-        server_name = f"volume-{name}"
+        server_name = _volume_server_name(name)
         lock = self._fuse_locks.setdefault(server_name, asyncio.Lock())
         async with lock:
             server = self.fuse.servers.get(server_name)
@@ -960,7 +985,7 @@ class Engine:
                     self._bucket_keys(CloudBucketConfig(**settings))  # type: ignore[arg-type]
 
     def _with_users(self, info: VolumeInfo) -> VolumeInfo:
-        users = tuple(sorted(self._volume_users.get(info.name, ())))
+        users = tuple(sorted(self._volume_users.get(_volume_key(info.name), ())))
         return replace(info, sandbox_ids=users)
 
     async def create_volume(
@@ -1002,7 +1027,7 @@ class Engine:
     async def delete_volume(self, name: str) -> None:
         """Delete volume ``name`` and its files, unless a sandbox mounts it."""
         self._check_started()
-        users = sorted(self._volume_users.get(name, ()))
+        users = sorted(self._volume_users.get(_volume_key(name), ()))
         if users:
             raise FailedPrecondition(
                 f"volume {name!r} is mounted by sandbox {', '.join(users)};"
@@ -1011,11 +1036,11 @@ class Engine:
         # Detaching is one rename, done before any await, so no sandbox can
         # start to mount the volume between the check above and here.
         trash = self.volumes.detach(name)
-        self._volume_users.pop(name, None)
+        self._volume_users.pop(_volume_key(name), None)
         loop = asyncio.get_running_loop()
-        if f"volume-{name}" in self.fuse.servers:
+        if _volume_server_name(name) in self.fuse.servers:
             await loop.run_in_executor(
-                self._fuse_executor, self.fuse.stop, f"volume-{name}"
+                self._fuse_executor, self.fuse.stop, _volume_server_name(name)
             )
         await loop.run_in_executor(None, self.volumes.purge, trash)
 
@@ -1447,3 +1472,16 @@ def _exec_error(
     if code in (1, 13):
         return PermissionDenied(message)
     return InvalidArgument(message)
+
+
+def _volume_key(name: str) -> str:
+    """Return the key of volume ``name`` of the current workspace in _volume_users."""
+    return f"{current_workspace()}/{name}"
+
+
+def _volume_server_name(name: str) -> str:
+    """Return the FUSE server name of fsspec volume ``name`` of the workspace."""
+    workspace = current_workspace()
+    if workspace == DEFAULT_WORKSPACE:
+        return f"volume-{name}"
+    return f"volume-{name}@{workspace}"

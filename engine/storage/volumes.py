@@ -356,8 +356,8 @@ class VolumeStore:
     does, and is the way to delete one.
     """
 
-    def __init__(self, data_dir: Path, uid: int) -> None:
-        self.directory = data_dir / "volumes"
+    def __init__(self, data_dir: Path, uid: int, directory: Path | None = None) -> None:
+        self.directory = directory or data_dir / "volumes"
         # Host uid of root inside sandboxes; it owns every file of a volume.
         self.uid = uid
 

@@ -28,6 +28,7 @@ from engine.core.deployments import DeploymentKind, DeploymentSpec, package_dire
 from engine.errors import NotFound, PermissionDenied
 from engine.sdk.deploy import DeploymentClient
 from engine.sdk.secrets import SecretClient
+from engine.sdk.volumes import VolumeClient
 from engine.v1 import sandbox_pb2 as pb
 from engine.v1 import sandbox_pb2_grpc
 from tests.integration.conftest import (
@@ -324,3 +325,44 @@ def test_secrets_scoped_to_workspace(tenants: Tenants) -> None:
             timeout=30,
         )
     assert output == b"beta-value"
+
+
+def test_volumes_scoped_to_workspace(tenants: Tenants) -> None:
+    with VolumeClient(tenants.tcp_address, token=tenants.alpha) as alpha:
+        alpha.create("shared-name")
+        alpha.write_bytes("shared-name", "owner.txt", b"alpha")
+    with VolumeClient(tenants.tcp_address, token=tenants.beta) as beta:
+        assert "shared-name" not in [info.name for info in beta.list()]
+        with pytest.raises(NotFound):
+            beta.read_bytes("shared-name", "owner.txt")
+        with pytest.raises(NotFound):
+            beta.delete("shared-name")
+        beta.create("shared-name")
+        with pytest.raises(NotFound):
+            beta.read_bytes("shared-name", "owner.txt")
+    with VolumeClient(tenants.tcp_address, token=tenants.alpha) as alpha:
+        assert alpha.read_bytes("shared-name", "owner.txt") == b"alpha"
+
+
+def test_sandbox_mounts_own_workspace_volume(tenants: Tenants) -> None:
+    stub = sandbox_pb2_grpc.SandboxServiceStub(tenants.channel)
+    auth = (("authorization", f"Bearer {tenants.beta}"),)
+    spec = pb.SandboxSpec(volumes=[pb.VolumeMount(name="shared-name", mount_path="/v")])
+    created = stub.Create(pb.CreateRequest(spec=spec), metadata=auth, timeout=30)
+    try:
+        events = stub.Exec(
+            pb.ExecRequest(
+                sandbox_id=created.sandbox.sandbox_id,
+                argv=["sh", "-c", "ls /v; cat /v/owner.txt 2>/dev/null; echo end"],
+            ),
+            metadata=auth,
+            timeout=30,
+        )
+        output = b"".join(event.output.data for event in events)
+    finally:
+        stub.Terminate(
+            pb.TerminateRequest(sandbox_id=created.sandbox.sandbox_id),
+            metadata=auth,
+            timeout=30,
+        )
+    assert output == b"end\n"
