@@ -35,6 +35,9 @@ class Config:
     data_dir: Path
     uid_base: int = DEFAULT_UID_BASE
     uid_count: int = DEFAULT_UID_COUNT
+    # Size of the sparse file system that holds every sandbox's writable
+    # layer; None means 90% of the free space of the data dir's file system.
+    layers_size_bytes: int | None = None
 
     @classmethod
     def from_data_dir(cls, data_dir: str | os.PathLike[str] | None = None) -> Config:

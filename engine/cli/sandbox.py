@@ -262,6 +262,7 @@ def _sandbox_settings(args: argparse.Namespace, address: str | None) -> Sandbox:
         image=args.image,
         cpu=args.cpu,
         memory=_memory_argument(args.memory),
+        disk=_memory_argument(args.disk),
         pids=args.pids,
         env=parse_env(args.env),
         workdir=args.workdir,

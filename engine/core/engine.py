@@ -54,6 +54,7 @@ from engine.errors import (
 from engine.runtime import cgroups
 from engine.runtime.spawner import Spawner, SupervisorClient
 from engine.storage.images import Image, ImageStore
+from engine.storage.layers import LayerStore
 from engine.storage.trees import remove_tree
 from engine.storage.volumes import VolumeInfo, VolumeStore
 
@@ -137,6 +138,11 @@ class Engine:
         # Paths inside volumes: engine.volumes.list_path(...) etc. Create,
         # list and delete volumes with the Engine's own methods.
         self.volumes = VolumeStore(config.data_dir, config.uid_base)
+        # The file system of the sandboxes' writable layers, mounted on
+        # config.sandboxes_dir while the engine runs.
+        self.layers = LayerStore(
+            config.data_dir, config.sandboxes_dir, config.layers_size_bytes
+        )
         # Volume name -> ids of the PENDING or RUNNING sandboxes that mount it.
         self._volume_users: dict[str, set[str]] = {}
         self.spawner = Spawner()
@@ -168,8 +174,16 @@ class Engine:
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
         self.store = Store(self.config.database_path)
+        self.layers.sweep()
         self._sweep()
-        await self.spawner.start()
+        # Before the zygote starts, so that every supervisor's copy of the
+        # mount namespace has the layer file system.
+        self.layers.start()
+        try:
+            await self.spawner.start()
+        except BaseException:
+            self.layers.close()
+            raise
         self.pool = SupervisorPool(
             self.cgroup_driver,
             self.spawner,
@@ -250,6 +264,12 @@ class Engine:
         if self.pool is not None:
             await self.pool.close()
         await self.spawner.close()
+        # After the zygote and every supervisor, whose mount namespaces hold
+        # the layer file system.
+        try:
+            self.layers.close()
+        except OSError as error:
+            log.error("layer file system not released: %s", error)
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
                 self.cgroup_driver.remove_root()
@@ -327,9 +347,9 @@ class Engine:
         assert self.cgroup_driver is not None
         spec = sandbox.info.spec
         uid = self.config.uid_base
-        directory = sandbox.directory
+        directory = self.layers.create(sandbox.info.sandbox_id, spec.disk_mib)
         # The supervisor is uid_base on the host, and it mounts from here.
-        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)
         os.chown(directory, uid, uid)
         for name in ("root", "upper", "work"):
             (directory / name).mkdir(mode=0o755)
@@ -516,10 +536,21 @@ class Engine:
                 log.error(
                     "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
                 )
-        await loop.run_in_executor(None, remove_tree, sandbox.directory)
+        await loop.run_in_executor(None, self._remove_layer, sandbox)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
             users.discard(sandbox.info.sandbox_id)
+
+    def _remove_layer(self, sandbox: _Sandbox) -> None:
+        try:
+            self.layers.remove(sandbox.info.sandbox_id)
+        except OSError as error:
+            log.error(
+                "sandbox %s: layer not deleted, removing its files instead: %s",
+                sandbox.info.sandbox_id,
+                error,
+            )
+        remove_tree(sandbox.directory)
 
     async def _reap_expired(self) -> None:
         while True:

@@ -14,6 +14,9 @@ DEFAULT_PIDS = 512
 DEFAULT_CPU = 1.0
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_NOFILE = 1024
+# Disk limit of the writable layer in MiB: enough for a package install or a
+# checkout, small enough that a few sandboxes cannot fill a host disk.
+DEFAULT_DISK_MIB = 4096
 # Bytes of stdout (and, separately, of stderr) kept per process. Older bytes are
 # dropped first and readers are told how many they missed.
 DEFAULT_OUTPUT_BUFFER_BYTES = 8 * 1024 * 1024
@@ -77,6 +80,7 @@ class SandboxSpec:
     ``cpu`` is in cores (fractions allowed) and ``memory_mib`` in MiB. Both
     default to a bounded sandbox, and ``None`` means no limit. ``ttl`` is in
     seconds of inactivity, and 0 or a negative value means it never expires.
+    ``disk_mib`` bounds the writable layer in MiB and is always set.
     """
 
     image: str = "host"
@@ -90,6 +94,7 @@ class SandboxSpec:
     ttl: float = DEFAULT_TTL_SECONDS
     nofile: int = DEFAULT_NOFILE
     volumes: tuple[VolumeMount, ...] = ()
+    disk_mib: int = DEFAULT_DISK_MIB
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ MAX_ENV_ENTRIES = 4096
 # PATH_MAX of Linux, for workdir and cwd.
 MAX_PATH_BYTES = 4096
 MIN_MEMORY_MIB = 8
+# The layer's own directories and the generated /etc take about 200 KiB of
+# metadata, so below this a sandbox could not write a file.
+MIN_DISK_MIB = 16
+# 1 PiB; a limit above the layer file system's size is allowed and never hit.
+MAX_DISK_MIB = 1 << 30
 MAX_PIDS = 1 << 22
 MAX_NAME = 63
 MAX_LABELS = 64
@@ -47,6 +52,18 @@ def check_ttl(ttl: float) -> None:
         )
 
 
+def check_disk(disk_mib: int) -> None:
+    if (
+        isinstance(disk_mib, bool)
+        or not isinstance(disk_mib, int)
+        or not MIN_DISK_MIB <= disk_mib <= MAX_DISK_MIB
+    ):
+        raise InvalidArgument(
+            f"disk {disk_mib!r} MiB must be a whole number of MiB between"
+            f" {MIN_DISK_MIB} and {MAX_DISK_MIB}, such as 1024"
+        )
+
+
 def check_spec(spec: SandboxSpec) -> None:
     """Raise InvalidArgument for the first bad field of ``spec``."""
     if spec.cpu is not None and (
@@ -59,6 +76,7 @@ def check_spec(spec: SandboxSpec) -> None:
         raise InvalidArgument(
             f"memory {spec.memory_mib!r} MiB must be at least {MIN_MEMORY_MIB} MiB"
         )
+    check_disk(spec.disk_mib)
     if not 1 <= spec.pids <= MAX_PIDS:
         raise InvalidArgument(f"pids {spec.pids!r} must be between 1 and {MAX_PIDS}")
     if not 16 <= spec.nofile <= 1 << 20:

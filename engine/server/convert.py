@@ -91,6 +91,7 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
         ttl_seconds=spec.ttl,
         nofile=spec.nofile,
         volumes=[volume_mount_to_proto(mount) for mount in spec.volumes],
+        disk_mib=spec.disk_mib,
     )
     if spec.cpu is not None:
         message.cpu = spec.cpu
@@ -177,6 +178,9 @@ def spec_from_proto(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=message.ttl_seconds if message.HasField("ttl_seconds") else defaults.ttl,
         nofile=message.nofile if message.HasField("nofile") else defaults.nofile,
         volumes=tuple(volume_mount_from_proto(mount) for mount in message.volumes),
+        disk_mib=message.disk_mib
+        if message.HasField("disk_mib")
+        else defaults.disk_mib,
     )
 
 

@@ -112,6 +112,10 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
     if message.HasField("nofile"):
         _check_positive("spec.nofile", message.nofile, "file descriptors")
         nofile = message.nofile
+    disk_mib = defaults.disk_mib
+    if message.HasField("disk_mib"):
+        _check_positive("spec.disk_mib", message.disk_mib, "MiB")
+        disk_mib = message.disk_mib
     ttl = DEFAULT_TTL_SECONDS
     if message.HasField("ttl_seconds"):
         ttl = check_ttl("spec.ttl_seconds", message.ttl_seconds)
@@ -139,6 +143,7 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         ttl=ttl,
         nofile=nofile,
         volumes=tuple(volumes),
+        disk_mib=disk_mib,
     )
 
 
