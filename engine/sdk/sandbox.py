@@ -423,8 +423,9 @@ class Sandbox:
     string such as "512Mi" or "1Gi", ``ttl`` in seconds of inactivity (0 or
     negative for no expiry). ``disk`` bounds the files the sandbox writes
     outside /tmp and its volumes. ``None`` means the daemon's default: 1 core,
-    512 MiB of memory, 4096 MiB of disk, 512 pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
-    "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
+    512 MiB of memory, 4096 MiB of disk, 512 pids and a 600 s TTL.
+    ``address`` is the daemon's address ("unix:/path" or "host:port");
+    without it, ENGINE_ADDRESS or the default socket is used.
     ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
     """
 

@@ -179,10 +179,8 @@ class LayerStore:
         if subvolume is None:
             return
         parent = str(self.mount_point)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             btrfs.delete_subvolume(parent, sandbox_id)
-        except FileNotFoundError:
-            pass
         # The quota group stays until the kernel's cleaner has freed the
         # subvolume's extents; an empty leftover group costs one tree item,
         # and the next start formats the file system anew.
