@@ -182,6 +182,28 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
 
 
 @pytest.fixture
+def crash_daemon_factory() -> Iterator[Callable[[], Daemon]]:
+    """Start private daemons that the test may kill with SIGKILL.
+
+    Teardown kills a daemon still running and removes its log, but leaves
+    the data dir, which a later daemon on it cleans up.
+    """
+    started: list[Daemon] = []
+
+    def start() -> Daemon:
+        running = start_daemon(make_data_dir())
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+        running.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
 def data_dir() -> Iterator[Path]:
     """An empty data dir under /tmp, removed at teardown."""
     path = make_data_dir()
