@@ -10,7 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(libseccomp2 debootstrap python3-venv bubblewrap runc)
+# btrfs-progs: mkfs.btrfs formats the file system of the sandboxes' writable
+# layers, whose quota groups are the per-sandbox disk limits.
+packages=(libseccomp2 debootstrap python3-venv btrfs-progs bubblewrap runc)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

@@ -562,6 +562,7 @@ def stats_command(args: argparse.Namespace) -> int:
     print(f"cpu          {stats.cpu_seconds:.3f} s")
     print(f"memory       {stats.memory_bytes / 2**20:.1f} MiB")
     print(f"memory peak  {stats.memory_peak_bytes / 2**20:.1f} MiB")
+    print(f"disk         {stats.disk_bytes / 2**20:.1f} MiB")
     print(f"pids         {stats.pids}")
     return 0
 

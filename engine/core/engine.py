@@ -583,6 +583,7 @@ class Engine:
             memory_bytes=usage.memory_bytes,
             memory_peak_bytes=usage.memory_peak_bytes,
             pids=usage.pids,
+            disk_bytes=self.layers.used_bytes(sandbox_id),
         )
 
     # Volumes.

@@ -151,3 +151,5 @@ class SandboxStats:
     memory_bytes: int
     memory_peak_bytes: int
     pids: int
+    # Bytes charged to the writable layer's disk limit, up to 5 s old.
+    disk_bytes: int = 0

@@ -1,8 +1,8 @@
 """Btrfs subvolumes and quota groups through ioctls, without btrfs-progs.
 
-Each subvolume has a level-0 quota group with the subvolume's id; a limit on
-that group's referenced bytes bounds every byte of data and metadata written
-below the subvolume. The write that would pass the limit fails with EDQUOT.
+Each subvolume has a level-0 quota group with the subvolume's id. A limit on
+that group's referenced bytes bounds the data and metadata written below the
+subvolume, and the write that would pass it fails with EDQUOT.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ BTRFS_FIRST_FREE_OBJECTID = 256
 BTRFS_QUOTA_CTL_ENABLE = 1
 BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA = 4
 BTRFS_QGROUP_LIMIT_MAX_RFER = 1
-# The statfs(2) f_type of btrfs, from <linux/magic.h>.
-BTRFS_SUPER_MAGIC = 0x9123683E
 
 
 def _ioc(direction: int, number: int, size: int) -> int:
@@ -229,8 +227,7 @@ def referenced_bytes(fs_id: str, subvolume: int) -> int:
     """Return the bytes charged to a subvolume's quota group, from sysfs.
 
     The kernel updates the count when it commits a transaction, so it lags
-    the latest writes by up to the commit interval (30 s by default) unless
-    the caller syncs the file system first.
+    the latest writes by up to the mount's commit interval.
     """
     path = f"/sys/fs/btrfs/{fs_id}/qgroups/0_{subvolume}/referenced"
     with open(path, encoding="ascii") as file:

@@ -57,8 +57,8 @@ class LoopDevice:
     """An attached loop device, held open until ``close``.
 
     With LO_FLAGS_AUTOCLEAR the kernel detaches the device when its last
-    opener closes it, so the caller mounts the device before calling
-    ``close``; the mount then keeps it attached.
+    opener closes it. The caller therefore mounts the device before calling
+    ``close``, and the mount keeps it attached.
     """
 
     def __init__(self, path: str, fd: int) -> None:

@@ -157,6 +157,7 @@ def stats_to_proto(stats: SandboxStats) -> pb.StatsResponse:
         memory_bytes=stats.memory_bytes,
         memory_peak_bytes=stats.memory_peak_bytes,
         pids=stats.pids,
+        disk_bytes=stats.disk_bytes,
     )
 
 
@@ -231,4 +232,5 @@ def stats_from_proto(message: pb.StatsResponse) -> SandboxStats:
         memory_bytes=message.memory_bytes,
         memory_peak_bytes=message.memory_peak_bytes,
         pids=message.pids,
+        disk_bytes=message.disk_bytes,
     )

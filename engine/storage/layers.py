@@ -1,4 +1,4 @@
-"""The file system that holds every sandbox's writable layer, with a disk limit each.
+"""The file system of every sandbox's writable layer, with a disk limit each.
 
 The host's file system has no per-directory quota to give (ext4 without the
 project quota feature, and a kernel without quota formats for it), so the
@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from engine.errors import EngineError, Unavailable
+from engine.errors import FailedPrecondition, Unavailable
 from engine.runtime import btrfs, libc, loop
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,15 @@ IMAGE_NAME = "layers.img"
 # the configuration sets no size: the image is sparse, and the rest stays
 # free for the database, images and volumes.
 DEFAULT_FREE_SHARE = 0.9
-# Below this a btrfs file system cannot hold its own trees and a sandbox.
+# The smallest image the engine formats: room for btrfs's own trees and a few
+# small sandboxes.
 MIN_SIZE_BYTES = 256 * 1024 * 1024
 # Seconds close() waits for the kernel to detach the loop device once the
 # last mount is gone.
 DETACH_TIMEOUT = 5.0
 MOUNT_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOATIME
-# discard=async returns freed blocks to the host as holes in the sparse image.
+# discard=async returns freed blocks to the host as holes in the sparse image,
+# and commit=5 (from 30 s) makes freed space and quota counts current sooner.
 MOUNT_OPTIONS = "discard=async,commit=5"
 
 
@@ -191,8 +193,14 @@ class LayerStore:
         """Return the bytes charged to a sandbox's layer at the last commit."""
         subvolume = self._subvolumes.get(sandbox_id)
         if subvolume is None or self._fs_id is None:
-            raise EngineError(f"sandbox {sandbox_id} has no layer")
-        return btrfs.referenced_bytes(self._fs_id, subvolume)
+            raise FailedPrecondition(f"sandbox {sandbox_id} has no writable layer")
+        try:
+            return btrfs.referenced_bytes(self._fs_id, subvolume)
+        except FileNotFoundError:
+            # The sandbox is being terminated and its quota group is gone.
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is terminating; create a new one"
+            ) from None
 
     def close(self) -> None:
         """Unmount the file system, wait for its loop device to detach, drop the image.

@@ -258,6 +258,20 @@ def test_limit_in_get(address: str, stub: sandbox_pb2_grpc.SandboxServiceStub) -
         assert default.status().spec.disk_mib == DEFAULT_DISK_MIB
 
 
+def test_stats_disk_bytes(address: str) -> None:
+    with Sandbox(disk=64, address=address).create() as sandbox:
+        empty = sandbox.stats().disk_bytes
+        written = sandbox.process.exec(
+            "sh", "-c", "dd if=/dev/zero of=/root/f bs=1M count=20 && sync -f /root/f"
+        )
+        assert written.wait() == 0
+
+        used = sandbox.stats().disk_bytes
+
+        assert empty < 4 * MIB
+        assert 20 * MIB <= used <= 24 * MIB
+
+
 def test_cli_disk_in_inspect(cli: CliRunner) -> None:
     created = cli("sandbox", "create", "--disk", "96")
     assert created.returncode == 0, created.stderr
