@@ -42,9 +42,10 @@ DEFAULT_FREE_SHARE = 0.9
 # The smallest image the engine formats: room for btrfs's own trees and a few
 # small sandboxes.
 MIN_SIZE_BYTES = 256 * 1024 * 1024
-# Seconds close() waits for the kernel to detach the loop device once the
-# last mount is gone.
-DETACH_TIMEOUT = 5.0
+# Seconds close() waits for the kernel to detach the loop device. Unmounting
+# first writes back the file system's dirty pages, which after a large write
+# takes seconds.
+DETACH_TIMEOUT = 30.0
 MOUNT_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOATIME
 # discard=async returns freed blocks to the host as holes in the sparse image,
 # and commit=5 (from 30 s) makes freed space and quota counts current sooner.
@@ -227,10 +228,11 @@ class LayerStore:
         devices = loop.devices_backed_by(image)
         if devices:
             log.warning(
-                "loop device %s of %s is still attached; a process outside the "
-                "engine holds the layer file system",
+                "loop device %s of %s is still attached %.0f s after the unmount;"
+                " a process outside the engine may hold the layer file system",
                 ", ".join(devices),
                 image,
+                DETACH_TIMEOUT,
             )
         self.image_path.unlink(missing_ok=True)
 

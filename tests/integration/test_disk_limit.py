@@ -329,7 +329,7 @@ def _loop_devices(data_dir: Path) -> list[str]:
     return loop.devices_backed_by(str(data_dir / IMAGE_NAME))
 
 
-def _wait_detached(data_dir: Path, timeout: float = 10.0) -> list[str]:
+def _wait_detached(data_dir: Path, timeout: float = 30.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while _loop_devices(data_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
