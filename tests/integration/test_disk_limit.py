@@ -7,6 +7,7 @@ Writes inside the sandbox go through overlayfs to that subvolume.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -21,6 +22,8 @@ import pytest
 from engine import Sandbox, SandboxInstance, errors
 from engine.core.models import DEFAULT_DISK_MIB
 from engine.runtime import loop
+from engine.sdk.aio import AsyncSandbox
+from engine.sdk.embedded import EmbeddedEngine
 from engine.storage.layers import IMAGE_NAME, is_mount_point
 from engine.v1 import sandbox_pb2 as pb
 from engine.v1 import sandbox_pb2_grpc
@@ -270,6 +273,23 @@ def test_stats_disk_bytes(address: str) -> None:
 
         assert empty < 4 * MIB
         assert 20 * MIB <= used <= 24 * MIB
+
+
+def test_aio_and_embedded_disk(embedded: EmbeddedEngine) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        async with await AsyncSandbox(disk=24, address=embedded.address).create() as sb:
+            status = await sb.status()
+            process = await sb.process.exec(
+                "/usr/bin/python3", "-c", FILL, "/root/fill"
+            )
+            assert await process.wait() == 0
+            return status.spec.disk_mib, json.loads(await process.stdout.read())
+
+    disk_mib, result = asyncio.run(scenario())
+
+    assert disk_mib == 24
+    assert result["errno"] == errno.EDQUOT
+    assert result["written"] <= 24 * MIB
 
 
 def test_cli_disk_in_inspect(cli: CliRunner) -> None:
