@@ -57,6 +57,9 @@ EXT4_IMAGE_BYTES = 4096 * MIB
 # The upload and the copy onto the layer file system are both in the
 # sandbox's layer at once, with room to spare.
 SANDBOX_DISK_MIB = 8192
+# The local copies to the host's file system; the faster one's median is the
+# reference of the transfer targets.
+LOCAL_COPIES = ("shutil.copyfile", "cp")
 
 DOCS_SECTION = f"""
 ## Storage
@@ -75,8 +78,10 @@ sudo .venv/bin/python -m benchmarks.storage --update-docs
   gRPC on the daemon's unix socket. The local rows copy the same file on
   the host: `shutil.copyfile` (which uses `sendfile(2)` on Linux) and `cp`
   to the data dir's file system, and `shutil.copyfile` onto the layer file
-  system, where uploads land. No row calls fsync. The targets compare the
-  upload and download medians with `shutil.copyfile` on the host.
+  system, where uploads land. No row calls fsync, but each starts after an
+  untimed `sync`, so that no row pays for another's writeback. The targets
+  compare the upload and download medians with the higher median of the
+  two local copies on the host.
 - **Small files**: 100 files of 4 KiB in one directory of a sandbox. `stat`
   is one `stat_file`, `list` one `list_files` of the directory (100
   entries) and `read 4 KiB` one `read_bytes`, each a gRPC call and a file
@@ -90,10 +95,25 @@ sudo .venv/bin/python -m benchmarks.storage --update-docs
   and `ext4 image per sandbox` is the alternative of a sparse 4 GiB image
   formatted with `mkfs.ext4`, attached to a loop device and mounted.
 
-Targets: the upload and the download median each at least 0.5x the
-`shutil.copyfile` median, and the disk limit adding less than 1 ms to the
-median create (subvolume with quota limit against mkdir). The Targets list
-at the end of the results states whether the run met each one.
+Targets: the upload and the download median each at least 0.5x the median
+of the faster local copy (`shutil.copyfile` or `cp`), and the disk limit
+adding less than 1 ms to the median create (subvolume with quota limit
+against mkdir). The Targets list at the end of the results states whether
+the run met each one.
+
+Limits of these figures:
+
+- The machine is a shared 2-core VM. The load average line shows how much
+  other work ran, and the spread of the local copies (min to max) shows the
+  noise it caused.
+- The Python gRPC stack bounds the transfers. A stub servicer that discards
+  uploads and streams one preallocated 1 MiB chunk for downloads moved
+  about 900 to 1700 MiB/s up and 450 to 600 MiB/s down between two Python
+  processes on this machine (a measurement outside this module). The
+  engine adds the copy into the sandbox on top.
+- Uploads land on the btrfs layer file system, whose buffered writes cost
+  the writer about 1.1 CPU seconds per GiB against 0.3 for the host's ext4
+  on this machine, as the `onto the layer file system` row shows in MiB/s.
 
 {STORAGE_START}
 {STORAGE_END}
@@ -174,6 +194,9 @@ class Transfers:
 
     def measure(self, name: str) -> None:
         row = self.rows[name]
+        # Untimed: write back what earlier rows left dirty, so that no row
+        # is throttled for another row's writes.
+        os.sync()
         if name == "upload":
             seconds = _timed(
                 lambda: self.sandbox.fs.upload_file(self.source, "/root/upload.bin")
@@ -315,7 +338,12 @@ class LayerCreation:
 
 
 def run(args: argparse.Namespace, work: Path) -> list[Row]:
-    """Measure every row, interleaved, and return the rows."""
+    """Measure every row, interleaved, and return the rows.
+
+    Sets ``args.load_average`` to the 1-minute load average at the start and
+    at the end, for the report: other work on the machine shows there.
+    """
+    start_load = os.getloadavg()[0]
     daemon = Daemon(work / "daemon")
     daemon.start()
     layer_creation: LayerCreation | None = None
@@ -350,6 +378,7 @@ def run(args: argparse.Namespace, work: Path) -> list[Row]:
                         row.samples.clear()
                 logger.info("round %d done", iteration + 1)
             rows = _all_rows(transfers, small, creation)
+            args.load_average = (start_load, os.getloadavg()[0])
         finally:
             sandbox.terminate()
             sandbox.close()
@@ -388,13 +417,23 @@ def _median(rows: dict[tuple[str, str], Row], table: str, name: str) -> float:
     return rows[(table, name)].summary()["median"]
 
 
+def _local_copy(by_name: dict[tuple[str, str], Row]) -> tuple[str, float]:
+    """Return the local copy to the host's file system with the higher median."""
+    medians = {name: _median(by_name, "transfer", name) for name in LOCAL_COPIES}
+    name = max(medians, key=lambda key: medians[key])
+    return name, medians[name]
+
+
 def _transfer_table(rows: list[Row], size_mib: int) -> list[str]:
     by_name = {(row.table, row.name): row for row in rows}
-    reference = _median(by_name, "transfer", "shutil.copyfile")
+    reference_name, reference = _local_copy(by_name)
     lines = [
         f"### Transfer of a {size_mib} MiB file (MiB/s, higher is better)",
         "",
-        "| operation | min | median | max | ÷ shutil.copyfile |",
+        f"The last column divides by the median of {reference_name}, the faster"
+        " local copy in this run.",
+        "",
+        "| operation | min | median | max | ÷ faster local copy |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -448,14 +487,15 @@ def _layer_table(rows: list[Row]) -> list[str]:
 
 def _targets(rows: list[Row]) -> list[str]:
     by_name = {(row.table, row.name): row for row in rows}
-    reference = _median(by_name, "transfer", "shutil.copyfile")
+    reference_name, reference = _local_copy(by_name)
     lines = ["### Targets", ""]
     for name in ("upload", "download"):
         median = _median(by_name, "transfer", name)
         met = "met" if median >= 0.5 * reference else "not met"
         lines.append(
-            f"- {name} median ≥ 0.5x the shutil.copyfile median: {met}"
-            f" ({_number(median)} MiB/s against {_number(0.5 * reference)} MiB/s)."
+            f"- {name} median ≥ 0.5x the median of the faster local copy"
+            f" ({reference_name}): {met} ({_number(median)} MiB/s against"
+            f" {_number(0.5 * reference)} MiB/s)."
         )
 
     layer = _median(by_name, "transfer", "shutil.copyfile onto the layer file system")
@@ -486,7 +526,10 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         f"Command: `python -m benchmarks.storage --size-mib {args.size_mib}"
         f" --iterations {args.iterations} --update-docs`.",
         "",
-        f"Machine: {machine_summary(describe_machine())}.",
+        f"Machine: {machine_summary(describe_machine())}. 1-minute load"
+        f" average {args.load_average[0]:.1f} at the start and"
+        f" {args.load_average[1]:.1f} at the end (other work on the machine"
+        " counts there).",
         "",
     ]
     for section in (
