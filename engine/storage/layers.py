@@ -104,14 +104,7 @@ class LayerStore:
             os.close(fd)
         try:
             self._format()
-            with loop.attach(str(self.image_path)) as device:
-                libc.mount(
-                    device.path,
-                    str(self.mount_point),
-                    "btrfs",
-                    MOUNT_FLAGS,
-                    MOUNT_OPTIONS,
-                )
+            self._attach_and_mount()
         except BaseException:
             self.image_path.unlink(missing_ok=True)
             raise
@@ -119,12 +112,44 @@ class LayerStore:
             btrfs.enable_quota(str(self.mount_point))
             os.chmod(self.mount_point, 0o711)
             self._fs_id = btrfs.filesystem_id(str(self.mount_point))
+        except OSError as error:
+            self._unmount()
+            raise Unavailable(
+                f"cannot enable quotas on the layer file system: {error.strerror};"
+                " the kernel needs btrfs quota groups (Linux 6.7 or later for"
+                " simple quotas)"
+            ) from error
         except BaseException:
             self._unmount()
             raise
         log.info(
             "layer file system of %d MiB mounted on %s", size >> 20, self.mount_point
         )
+
+    def _attach_and_mount(self) -> None:
+        try:
+            device = loop.attach(str(self.image_path))
+        except OSError as error:
+            raise Unavailable(
+                f"cannot attach {self.image_path} to a loop device:"
+                f" {error.strerror}; the engine needs /dev/loop-control and the"
+                " loop driver (modprobe loop) for the sandboxes' disk limits"
+            ) from error
+        with device:
+            try:
+                libc.mount(
+                    device.path,
+                    str(self.mount_point),
+                    "btrfs",
+                    MOUNT_FLAGS,
+                    MOUNT_OPTIONS,
+                )
+            except OSError as error:
+                raise Unavailable(
+                    f"cannot mount the layer file system from {device.path} on"
+                    f" {self.mount_point}: {error.strerror}; the kernel needs"
+                    " btrfs (modprobe btrfs)"
+                ) from error
 
     def _default_size(self) -> int:
         stat = os.statvfs(self.image_path.parent)
