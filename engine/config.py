@@ -35,8 +35,8 @@ class Config:
     data_dir: Path
     uid_base: int = DEFAULT_UID_BASE
     uid_count: int = DEFAULT_UID_COUNT
-    # Size of the sparse file system that holds every sandbox's writable
-    # layer; None means 90% of the free space of the data dir's file system.
+    # Size in bytes of the sparse file system of the sandboxes' writable
+    # layers. None means 90% of the free space of the data dir's file system.
     layers_size_bytes: int | None = None
 
     @classmethod

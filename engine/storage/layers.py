@@ -1,12 +1,14 @@
 """The file system of every sandbox's writable layer, with a disk limit each.
 
-The host's file system has no per-directory quota to give (ext4 without the
-project quota feature, and a kernel without quota formats for it), so the
-engine brings its own: one sparse image file in the data dir, formatted as
-btrfs when the engine starts, attached to a loop device and mounted on
-``<data dir>/sandboxes``. Each sandbox's directory there, with the overlay's
-upper and work dirs, is a btrfs subvolume whose quota group has a limit on
-referenced bytes, data and metadata together. Creating one is two ioctls and
+The host's file system has no per-directory quota to give: its ext4 lacks
+the project quota feature, and the kernel has no quota format for ext4 or
+XFS. So the engine brings its own file system. It is one sparse image file
+in the data dir, formatted as btrfs when the engine starts, attached to a
+loop device and mounted on ``<data dir>/sandboxes``.
+
+Each sandbox's directory there, with the overlay's upper and work dirs, is a
+btrfs subvolume whose quota group has a limit on referenced bytes, data and
+metadata together. Creating one is two ioctls and
 no subprocess.
 
 Sandbox code reaches its layer only through overlayfs, which passes no btrfs
@@ -50,9 +52,9 @@ MOUNT_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOATIME
 # discard=async returns freed blocks to the host as holes in the sparse image,
 # and commit=5 (from 30 s) makes freed space and quota counts current sooner.
 # nodatacow (which implies nodatasum) overwrites data in place without
-# checksums, as the host's ext4 under the image does: a 1 GiB copy onto the
-# layer took about 600 MiB/s with it and 400 MiB/s without it on the
-# benchmark machine (2-core VM, Linux 6.18).
+# checksums, as the host's ext4 under the image does. A 1 GiB copy onto the
+# layer ran at about 600 MiB/s with it and 400 MiB/s without it on a 2-core
+# VM with Linux 6.18.
 MOUNT_OPTIONS = "discard=async,commit=5,nodatacow"
 
 
@@ -214,7 +216,7 @@ class LayerStore:
         with contextlib.suppress(FileNotFoundError):
             btrfs.delete_subvolume(parent, sandbox_id)
         # The quota group stays until the kernel's cleaner has freed the
-        # subvolume's extents; an empty leftover group costs one tree item,
+        # subvolume's extents. An empty leftover group costs one tree item,
         # and the next start formats the file system anew.
         with contextlib.suppress(OSError):
             btrfs.remove_qgroup(parent, subvolume)
@@ -236,7 +238,7 @@ class LayerStore:
         """Unmount the file system, wait for its loop device to detach, drop the image.
 
         The caller has terminated every sandbox and stopped the zygote first,
-        since a supervisor's mount namespace holds the file system too.
+        because a supervisor's mount namespace keeps the file system mounted.
         """
         if not self.mounted:
             return

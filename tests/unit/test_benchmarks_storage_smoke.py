@@ -1,9 +1,10 @@
 """Smoke run of `python -m benchmarks.storage` with tiny sizes, on the real kernel.
 
-It runs the module as a subprocess twice, the way the docs tell users to:
-once on a page without the storage markers, which it must append, and once
-on a page with them, whose text outside the markers must stay. Each run must
-print every row and leave no file, mount or loop device behind.
+It runs the module as a subprocess twice, the way the docs tell users to.
+The first run gets a page without the storage markers, which it must
+append. The second gets a page with them, whose text outside the markers
+must stay. Each run must print every row and leave no file, mount or loop
+device behind.
 """
 
 from __future__ import annotations
