@@ -1,15 +1,16 @@
 """The file system of every sandbox's writable layer, with a disk limit each.
 
-The host's file system has no per-directory quota to give: its ext4 lacks
-the project quota feature, and the kernel has no quota format for ext4 or
-XFS. So the engine brings its own file system. It is one sparse image file
-in the data dir, formatted as btrfs when the engine starts, attached to a
-loop device and mounted on ``<data dir>/sandboxes``.
+The host's file system may offer no per-directory quota. Project quotas
+on ext4 need the project feature, a prjquota mount and a kernel built with
+CONFIG_QFMT_V2, and on XFS a pquota mount and CONFIG_XFS_QUOTA, and the
+engine must not remount the host's file systems. So the engine brings its
+own file system: one sparse image file in the data dir, formatted as btrfs
+when the engine starts, attached to a loop device and mounted on
+``<data dir>/sandboxes``.
 
 Each sandbox's directory there, with the overlay's upper and work dirs, is a
 btrfs subvolume whose quota group has a limit on referenced bytes, data and
-metadata together. Creating one is two ioctls and
-no subprocess.
+metadata together. Creating one is two ioctls and no subprocess.
 
 Sandbox code reaches its layer only through overlayfs, which passes no btrfs
 ioctl to the file system below it, so it cannot create a subvolume, change
