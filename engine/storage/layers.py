@@ -10,7 +10,8 @@ when the engine starts, attached to a loop device and mounted on
 
 Each sandbox's directory there, with the overlay's upper and work dirs, is a
 btrfs subvolume whose quota group has a limit on referenced bytes, data and
-metadata together. Creating one is two ioctls and no subprocess.
+metadata together. Creating one takes three ioctls (create, look up its id,
+set the limit) and no subprocess.
 
 Sandbox code reaches its layer only through overlayfs, which passes no btrfs
 ioctl to the file system below it, so it cannot create a subvolume, change
