@@ -12,9 +12,11 @@ fi
 
 # fuse3 brings libfuse3, which mfusepy loads for fsspec volumes and bucket
 # mounts. libnftables1 is the library behind nft, which the engine loads for
-# its packet filter rules. busybox-static is the userland of the hostile
-# images in the escape tests.
-packages=(libseccomp2 libnftables1 debootstrap python3-venv bubblewrap runc fuse3 busybox-static)
+# its packet filter rules. btrfs-progs: mkfs.btrfs formats the file system of
+# the sandboxes' writable layers, whose quota groups are the per-sandbox disk
+# limits. busybox-static is the userland of the hostile images in the escape
+# tests.
+packages=(libseccomp2 libnftables1 debootstrap python3-venv btrfs-progs bubblewrap runc fuse3 busybox-static)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

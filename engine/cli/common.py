@@ -101,6 +101,12 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         help="memory limit in MiB, or a size such as 512Mi or 1Gi (default: 512)",
     )
     parser.add_argument(
+        "--disk",
+        metavar="MIB",
+        help="disk limit of the sandbox's writable layer in MiB, or a size such"
+        " as 512Mi or 8Gi; /tmp and volumes do not count (default: 4096)",
+    )
+    parser.add_argument(
         "--pids",
         type=int,
         metavar="N",

@@ -306,6 +306,7 @@ def _sandbox_settings(args: argparse.Namespace, address: str | None) -> Sandbox:
         image=args.image,
         cpu=args.cpu,
         memory=_memory_argument(args.memory),
+        disk=_memory_argument(args.disk),
         pids=args.pids,
         env=parse_env(args.env),
         workdir=args.workdir,
@@ -615,6 +616,7 @@ def stats_command(args: argparse.Namespace) -> int:
     print(f"cpu          {stats.cpu_seconds:.3f} s")
     print(f"memory       {stats.memory_bytes / 2**20:.1f} MiB")
     print(f"memory peak  {stats.memory_peak_bytes / 2**20:.1f} MiB")
+    print(f"disk         {stats.disk_bytes / 2**20:.1f} MiB")
     print(f"pids         {stats.pids}")
     return 0
 

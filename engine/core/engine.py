@@ -74,6 +74,7 @@ from engine.runtime.spawner import Spawner, SupervisorClient
 from engine.storage import fuse
 from engine.storage.fuse import FuseManager, MountConfig, S3Options
 from engine.storage.images import Image, ImageStore
+from engine.storage.layers import LayerStore
 from engine.storage.trees import remove_tree
 from engine.storage.volumes import VolumeInfo, VolumeStore
 
@@ -182,6 +183,11 @@ class Engine:
         self._volume_stores = {
             DEFAULT_WORKSPACE: VolumeStore(config.data_dir, config.uid_base)
         }
+        # The file system of the sandboxes' writable layers, mounted on
+        # config.sandboxes_dir while the engine runs.
+        self.layers = LayerStore(
+            config.data_dir, config.sandboxes_dir, config.layers_size_bytes
+        )
         # Volume name -> ids of the PENDING or RUNNING sandboxes that mount it.
         self._volume_users: dict[str, set[str]] = {}
         # FUSE servers of fsspec volumes (one per volume, started on first
@@ -261,11 +267,19 @@ class Engine:
         self.store = Store(self.config.database_path)
         self.tokens = TokenStore(self.store.db)
         self.secrets = SecretStore(self.store.db)
+        self.layers.sweep()
         self._sweep()
         # Its start also removes the bridge, veths and nftables table that a
         # crashed engine on this data dir left.
         await loop.run_in_executor(None, self.network.start)
-        await self.spawner.start()
+        # Before the zygote starts, so that every supervisor's copy of the
+        # mount namespace has the layer file system.
+        self.layers.start()
+        try:
+            await self.spawner.start()
+        except BaseException:
+            self.layers.close()
+            raise
         self.pool = SupervisorPool(
             self.cgroup_driver,
             self.spawner,
@@ -377,6 +391,12 @@ class Engine:
             except EngineError as error:
                 log.error("network not removed: %s", error)
             self.network = None
+        # After the zygote and every supervisor, whose mount namespaces hold
+        # the layer file system.
+        try:
+            self.layers.close()
+        except OSError as error:
+            log.error("layer file system not released: %s", error)
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
                 self.cgroup_driver.remove_root()
@@ -468,9 +488,9 @@ class Engine:
         assert self.cgroup_driver is not None
         spec = sandbox.info.spec
         uid = self.config.uid_base
-        directory = sandbox.directory
+        directory = self.layers.create(sandbox.info.sandbox_id, spec.disk_mib)
         # The supervisor is uid_base on the host, and it mounts from here.
-        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)
         os.chown(directory, uid, uid)
         for name in ("root", "upper", "work"):
             (directory / name).mkdir(mode=0o755)
@@ -680,7 +700,7 @@ class Engine:
         # No process of the sandbox is left to use its bucket mounts.
         for name in sandbox.fuse_servers:
             await loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
-        await loop.run_in_executor(None, remove_tree, sandbox.directory)
+        await loop.run_in_executor(None, self._remove_layer, sandbox)
         await self._release_network(sandbox)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
@@ -794,6 +814,17 @@ class Engine:
         """Return exposed port -> URL for the sandbox."""
         return dict(self._get(sandbox_id).info.urls)
 
+    def _remove_layer(self, sandbox: _Sandbox) -> None:
+        try:
+            self.layers.remove(sandbox.info.sandbox_id)
+        except OSError as error:
+            log.error(
+                "sandbox %s: layer not deleted, removing its files instead: %s",
+                sandbox.info.sandbox_id,
+                error,
+            )
+        remove_tree(sandbox.directory)
+
     async def _reap_expired(self) -> None:
         while True:
             await asyncio.sleep(REAPER_INTERVAL)
@@ -856,6 +887,7 @@ class Engine:
             memory_bytes=usage.memory_bytes,
             memory_peak_bytes=usage.memory_peak_bytes,
             pids=usage.pids,
+            disk_bytes=self.layers.used_bytes(sandbox_id),
         )
 
     # Volumes.

@@ -125,6 +125,11 @@ def _error(sandbox_id: str, result: dict[str, Any]) -> EngineError:
     message = result.get("message", os.strerror(code))
     if code == errno.ENOTEMPTY:
         message += "; pass recursive=True to delete a directory with its contents"
+    if code == errno.EDQUOT:
+        message += (
+            "; the sandbox's writable layer is at its disk limit: delete files"
+            " or create the sandbox with a larger disk"
+        )
     return kind(f"{message} (sandbox {sandbox_id})")
 
 

@@ -16,6 +16,9 @@ DEFAULT_PIDS = 512
 DEFAULT_CPU = 1.0
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_NOFILE = 1024
+# Disk limit of the writable layer in MiB: enough for a package install or a
+# checkout, small enough that a few sandboxes cannot fill a host disk.
+DEFAULT_DISK_MIB = 4096
 # Bytes of stdout (and, separately, of stderr) kept per process. Older bytes are
 # dropped first and readers are told how many they missed.
 DEFAULT_OUTPUT_BUFFER_BYTES = 8 * 1024 * 1024
@@ -104,6 +107,7 @@ class SandboxSpec:
     ``cpu`` is in cores (fractions allowed) and ``memory_mib`` in MiB. Both
     default to a bounded sandbox, and ``None`` means no limit. ``ttl`` is in
     seconds of inactivity, and 0 or a negative value means it never expires.
+    ``disk_mib`` bounds the writable layer in MiB and is always set.
     """
 
     image: str = "host"
@@ -126,6 +130,7 @@ class SandboxSpec:
     # IPv4 CIDRs the sandbox may reach; empty means everywhere the engine's
     # uplinks lead. Excludes block_network.
     allow_list: tuple[str, ...] = ()
+    disk_mib: int = DEFAULT_DISK_MIB
 
 
 @dataclass(frozen=True)
@@ -188,3 +193,5 @@ class SandboxStats:
     memory_bytes: int
     memory_peak_bytes: int
     pids: int
+    # Bytes charged to the writable layer's disk limit, up to 5 s old.
+    disk_bytes: int = 0

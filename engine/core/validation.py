@@ -26,6 +26,12 @@ MAX_ENV_ENTRIES = 4096
 # PATH_MAX of Linux, for workdir and cwd.
 MAX_PATH_BYTES = 4096
 MIN_MEMORY_MIB = 8
+# A new layer (its directories and the generated /etc files) uses about
+# 36 KiB on Linux 6.18. A smaller limit than this is more likely a unit
+# mistake, such as bytes or KiB passed as MiB, than a useful sandbox.
+MIN_DISK_MIB = 16
+# 1 PiB; a limit above the layer file system's size is allowed and never hit.
+MAX_DISK_MIB = 1 << 30
 MAX_PIDS = 1 << 22
 # The longest idle timeout, 10 years; protobuf Timestamps end at year 9999.
 MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
@@ -64,6 +70,18 @@ def check_ttl(ttl: float) -> None:
         )
 
 
+def check_disk(disk_mib: int) -> None:
+    if (
+        isinstance(disk_mib, bool)
+        or not isinstance(disk_mib, int)
+        or not MIN_DISK_MIB <= disk_mib <= MAX_DISK_MIB
+    ):
+        raise InvalidArgument(
+            f"disk {disk_mib!r} MiB must be a whole number of MiB between"
+            f" {MIN_DISK_MIB} and {MAX_DISK_MIB}, such as 1024"
+        )
+
+
 def check_spec(spec: SandboxSpec) -> None:
     """Raise InvalidArgument for the first bad field of ``spec``."""
     if spec.cpu is not None and (
@@ -76,6 +94,7 @@ def check_spec(spec: SandboxSpec) -> None:
         raise InvalidArgument(
             f"memory {spec.memory_mib!r} MiB must be at least {MIN_MEMORY_MIB} MiB"
         )
+    check_disk(spec.disk_mib)
     if not 1 <= spec.pids <= MAX_PIDS:
         raise InvalidArgument(f"pids {spec.pids!r} must be between 1 and {MAX_PIDS}")
     if not 16 <= spec.nofile <= 1 << 20:

@@ -317,8 +317,10 @@ class SandboxFileSystem:
             header = _check_header(next(responses, None), remote_path)
             received = 0
             for response in responses:
-                fileobj.write(response.data)
-                received += len(response.data)
+                # Each access of a bytes field copies it (upb), so read it once.
+                data = response.data
+                fileobj.write(data)
+                received += len(data)
         finally:
             responses.close()
         _check_received(received, header, remote_path)
@@ -579,8 +581,9 @@ class AsyncSandboxFileSystem:
             header = _check_header(await anext(responses, None), remote_path)
             received = 0
             async for response in responses:
-                await write(response.data)
-                received += len(response.data)
+                data = response.data
+                await write(data)
+                received += len(data)
         finally:
             await responses.aclose()
         _check_received(received, header, remote_path)

@@ -53,29 +53,35 @@ _MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i)?B?\s*$", re.IGNOR
 
 def parse_memory(value: int | str | None) -> int | None:
     """Return MiB from an int of MiB or a size string such as "512Mi" or "1Gi"."""
+    return parse_mib(value, "memory")
+
+
+def parse_mib(value: int | str | None, field: str) -> int | None:
+    """Return MiB from an int of MiB or a size string; ``field`` names it in errors."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise errors.InvalidArgument(
-            f"invalid memory {value!r}: expected MiB or a size"
+            f"invalid {field} {value!r}: expected MiB or a size"
         )
     if isinstance(value, int):
         return value
     if not isinstance(value, str):
         raise errors.InvalidArgument(
-            f"invalid memory {value!r}: expected an int of MiB or a string like '512Mi'"
+            f"invalid {field} {value!r}: expected an int of MiB or a string like"
+            " '512Mi'"
         )
     match = _MEMORY_PATTERN.match(value)
     if match is None:
         raise errors.InvalidArgument(
-            f"invalid memory {value!r}: expected MiB as a number or a size with a"
+            f"invalid {field} {value!r}: expected MiB as a number or a size with a"
             " unit Ki, Mi, Gi or Ti, such as '512Mi' or '1Gi'"
         )
     number = float(match.group(1))
     mib = number * _MEMORY_UNITS[(match.group(2) or "").lower()]
     if mib != int(mib):
         raise errors.InvalidArgument(
-            f"invalid memory {value!r}: {mib} MiB is not a whole number of MiB"
+            f"invalid {field} {value!r}: {mib} MiB is not a whole number of MiB"
         )
     return int(mib)
 
@@ -484,11 +490,13 @@ class SandboxInstance:
 class Sandbox:
     """Settings of a sandbox to create.
 
-    ``cpu`` is in cores, ``memory`` in MiB (an int) or a size string such as
-    "512Mi" or "1Gi", ``ttl`` in seconds of inactivity (0 or negative for no
-    expiry). ``None`` means the daemon's default: no CPU or memory limit, 512
-    pids and a 600 s TTL. ``address`` is the daemon's address ("unix:/path" or
-    "host:port"); without it, ENGINE_ADDRESS or the default socket is used.
+    ``cpu`` is in cores, ``memory`` and ``disk`` in MiB (an int) or a size
+    string such as "512Mi" or "1Gi", ``ttl`` in seconds of inactivity (0 or
+    negative for no expiry). ``disk`` bounds the files the sandbox writes
+    outside /tmp and its volumes. ``None`` means the daemon's default: 1 core,
+    512 MiB of memory, 4096 MiB of disk, 512 pids and a 600 s TTL.
+    ``address`` is the daemon's address ("unix:/path" or "host:port");
+    without it, ENGINE_ADDRESS or the default socket is used.
     ``volumes`` lists the ``Volume`` objects to mount, each created on first use.
     ``secrets`` names secrets (``engine.sdk.secrets.SecretClient``) that become
     environment variables of every process. ``cloud_buckets`` lists the
@@ -516,10 +524,12 @@ class Sandbox:
         cloud_buckets: list[CloudBucket] | None = None,
         block_network: bool = False,
         allow_list: list[str] | None = None,
+        disk: int | str | None = None,
     ) -> None:
         self.image = image
         self.cpu = cpu
         self.memory_mib = parse_memory(memory)
+        self.disk_mib = parse_mib(disk, "disk")
         self.pids = pids
         self.env = dict(env or {})
         self.workdir = workdir
@@ -558,6 +568,7 @@ class Sandbox:
             "memory_mib": self.memory_mib,
             "pids": self.pids,
             "ttl_seconds": self.ttl,
+            "disk_mib": self.disk_mib,
         }
         for field, value in optional.items():
             if value is not None:

@@ -97,6 +97,7 @@ def spec_to_proto(spec: SandboxSpec) -> pb.SandboxSpec:
         cloud_buckets=[bucket_mount_to_proto(mount) for mount in spec.cloud_buckets],
         block_network=spec.block_network,
         allow_list=list(spec.allow_list),
+        disk_mib=spec.disk_mib,
     )
     if spec.cpu is not None:
         message.cpu = spec.cpu
@@ -186,6 +187,7 @@ def stats_to_proto(stats: SandboxStats) -> pb.StatsResponse:
         memory_bytes=stats.memory_bytes,
         memory_peak_bytes=stats.memory_peak_bytes,
         pids=stats.pids,
+        disk_bytes=stats.disk_bytes,
     )
 
 
@@ -213,6 +215,9 @@ def spec_from_proto(message: pb.SandboxSpec) -> SandboxSpec:
         ),
         block_network=message.block_network,
         allow_list=tuple(message.allow_list),
+        disk_mib=message.disk_mib
+        if message.HasField("disk_mib")
+        else defaults.disk_mib,
     )
 
 
@@ -285,4 +290,5 @@ def stats_from_proto(message: pb.StatsResponse) -> SandboxStats:
         memory_bytes=message.memory_bytes,
         memory_peak_bytes=message.memory_peak_bytes,
         pids=message.pids,
+        disk_bytes=message.disk_bytes,
     )

@@ -169,9 +169,11 @@ class FileServicer(filesystem_pb2_grpc.FileServiceServicer):
                             f" stream carried {received}; nothing was written"
                         )
                     return
-                if message.data:
-                    received += len(message.data)
-                    yield message.data
+                # Each access of a bytes field copies it (upb), so read it once.
+                data = message.data
+                if data:
+                    received += len(data)
+                    yield data
             # Raising makes write_file discard what it received.
             raise InvalidArgument(
                 f"UploadFile stream for {path!r} ended without its end request,"

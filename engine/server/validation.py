@@ -116,6 +116,10 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
     if message.HasField("nofile"):
         _check_positive("spec.nofile", message.nofile, "file descriptors")
         nofile = message.nofile
+    disk_mib = defaults.disk_mib
+    if message.HasField("disk_mib"):
+        _check_positive("spec.disk_mib", message.disk_mib, "MiB")
+        disk_mib = message.disk_mib
     ttl = DEFAULT_TTL_SECONDS
     if message.HasField("ttl_seconds"):
         ttl = check_ttl("spec.ttl_seconds", message.ttl_seconds)
@@ -160,6 +164,7 @@ def spec_from_request(message: pb.SandboxSpec) -> SandboxSpec:
         block_network=message.block_network,
         # The Engine checks the CIDRs and the combination (check_policy).
         allow_list=tuple(message.allow_list),
+        disk_mib=disk_mib,
     )
 
 

@@ -70,7 +70,7 @@ STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes", "secrets", "cloud_buckets", "block_network", "allow_list")
+    __slots__ = ("image", "cpu", "memory_mib", "pids", "env", "workdir", "name", "labels", "ttl_seconds", "nofile", "volumes", "secrets", "cloud_buckets", "block_network", "allow_list", "disk_mib")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class SandboxSpec(_message.Message):
     CLOUD_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NETWORK_FIELD_NUMBER: _ClassVar[int]
     ALLOW_LIST_FIELD_NUMBER: _ClassVar[int]
+    DISK_MIB_FIELD_NUMBER: _ClassVar[int]
     image: str
     cpu: float
     memory_mib: int
@@ -115,7 +116,8 @@ class SandboxSpec(_message.Message):
     cloud_buckets: _containers.RepeatedCompositeFieldContainer[CloudBucketMount]
     block_network: bool
     allow_list: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ..., secrets: _Optional[_Iterable[str]] = ..., cloud_buckets: _Optional[_Iterable[_Union[CloudBucketMount, _Mapping]]] = ..., block_network: _Optional[bool] = ..., allow_list: _Optional[_Iterable[str]] = ...) -> None: ...
+    disk_mib: int
+    def __init__(self, image: _Optional[str] = ..., cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., pids: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ..., nofile: _Optional[int] = ..., volumes: _Optional[_Iterable[_Union[VolumeMount, _Mapping]]] = ..., secrets: _Optional[_Iterable[str]] = ..., cloud_buckets: _Optional[_Iterable[_Union[CloudBucketMount, _Mapping]]] = ..., block_network: _Optional[bool] = ..., allow_list: _Optional[_Iterable[str]] = ..., disk_mib: _Optional[int] = ...) -> None: ...
 
 class CloudBucketConfig(_message.Message):
     __slots__ = ("endpoint", "region", "access_key", "secret_key", "read_only", "force_path_style", "key_prefix")
@@ -486,13 +488,15 @@ class StatsRequest(_message.Message):
     def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "pids")
+    __slots__ = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "pids", "disk_bytes")
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_seconds: float
     memory_bytes: int
     memory_peak_bytes: int
     pids: int
-    def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
+    disk_bytes: int
+    def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...

@@ -193,6 +193,7 @@ def test_stats_and_inspect(cli: CliRunner, sandbox_id: str) -> None:
         "memory_bytes",
         "memory_peak_bytes",
         "pids",
+        "disk_bytes",
     }
     inspected = cli("sandbox", "inspect", sandbox_id)
     assert json.loads(inspected.stdout)["sandbox_id"] == sandbox_id

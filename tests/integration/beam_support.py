@@ -28,7 +28,7 @@ from engine.core.deployments import (
 )
 from engine.sdk.deploy import DeploymentClient
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 ENGINE_BIN = ROOT / ".venv" / "bin" / "engine"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
