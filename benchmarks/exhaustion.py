@@ -90,6 +90,11 @@ ATTACKS = [
         ),
         ramp_seconds=3.0,
     ),
+    Attack(
+        "huge argv",
+        "an exec whose 900 arguments of 1000 bytes each come through the API",
+        ["sh", "-c", "exec sleep 1000", "sh", *["x" * 1000] * 900],
+    ),
     Attack("output flood", "`yes` to stdout", ["yes"]),
     Attack(
         "tiny writes",
