@@ -91,6 +91,11 @@ TERMINATE_TIMEOUT = 10.0
 MAX_FINISHED_PROCESSES = 10_000
 # Terminated sandboxes of earlier engine runs loaded from the database at start.
 MAX_REMEMBERED_SANDBOXES = 1000
+# The cgroup of the FUSE servers, outside every sandbox's, and its limits:
+# the servers parse the requests that sandbox code sends through its mounts,
+# so a flood of them costs at most this much of the host.
+FUSE_CGROUP = "fuse-servers"
+FUSE_LIMITS = cgroups.CgroupLimits(cpu=1.0, memory_bytes=1 << 30, pids=1024)
 # Tasks the engine itself runs in a sandbox's cgroup, added to its pids limit:
 # the supervisor, PID 1 and one file worker at a time.
 HELPER_PIDS = 3
@@ -269,6 +274,7 @@ class Engine:
         self.secrets = SecretStore(self.store.db)
         self.layers.sweep()
         self._sweep()
+        self.fuse.cgroup = self.cgroup_driver.create(FUSE_CGROUP, FUSE_LIMITS)
         # Its start also removes the bridge, veths and nftables table that a
         # crashed engine on this data dir left.
         await loop.run_in_executor(None, self.network.start)
@@ -383,6 +389,10 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(
             self._fuse_executor, self.fuse.stop_all
         )
+        if self.fuse.cgroup is not None:
+            with contextlib.suppress(OSError, EngineError):
+                self.fuse.cgroup.destroy()
+            self.fuse.cgroup = None
         await self.spawner.close()
         if self.network is not None:
             loop = asyncio.get_running_loop()

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.runtime.cgroups import Cgroup, write_control
 
 log = logging.getLogger(__name__)
 
@@ -1315,6 +1316,8 @@ class FuseManager:
         self.servers: dict[str, FuseServer] = {}
         self.lock = threading.Lock()
         self.shared = False
+        # The cgroup every server joins before it reads its configuration.
+        self.cgroup: Cgroup | None = None
 
     def prepare(self) -> None:
         """Sweep leftovers, then make ``fuse/mnt`` a shared mount.
@@ -1410,6 +1413,9 @@ class FuseManager:
                 env=_server_environment(),
             )
             (self.pids / name).write_text(f"{process.pid}\n")
+            if self.cgroup is not None:
+                for procs in self.cgroup.procs_files():
+                    write_control(procs, str(process.pid))
             assert process.stdin is not None and process.stdout is not None
             process.stdin.write(config.to_json().encode() + b"\n")
             process.stdin.flush()

@@ -21,6 +21,7 @@ import pytest
 
 from benchmarks.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
 from engine import CloudBucketConfig, Sandbox, Volume
+from engine.core.engine import FUSE_LIMITS
 from engine.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -140,6 +141,19 @@ def test_fsspec_volume_delete_stops_server(
     volumes.delete(name)
     assert not any(point.endswith(f"volume-{name}") for point in fuse_mounts(daemon))
     assert not (daemon.data_dir / "fuse" / "mnt" / f"volume-{name}").exists()
+
+
+def test_fsspec_server_in_bounded_cgroup(daemon: Daemon, memory_volume: str) -> None:
+    with mounted(daemon, memory_volume) as sb:
+        assert python(sb, f"open('{MOUNT}/f', 'w').write('x')")[0] == 0
+        pid_file = daemon.data_dir / "fuse" / "pids" / f"volume-{memory_volume}"
+        pid = int(pid_file.read_text().split()[0])
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        memory = [line.split(":", 2)[2] for line in lines if ":memory:" in line]
+        limit_path = f"/sys/fs/cgroup/memory{memory[0]}/memory.limit_in_bytes"
+        limit = int(Path(limit_path).read_text())
+    assert memory[0].endswith("/fuse-servers")
+    assert limit == FUSE_LIMITS.memory_bytes
 
 
 # ---------------------------------------------------------------- sharing
