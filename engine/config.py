@@ -54,6 +54,9 @@ class Config:
     block_network_by_default: bool = False
     # Address that exposed ports listen on.
     expose_host: str = "127.0.0.1"
+    # CIDRs beyond public addresses that token holders may name as bucket
+    # endpoints and callback URLs; see engine.core.outbound.
+    outbound_allow: tuple[str, ...] = ()
     # Size in bytes of the sparse file system of the sandboxes' writable
     # layers. None means 90% of the free space of the data dir's file system.
     layers_size_bytes: int | None = None

@@ -39,6 +39,15 @@ def register(
         " from `engine token create`; port 0 picks a free port (default: no HTTP)",
     )
     serve.add_argument(
+        "--allow-endpoint",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="let token holders name bucket endpoints and callback URLs in this"
+        " network besides public addresses, such as 127.0.0.1/32 for a local S3"
+        " server; repeatable. Callers on the unix socket are not limited",
+    )
+    serve.add_argument(
         "--uid-base",
         type=_uid_base,
         default=DEFAULT_UID_BASE,
@@ -116,6 +125,7 @@ def serve_command(args: argparse.Namespace) -> int:
         uplinks=tuple(args.uplink),
         block_network_by_default=args.block_network_by_default,
         expose_host=args.expose_host,
+        outbound_allow=tuple(args.allow_endpoint),
     )
     asyncio.run(
         serve(config, socket_path=args.socket, listen=args.listen, http=args.http)

@@ -53,6 +53,7 @@ from engine.core.network import (
     check_policy,
     open_netns,
 )
+from engine.core.outbound import check_outbound_url, parse_networks
 from engine.core.output import OutputBudget, OutputBuffer, OutputRate
 from engine.core.pool import SupervisorPool
 from engine.core.ports import PortForwarder
@@ -96,6 +97,8 @@ MAX_REMEMBERED_SANDBOXES = 1000
 # so a flood of them costs at most this much of the host.
 FUSE_CGROUP = "fuse-servers"
 FUSE_LIMITS = cgroups.CgroupLimits(cpu=1.0, memory_bytes=1 << 30, pids=1024)
+# Ports one sandbox may expose at once.
+MAX_EXPOSED_PORTS = 32
 # Tasks the engine itself runs in a sandbox's cgroup, added to its pids limit:
 # the supervisor, PID 1 and one file worker at a time.
 HELPER_PIDS = 3
@@ -178,6 +181,9 @@ class Engine:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Networks beyond the public ones that the host may connect to for
+        # token holders; see engine.core.outbound.
+        self.outbound_allowed = parse_networks(config.outbound_allow)
         self.sandboxes: dict[str, _Sandbox] = {}
         self.images = ImageStore(config.data_dir, config.uid_base, config.uid_count)
         # File operations on running sandboxes: engine.files.stat_file(...) etc.
@@ -433,6 +439,10 @@ class Engine:
         """Create a sandbox and return once it is RUNNING."""
         self._check_started()
         validation.check_spec(spec)
+        for mount in spec.cloud_buckets:
+            check_outbound_url(
+                "cloud bucket endpoint", mount.config.endpoint, self.outbound_allowed
+            )
         # Before anything exists, so that an unknown name leaves nothing behind.
         secret_env = self._resolve_secrets(spec.secrets)
         bucket_keys = [self._bucket_keys(mount.config) for mount in spec.cloud_buckets]
@@ -805,6 +815,12 @@ class Engine:
             existing = sandbox.forwarders.get(port)
             if existing is not None:
                 return existing.url
+            # Each forwarder holds a thread and a listening socket in the daemon.
+            if len(sandbox.forwarders) >= MAX_EXPOSED_PORTS:
+                raise ResourceExhausted(
+                    f"sandbox {sandbox_id} already exposes {MAX_EXPOSED_PORTS} ports,"
+                    " the maximum; serve more through one port"
+                )
             assert sandbox.netns_fd is not None
             try:
                 forwarder = PortForwarder(
@@ -1040,6 +1056,7 @@ class Engine:
         """
         self._check_started()
         settings = s3 or CloudBucketConfig()
+        check_outbound_url("volume endpoint", settings.endpoint, self.outbound_allowed)
         if url:
             protocol, _ = fuse.parse_url(url)
             validation.check_volume_backend(protocol, settings)

@@ -38,6 +38,7 @@ from engine.core.deployments import (
     check_spec,
 )
 from engine.core.models import SandboxSpec, Stream
+from engine.core.outbound import check_outbound_url
 from engine.core.tenancy import acting_for
 from engine.errors import (
     DeadlineExceeded,
@@ -487,6 +488,9 @@ class Functions:
     async def deploy(self, spec: DeploymentSpec, package: bytes) -> Deployment:
         resolved = spec.resolved()
         check_spec(resolved)
+        check_outbound_url(
+            "callback_url", resolved.callback_url, self.engine.outbound_allowed
+        )
         # The package check reads the whole archive, so it runs in a thread.
         await asyncio.to_thread(check_package, package, resolved.handler)
         deployment = self.store.create(resolved, package, checked=True)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.core.deployments import Deployment, DeploymentKind
 from engine.core.functions import CallResult, CallTimeout, Container, FunctionError
-from engine.errors import EngineError, NotFound
+from engine.core.tenancy import acting_for
+from engine.errors import EngineError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from engine.core.functions import Functions
@@ -491,9 +492,27 @@ class TaskQueues:
     async def _store_outputs(
         self, task_id: str, container: Container, result: CallResult
     ) -> None:
-        """Copy the call's output files out of the container into the data dir."""
-        engine = self.functions.engine
+        """Copy the call's output files out of the container into the data dir.
+
+        On any failure the files copied so far are removed before the error
+        propagates, so a failed task leaves nothing in the outputs dir.
+        """
         directory = self.outputs_dir / task_id
+        try:
+            # The container belongs to its deployment's workspace.
+            with acting_for(container.deployment.spec.workspace):
+                stored = await self._copy_outputs(task_id, container, result, directory)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise
+        self.db.execute(
+            "UPDATE tasks SET outputs = ? WHERE id = ?", (json.dumps(stored), task_id)
+        )
+
+    async def _copy_outputs(
+        self, task_id: str, container: Container, result: CallResult, directory: Path
+    ) -> list[dict[str, Any]]:
+        engine = self.functions.engine
         stored: list[dict[str, Any]] = []
         total = 0
         if len(result.outputs) > MAX_OUTPUT_FILES:
@@ -522,14 +541,19 @@ class TaskQueues:
                 )
                 break
             target = directory / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as file:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                file = open(target, "wb")  # noqa: SIM115
+            except OSError as error:
+                await content.chunks.aclose()
+                raise InvalidArgument(
+                    f"output file {name!r} cannot be stored: {error.strerror}"
+                ) from None
+            with file:
                 async for chunk in content.chunks:
                     file.write(chunk)
             stored.append({"name": name, "size": content.size})
-        self.db.execute(
-            "UPDATE tasks SET outputs = ? WHERE id = ?", (json.dumps(stored), task_id)
-        )
+        return stored
 
     async def _sweep_outputs(self) -> None:
         while True:

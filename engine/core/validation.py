@@ -107,6 +107,14 @@ def check_spec(spec: SandboxSpec) -> None:
             f"workdir {shorten(spec.workdir)} must be an absolute path"
         )
     _check_text("workdir", spec.workdir)
+    if any(
+        spec.workdir == reserved or spec.workdir.startswith(reserved + "/")
+        for reserved in RESERVED_MOUNT_PATHS
+    ):
+        raise InvalidArgument(
+            f"workdir {shorten(spec.workdir)} is in /proc, /dev or /sys; choose a"
+            " directory of the sandbox's own, such as /root"
+        )
     if len(spec.workdir.encode()) > MAX_PATH_BYTES:
         raise InvalidArgument(
             f"workdir is {len(spec.workdir.encode())} bytes; the limit is "

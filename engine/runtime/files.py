@@ -165,7 +165,7 @@ def write_file(args: dict[str, Any], data_fd: int | None, _: int) -> dict[str, A
         raise OSError(errno.EINVAL, "write_file needs a data descriptor")
     directory, name = os.path.split(path)
     if args.get("parents"):
-        os.makedirs(directory, 0o755, exist_ok=True)
+        _make_parents(directory)
     if not name or os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
     _check_name_length(path)
@@ -466,6 +466,29 @@ def _walk(
             stack.append(iter(children))
 
 
+def _make_parents(path: bytes) -> None:
+    """Create ``path`` and its missing parents with mode 0o755, one level at a time.
+
+    os.makedirs recurses once per missing level, so a deep path would end in
+    RecursionError instead of an errno.
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "Not a directory", directory
+                ) from None
+
+
 def make_directory(args: dict[str, Any], *_: object) -> dict[str, Any]:
     """Create a directory with exactly ``mode``.
 
@@ -486,7 +509,7 @@ def make_directory(args: dict[str, Any], *_: object) -> dict[str, Any]:
     except FileNotFoundError:
         if not parents:
             raise
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        _make_parents(os.path.dirname(path))
         os.mkdir(path, mode)
     # mkdir(2) applies the umask, so set the requested bits exactly.
     os.chmod(path, mode)

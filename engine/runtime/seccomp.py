@@ -162,6 +162,7 @@ POLICY: tuple[Rule, ...] = (
             "fspick",
             "move_mount",
             "open_tree",
+            "open_tree_attr",
             "mount_setattr",
         ),
         errno.EPERM,
@@ -296,6 +297,12 @@ Calls that were considered and are allowed:
 """
 
 
+# x86_64 numbers of system calls newer than some libseccomp releases, from
+# the kernel's arch/x86/entry/syscalls/syscall_64.tbl; libseccomp 2.5.4 does
+# not know open_tree_attr (Linux 6.15).
+NEWER_SYSCALLS = {"open_tree_attr": 467}
+
+
 @functools.cache
 def _resolved_policy() -> tuple[tuple[int, int, tuple[Comparisons, ...]], ...]:
     """Resolve POLICY to (action, syscall number, comparison sets) once per process.
@@ -314,6 +321,8 @@ def _resolved_policy() -> tuple[tuple[int, int, tuple[Comparisons, ...]], ...]:
         comparison_sets = rule.condition.comparisons() if rule.condition else ((),)
         for name in rule.syscalls:
             number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
+            if number < 0:
+                number = NEWER_SYSCALLS.get(name, -1)
             if number < 0:
                 logger.warning(
                     "libseccomp does not know system call %s on x86_64, so the filter "

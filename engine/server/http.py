@@ -236,6 +236,12 @@ class BeamApp:
             raise HttpError(
                 400, "InvalidJSON", f"request body is not valid JSON: {error}"
             ) from None
+        except RecursionError:
+            raise HttpError(
+                400,
+                "InvalidJSON",
+                "request body nests JSON arrays or objects too deeply to parse",
+            ) from None
         if not isinstance(value, dict):
             raise HttpError(
                 422,

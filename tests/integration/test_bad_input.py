@@ -173,7 +173,7 @@ def test_engine_works_after_bad_input(
     assert result.stdout == b"alive\n"
 
 
-@pytest.mark.parametrize("workdir", ["/dev/null", "/etc/hostname/below"])
+@pytest.mark.parametrize("workdir", ["/etc/passwd", "/etc/hostname/below"])
 def test_workdir_not_directory_rejected(engine: EngineRunner, workdir: str) -> None:
     # The sandbox fails after it took a preforked supervisor, whose cgroup is
     # then removed and replaced by the pool, so only groups outside the pool
@@ -202,3 +202,9 @@ def test_deep_workdir_created(engine: EngineRunner) -> None:
         assert result.stdout.decode().strip() == workdir
     finally:
         engine.terminate(sandbox_id)
+
+
+@pytest.mark.parametrize("workdir", ["/proc/self/fd/3", "/proc", "/dev/shm", "/sys/x"])
+def test_workdir_in_kernel_dirs_rejected(engine: EngineRunner, workdir: str) -> None:
+    with pytest.raises(InvalidArgument, match="is in /proc, /dev or /sys"):
+        engine.create(workdir=workdir)

@@ -270,3 +270,12 @@ def test_path_length_limit(sandbox: SandboxInstance) -> None:
     path = "/tmp/" + "/".join(["c" * 200] * 21)
     with pytest.raises(errors.InvalidArgument, match="longer than 4096 bytes"):
         sandbox.fs.stat_file(path)
+
+
+def test_deep_parents_created(sandbox: SandboxInstance) -> None:
+    path = "/root/" + "a/" * 1000 + "file"
+    sandbox.fs.write_bytes(path, b"deep", parents=True)
+    assert sandbox.fs.read_bytes(path) == b"deep"
+    directory = "/tmp/" + "b/" * 1000 + "end"
+    sandbox.fs.create_directory(directory, parents=True)
+    assert sandbox.fs.stat_file(directory).is_dir

@@ -157,6 +157,11 @@ def test_body_not_object_rejected(beam: Beam) -> None:
             response = client.post("/endpoint/body-check", content=body)
             assert response.status_code == 422, body
             assert response.json()["error"]["type"] == "InvalidArgument", body
+        deep = client.post(
+            "/endpoint/body-check", content=b"[" * 100_000 + b"]" * 100_000
+        )
+        assert deep.status_code == 400
+        assert deep.json()["error"]["type"] == "InvalidJSON"
 
 
 def test_exception_returns_500(beam: Beam) -> None:

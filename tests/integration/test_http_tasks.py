@@ -426,3 +426,14 @@ def test_callback_on_cancel(
         wait_for(lambda: len(server.bodies) == 1)
     assert server.bodies[0]["task_id"] == task_id
     assert server.bodies[0]["status"] == "CANCELLED"
+
+
+def test_outputs_in_other_workspace(beam: Beam) -> None:
+    beam.deploy("team-output", "write_output", kind=QUEUE, workspace="team")
+    team = create_token(beam.daemon.data_dir, workspace="team")
+    with beam.client(token=team) as client:
+        task_id = submit(client, "team-output", {"name": "r.txt", "text": "team"})
+        task = beam.wait_task(client, task_id, FINAL)
+        assert task["status"] == "COMPLETE", task
+        download = client.get(task["outputs"][0]["url"])
+        assert download.content == b"team"

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from engine import Sandbox, SandboxInstance
-from engine.errors import InvalidArgument
+from engine.core.engine import MAX_EXPOSED_PORTS
+from engine.errors import InvalidArgument, ResourceExhausted
 
 # Serves one greeting per connection on (host, port) until killed.
 GREETER = """
@@ -162,3 +163,14 @@ def test_expose_bad_port(network_daemon: Any, port: int) -> None:
         with pytest.raises(InvalidArgument, match=str(port)):
             sb.expose_port(port)
         assert sb.list_urls() == {}
+
+
+def test_exposed_ports_capped(network_daemon: Any) -> None:
+    with Sandbox(address=network_daemon.address, block_network=True).create() as sb:
+        for port in range(20000, 20000 + MAX_EXPOSED_PORTS):
+            sb.expose_port(port)
+        with pytest.raises(ResourceExhausted, match=str(MAX_EXPOSED_PORTS)):
+            sb.expose_port(30000)
+        assert len(sb.list_urls()) == MAX_EXPOSED_PORTS
+        # A port that is already exposed returns its URL again.
+        assert sb.expose_port(20000) == sb.list_urls()[20000]

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 import engine.v1
 from engine.core.deployments import DeploymentKind, DeploymentSpec, package_directory
+from engine.core.models import CloudBucketConfig
 from engine.errors import NotFound, PermissionDenied
 from engine.sdk.deploy import DeploymentClient
 from engine.sdk.secrets import SecretClient
@@ -366,3 +367,48 @@ def test_sandbox_mounts_own_workspace_volume(tenants: Tenants) -> None:
             timeout=30,
         )
     assert output == b"end\n"
+
+
+def test_token_cannot_aim_bucket_at_host(tenants: Tenants) -> None:
+    stub = sandbox_pb2_grpc.SandboxServiceStub(tenants.channel)
+    auth = (("authorization", f"Bearer {tenants.alpha}"),)
+    bucket = pb.CloudBucketMount(
+        name="files",
+        mount_path="/b",
+        config=pb.CloudBucketConfig(endpoint="http://127.0.0.1:9", read_only=True),
+    )
+    before = list_ids(tenants, tenants.alpha)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Create(
+            pb.CreateRequest(spec=pb.SandboxSpec(cloud_buckets=[bucket])),
+            metadata=auth,
+            timeout=30,
+        )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "127.0.0.1" in (raised.value.details() or "")
+    assert list_ids(tenants, tenants.alpha) == before
+
+
+def test_token_cannot_post_callbacks_to_host(
+    tenants: Tenants, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    app = tmp_path_factory.mktemp("callback-app")
+    (app / "app.py").write_text("def noop():\n    return None\n")
+    spec = DeploymentSpec(
+        name="callback",
+        kind=DeploymentKind.TASK_QUEUE,
+        handler="app:noop",
+        callback_url="http://127.0.0.1:9/hook",
+    )
+    client = DeploymentClient(tenants.tcp_address, token=tenants.alpha)
+    with client, pytest.raises(PermissionDenied, match="callback_url"):
+        client.deploy(spec, package_directory(app))
+
+
+def test_token_cannot_aim_volume_at_host(tenants: Tenants) -> None:
+    config = CloudBucketConfig(endpoint="http://127.0.0.1:9")
+    client = VolumeClient(tenants.tcp_address, token=tenants.alpha)
+    with client, pytest.raises(PermissionDenied, match="volume endpoint"):
+        client.create("aimed", url="s3://bucket", s3=config)
+    with VolumeClient(tenants.tcp_address, token=tenants.alpha) as client:
+        assert "aimed" not in [info.name for info in client.list()]
