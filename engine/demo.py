@@ -8,7 +8,10 @@ embedded engine that lives only as long as the demo.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -57,8 +60,14 @@ def _address() -> Iterator[str | None]:
     except Unavailable:
         pass
     print("no daemon is running; starting an embedded engine for this demo")
-    with EmbeddedEngine() as embedded:
-        yield embedded.address
+    # A data dir of the demo's own, so that nothing stays behind afterwards.
+    data_dir = tempfile.mkdtemp(prefix="engine-demo-")
+    os.chmod(data_dir, 0o755)
+    try:
+        with EmbeddedEngine(data_dir) as embedded:
+            yield embedded.address
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _show(sandbox: SandboxInstance, *argv: str) -> None:
