@@ -33,6 +33,7 @@ def register(
         " token cannot be shown again after `create`.",
     )
     commands = token.add_subparsers(dest="token_command", required=True)
+
     create = commands.add_parser(
         "create",
         parents=[common],
@@ -44,11 +45,13 @@ def register(
         help=f"workspace the token acts for (default: {DEFAULT_WORKSPACE})",
     )
     create.set_defaults(func=create_command)
+
     ls = commands.add_parser(
         "ls", parents=[common], help="list token ids, workspaces and creation times"
     )
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=ls_command)
+
     rm = commands.add_parser(
         "rm",
         parents=[common],

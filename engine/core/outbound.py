@@ -57,7 +57,7 @@ def _resolve(host: str, port: int) -> list[Address]:
 
 
 def check_outbound_url(field: str, url: str, allowed: tuple[Network, ...]) -> None:
-    """Raise PermissionDenied if a token holder's ``url`` leads off the internet.
+    """Raise PermissionDenied if a token holder's ``url`` leads to a non-public address.
 
     Empty URLs (AWS's own endpoint) pass. So does every URL of the local admin.
     """

@@ -8,7 +8,7 @@ of a real sandbox so that requests get past the id lookup. Undecodable wire
 bytes, such as invalid UTF-8 in a string field, go through a raw channel.
 
 The only acceptable outcomes are OK or a status that names a caller error.
-After the run the daemon must still answer, and no sandbox created by a fuzzed
+After the run the daemon must still respond, and no sandbox created by a fuzzed
 request may remain.
 
 Examples are derandomized, so CI runs the same cases every time. Set

@@ -3,7 +3,7 @@
 A daemon listens on TCP, and workspaces alpha and beta each get a token.
 Alpha creates a sandbox with a running process and a file. Then every method
 of every service whose request names a sandbox is called with beta's token
-and alpha's ids, and each must answer NOT_FOUND, as for an id that does not
+and alpha's ids, and each must return NOT_FOUND, as for an id that does not
 exist. The same requests with alpha's token must get past the lookup, which
 proves that the table reaches the real methods.
 """
