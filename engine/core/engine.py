@@ -97,6 +97,8 @@ MAX_REMEMBERED_SANDBOXES = 1000
 # so a flood of them costs at most this much of the host.
 FUSE_CGROUP = "fuse-servers"
 FUSE_LIMITS = cgroups.CgroupLimits(cpu=1.0, memory_bytes=1 << 30, pids=1024)
+# The least a read of an output pipe counts against the sandbox's output rate.
+READ_COST_BYTES = 64 * 1024
 # Ports one sandbox may expose at once.
 MAX_EXPOSED_PORTS = 32
 # Tasks the engine itself runs in a sandbox's cgroup, added to its pids limit:
@@ -1243,7 +1245,10 @@ class Engine:
                 data = b""
             if data:
                 buffer.append(data)
-                delay = sandbox.output_rate.take(len(data))
+                # Each read costs at least READ_COST_BYTES, so a process that
+                # writes one byte at a time cannot make the daemon read in a
+                # busy loop: its pipe fills while the reader waits.
+                delay = sandbox.output_rate.take(max(len(data), READ_COST_BYTES))
                 if delay > 0:
                     loop.remove_reader(fd)
                     timer = loop.call_later(delay, resume)
