@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from engine.config import Config
-from engine.core.engine import Engine
+from engine.core.engine import FUSE_CGROUP, Engine
 from engine.core.models import (
     OutputChunk,
     ProcessInfo,
@@ -226,9 +226,10 @@ class EngineRunner:
         return process.pid
 
     def cgroup_names(self) -> set[str]:
+        """Return the engine's sandbox and pool cgroups, without its FUSE group."""
         driver = self.engine.cgroup_driver
         assert driver is not None
-        return set(driver.list())
+        return set(driver.list()) - {FUSE_CGROUP}
 
     def pool_names(self) -> set[str]:
         """Return the cgroup names of the pool's unused supervisors."""

@@ -190,6 +190,16 @@ def _open_temporary(path: str) -> IO[bytes]:
     return os.fdopen(fd, "wb")
 
 
+def _host_file(path: PathArgument, fd: int) -> pb.HostFile:
+    """Name an open local file for the daemon: its absolute path and identity."""
+    status = os.fstat(fd)
+    return pb.HostFile(
+        path=os.path.abspath(os.fsdecode(path)),
+        device=status.st_dev,
+        inode=status.st_ino,
+    )
+
+
 class _RequestErrors:
     """The exception raised while producing the requests of a call, if any.
 
@@ -281,6 +291,19 @@ class SandboxFileSystem:
         complete new one, with exactly ``mode`` (no umask).
         """
         with open(local_path, "rb") as file:
+            if self._client.local_admin:
+                header = _upload_header(
+                    self.sandbox_id, remote_path, mode, parents, overwrite
+                )
+                header.header.host_file.CopyFrom(_host_file(local_path, file.fileno()))
+                end = pb.UploadFileRequest(end=pb.UploadFileEnd(size=0))
+                try:
+                    self._call("UploadFile", iter([header, end]))
+                    return
+                except (errors.FailedPrecondition, errors.PermissionDenied):
+                    # The daemon sees another file under this path, as from
+                    # another mount namespace: stream the bytes instead.
+                    pass
             self.upload_fileobj(
                 file, remote_path, mode, parents=parents, overwrite=overwrite
             )
@@ -338,12 +361,31 @@ class SandboxFileSystem:
         temporary = _temporary_path(local_path)
         try:
             with _open_temporary(temporary) as file:
-                self.download_fileobj(remote_path, file)
+                if not self._download_to_host_file(remote_path, temporary, file):
+                    self.download_fileobj(remote_path, file)
             os.replace(temporary, local_path)
         except BaseException:
             if os.path.lexists(temporary):
                 os.unlink(temporary)
             raise
+
+    def _download_to_host_file(
+        self, remote_path: PathArgument, local_path: str, file: IO[bytes]
+    ) -> bool:
+        """Let the daemon write ``file`` itself; False if the caller must stream."""
+        if not self._client.local_admin:
+            return False
+        request = pb.DownloadFileRequest(
+            sandbox_id=self.sandbox_id,
+            host_file=_host_file(local_path, file.fileno()),
+            **path_fields(remote_path),
+        )
+        try:
+            responses = list(self._stream("DownloadFile", request))
+        except (errors.FailedPrecondition, errors.PermissionDenied):
+            return False
+        _check_header(responses[0] if responses else None, remote_path)
+        return True
 
     def read_bytes(self, path: PathArgument) -> bytes:
         buffer = io.BytesIO()

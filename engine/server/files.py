@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from engine.core.files import MAX_MATCHES, FileInfo, Match
 from engine.errors import InvalidArgument
-from engine.server import validation
+from engine.server import hostfiles, validation
 from engine.server.convert import timestamp_to_proto
 from engine.v1 import filesystem_pb2 as pb
 from engine.v1 import filesystem_pb2_grpc
@@ -151,6 +151,19 @@ class FileServicer(filesystem_pb2_grpc.FileServiceServicer):
         path = request_path(header)
         mode = header.mode if header.HasField("mode") else DEFAULT_FILE_MODE
         overwrite = header.overwrite if header.HasField("overwrite") else True
+        if header.HasField("host_file"):
+            source = hostfiles.open_host_file(header.host_file, write=False)
+            async for _ in requests:
+                pass
+            size = await self._files.write_file(
+                header.sandbox_id,
+                path,
+                hostfiles.read_chunks(source),
+                mode=mode,
+                parents=header.parents,
+                overwrite=overwrite,
+            )
+            return pb.UploadFileResponse(size=size)
 
         async def data() -> AsyncIterator[bytes]:
             received = 0
@@ -197,7 +210,23 @@ class FileServicer(filesystem_pb2_grpc.FileServiceServicer):
         self, request: pb.DownloadFileRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadFileResponse]:
         validation.check_sandbox_id(request.sandbox_id)
-        content = await self._files.read_file(request.sandbox_id, request_path(request))
+        target = None
+        if request.HasField("host_file"):
+            target = hostfiles.open_host_file(request.host_file, write=True)
+        try:
+            content = await self._files.read_file(
+                request.sandbox_id, request_path(request)
+            )
+        except BaseException:
+            if target is not None:
+                os.close(target)
+            raise
+        if target is not None:
+            await hostfiles.write_content(target, content)
+            yield pb.DownloadFileResponse(
+                header=pb.DownloadFileHeader(size=content.size, mode=content.mode)
+            )
+            return
         async with contextlib.aclosing(content.chunks) as chunks:
             yield pb.DownloadFileResponse(
                 header=pb.DownloadFileHeader(size=content.size, mode=content.mode)

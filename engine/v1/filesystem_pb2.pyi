@@ -52,20 +52,32 @@ class FileInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., path_raw: _Optional[bytes] = ..., name: _Optional[str] = ..., name_raw: _Optional[bytes] = ..., type: _Optional[_Union[FileType, str]] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., mtime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., target: _Optional[str] = ..., target_raw: _Optional[bytes] = ...) -> None: ...
 
 class UploadFileHeader(_message.Message):
-    __slots__ = ("sandbox_id", "path", "path_raw", "mode", "parents", "overwrite")
+    __slots__ = ("sandbox_id", "path", "path_raw", "mode", "parents", "overwrite", "host_file")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     PATH_RAW_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FILE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     path: str
     path_raw: bytes
     mode: int
     parents: bool
     overwrite: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., path_raw: _Optional[bytes] = ..., mode: _Optional[int] = ..., parents: _Optional[bool] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    host_file: HostFile
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., path_raw: _Optional[bytes] = ..., mode: _Optional[int] = ..., parents: _Optional[bool] = ..., overwrite: _Optional[bool] = ..., host_file: _Optional[_Union[HostFile, _Mapping]] = ...) -> None: ...
+
+class HostFile(_message.Message):
+    __slots__ = ("path", "device", "inode")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    device: int
+    inode: int
+    def __init__(self, path: _Optional[str] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ...) -> None: ...
 
 class UploadFileEnd(_message.Message):
     __slots__ = ("size",)
@@ -90,14 +102,16 @@ class UploadFileResponse(_message.Message):
     def __init__(self, size: _Optional[int] = ...) -> None: ...
 
 class DownloadFileRequest(_message.Message):
-    __slots__ = ("sandbox_id", "path", "path_raw")
+    __slots__ = ("sandbox_id", "path", "path_raw", "host_file")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     PATH_RAW_FIELD_NUMBER: _ClassVar[int]
+    HOST_FILE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     path: str
     path_raw: bytes
-    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., path_raw: _Optional[bytes] = ...) -> None: ...
+    host_file: HostFile
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., path_raw: _Optional[bytes] = ..., host_file: _Optional[_Union[HostFile, _Mapping]] = ...) -> None: ...
 
 class DownloadFileHeader(_message.Message):
     __slots__ = ("size", "mode")

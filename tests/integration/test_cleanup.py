@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from engine.core.engine import FUSE_CGROUP
 from engine.core.models import SandboxState, TerminationReason
 from engine.errors import EngineError
 
@@ -187,7 +188,8 @@ def test_terminate_leaves_nothing(
     assert runner.cgroup_names() == runner.pool_names()
     tree = _cgroup_tree(runner)
     for root, below in tree.items():
-        assert below == {os.path.join(root, name) for name in runner.pool_names()}
+        expected_groups = {*runner.pool_names(), FUSE_CGROUP}
+        assert below == {os.path.join(root, name) for name in expected_groups}
     # What remains is the zygote and the pool's unused supervisors.
     expected = {runner.zygote_pid, *runner.pool_pids()}
     assert _new_processes(processes_before, runner) == expected
