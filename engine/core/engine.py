@@ -277,6 +277,7 @@ class Engine:
         self.fuse.prepare()
         digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
         self.cgroup_driver = cgroups.detect(f"engine-{digest}")
+        cgroups.remove_stale_roots(self.cgroup_driver.root_dirs)
         self.store = Store(self.config.database_path)
         self.tokens = TokenStore(self.store.db)
         self.secrets = SecretStore(self.store.db)

@@ -650,6 +650,56 @@ def remove_roots(
         logger.info("removed engine root %s", root)
 
 
+# Seconds since the last change of an abandoned engine root before another
+# engine removes it; a starting engine's new, still empty groups are younger.
+STALE_ROOT_SECONDS = 600.0
+
+
+def remove_stale_roots(
+    root_dirs: Iterable[str],
+    prefix: str = "engine-",
+    *,
+    now: float | None = None,
+    rmdir: Callable[[str], None] = os.rmdir,
+) -> list[str]:
+    """Remove the roots that killed engines left beside ours; return their paths.
+
+    An engine that is killed keeps its root and its groups, and an engine on a
+    temporary data dir never starts on that dir again to sweep them. A sibling
+    of one of ``root_dirs`` whose name starts with ``prefix`` is removed when
+    no process is in its tree and nothing in it changed for
+    STALE_ROOT_SECONDS. Only directories below this process's own cgroup are
+    looked at.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for root in root_dirs:
+        parent, own = os.path.split(root)
+        try:
+            names = os.listdir(parent)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            sibling = os.path.join(parent, name)
+            if name == own or not name.startswith(prefix) or not os.path.isdir(sibling):
+                continue
+            tree = _subtree(sibling)
+            if list_pids([sibling]):
+                continue
+            newest = max(os.stat(directory).st_mtime for directory in tree)
+            if now - newest < STALE_ROOT_SECONDS:
+                continue
+            for directory in tree:
+                with contextlib.suppress(OSError):
+                    rmdir(directory)
+            if not os.path.exists(sibling):
+                logger.warning(
+                    "removed engine root %s, left by a killed engine", sibling
+                )
+                removed.append(sibling)
+    return removed
+
+
 def undo_create(
     name: str, made: Sequence[str], rmdir: Callable[[str], None] = os.rmdir
 ) -> None:

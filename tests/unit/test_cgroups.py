@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -446,3 +448,25 @@ def test_v2_driver_real() -> None:
             _reap(child)
     finally:
         _cleanup(driver)
+
+
+def test_stale_roots_removed(tmp_path: Path) -> None:
+    parent = tmp_path / "process"
+    own = parent / "engine-own"
+    old = parent / "engine-old"
+    busy = parent / "engine-busy"
+    young = parent / "engine-young"
+    other = parent / "not-an-engine"
+    for directory in (own, old / "pool-1", busy / "pool-2", young, other):
+        directory.mkdir(parents=True)
+    (busy / "pool-2" / "cgroup.procs").write_text("1\n")
+    long_ago = time.time() - cgroups.STALE_ROOT_SECONDS - 60
+    for directory in (old, old / "pool-1", busy, busy / "pool-2", other):
+        os.utime(directory, (long_ago, long_ago))
+    removed = cgroups.remove_stale_roots([str(own)])
+    assert removed == [str(old)]
+    assert not old.exists()
+    assert busy.exists()
+    assert young.exists()
+    assert other.exists()
+    assert own.exists()
