@@ -585,6 +585,22 @@ class AsyncSandboxFileSystem:
     ) -> None:
         file = await asyncio.to_thread(open, local_path, "rb")
         try:
+            if self._client.local_admin:
+                header = _upload_header(
+                    self.sandbox_id, remote_path, mode, parents, overwrite
+                )
+                header.header.host_file.CopyFrom(_host_file(local_path, file.fileno()))
+                end = pb.UploadFileRequest(end=pb.UploadFileEnd(size=0))
+
+                async def requests() -> AsyncIterator[pb.UploadFileRequest]:
+                    yield header
+                    yield end
+
+                try:
+                    await self._call("UploadFile", requests())
+                    return
+                except (errors.FailedPrecondition, errors.PermissionDenied):
+                    pass  # Another file under this path: stream instead.
             await self.upload_fileobj(
                 file, remote_path, mode, parents=parents, overwrite=overwrite
             )
@@ -646,7 +662,8 @@ class AsyncSandboxFileSystem:
         try:
             file = await asyncio.to_thread(_open_temporary, temporary)
             try:
-                await self.download_fileobj(remote_path, file)
+                if not await self._download_to_host_file(remote_path, temporary, file):
+                    await self.download_fileobj(remote_path, file)
             finally:
                 file.close()
             await asyncio.to_thread(os.replace, temporary, local_path)
@@ -654,6 +671,26 @@ class AsyncSandboxFileSystem:
             if os.path.lexists(temporary):
                 os.unlink(temporary)
             raise
+
+    async def _download_to_host_file(
+        self, remote_path: PathArgument, local_path: str, file: IO[bytes]
+    ) -> bool:
+        """Let the daemon write ``file`` itself; False if the caller must stream."""
+        if not self._client.local_admin:
+            return False
+        request = pb.DownloadFileRequest(
+            sandbox_id=self.sandbox_id,
+            host_file=_host_file(local_path, file.fileno()),
+            **path_fields(remote_path),
+        )
+        try:
+            responses = [
+                response async for response in self._stream("DownloadFile", request)
+            ]
+        except (errors.FailedPrecondition, errors.PermissionDenied):
+            return False
+        _check_header(responses[0] if responses else None, remote_path)
+        return True
 
     async def read_bytes(self, path: PathArgument) -> bytes:
         parts: list[bytes] = []
