@@ -95,7 +95,12 @@ ATTACKS = [
         "an exec whose 900 arguments of 1000 bytes each come through the API",
         ["sh", "-c", "exec sleep 1000", "sh", *["x" * 1000] * 900],
     ),
-    Attack("output flood", "`yes` to stdout", ["yes"]),
+    Attack(
+        "output flood",
+        "`yes` to stdout for 60 s before the victim's execs",
+        ["yes"],
+        ramp_seconds=60.0,
+    ),
     Attack(
         "tiny writes",
         "one-byte writes to stdout in a loop",

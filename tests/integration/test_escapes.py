@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InvalidArgument
+from engine.errors import EngineError, InvalidArgument
 from engine.sdk import Sandbox
 from engine.storage.images import shift_ownership
 from tests.conftest import EngineRunner
@@ -548,3 +548,51 @@ def test_daemon_sockets_unreachable(daemon_factory: Callable[..., Daemon]) -> No
     assert lines[1] == "unlisted"
     assert lines[2] == "FileNotFoundError"
     assert lines[3] == "ConnectionRefusedError"
+
+
+_SWAPPER = r"""
+import os, sys, time
+base = sys.argv[1]
+end = time.monotonic() + float(sys.argv[2])
+os.makedirs(f"{base}/real", exist_ok=True)
+while time.monotonic() < end:
+    for target in ("/", "real", "../../../../"):
+        try:
+            os.symlink(target, f"{base}/.next")
+            os.replace(f"{base}/.next", f"{base}/sub")
+        except OSError:
+            pass
+"""
+
+
+def test_volume_mount_target_swapped_concurrently(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    from engine.core.models import VolumeMount
+
+    shared = f"race-{secrets.token_hex(4)}"
+    inner = f"inner-{secrets.token_hex(4)}"
+    attacker = new_sandbox(volumes=(VolumeMount(shared, "/data"),))
+    engine.exec(attacker, ["python3", "-c", _SWAPPER, "/data", "10"])
+    root_before = sorted(os.listdir("/"))
+    victims = []
+    for _ in range(5):
+        try:
+            victims.append(
+                engine.create(
+                    volumes=(
+                        VolumeMount(shared, "/x"),
+                        VolumeMount(inner, "/x/sub"),
+                    )
+                )
+            )
+        except EngineError:
+            continue  # A clean failure is fine; the host must stay untouched.
+    try:
+        for victim in victims:
+            engine.run(victim, ["sh", "-c", "echo victim > /x/sub/marker"])
+        assert sorted(os.listdir("/")) == root_before
+        assert not Path("/marker").exists()
+    finally:
+        for victim in victims:
+            engine.terminate(victim)
