@@ -64,10 +64,10 @@ def register(
 @contextlib.contextmanager
 def _tokens(args: argparse.Namespace) -> Iterator[TokenStore]:
     config = Config.from_data_dir(args.data_dir)
-    if not config.data_dir.is_dir():
+    if not config.database_path.is_file():
         raise errors.NotFound(
-            f"data dir {config.data_dir} not found; start `engine serve` once or"
-            " pass --data-dir"
+            f"no engine database at {config.database_path}; pass the --data-dir"
+            " of the daemon the token is for, or start `engine serve` there once"
         )
     db = sqlite3.connect(config.database_path, isolation_level=None, timeout=10)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -136,3 +137,16 @@ def test_token_rm_unknown_id(tcp_daemon: tuple[Daemon, str]) -> None:
     result = engine_cli(daemon, "token", "rm", "0123456789ab")
     assert result.returncode != 0
     assert "token id '0123456789ab' not found" in result.stderr
+
+
+def test_token_create_needs_engine_database(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(ENGINE_BIN), "token", "create", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "no engine database" in result.stderr
+    assert list(tmp_path.iterdir()) == []
