@@ -684,12 +684,20 @@ def make_bridge_class() -> type:
             except Exception as error:
                 raise _os_error(error) from None
             names = [".", ".."]
+            seen: set[str] = set()
             now = time.monotonic()
             for entry in entries:
                 child = entry["name"].rstrip("/")
                 name = posixpath.basename(child)
                 if not name or name in (".", ".."):
                     continue
+                # An object "a" and keys below "a/" are one name here: the
+                # directory wins, as a file and a directory cannot share it.
+                if name in seen:
+                    if entry.get("type") == "directory":
+                        self.info_cache[child] = (now, entry)
+                    continue
+                seen.add(name)
                 self.info_cache[child] = (now, entry)
                 names.append(name)
             return names

@@ -322,3 +322,16 @@ def test_mounted_paths_unescapes(monkeypatch: pytest.MonkeyPatch) -> None:
         "/data dir/fuse/mnt/v\\x": "0:57",
         "/ét\té": "0:58",
     }
+
+
+def test_readdir_lists_shared_name_once(
+    cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bridge = make_bridge(cache_dir)
+    listing = [
+        {"name": "/unit/dir", "type": "file", "size": 3},
+        {"name": "/unit/dir/", "type": "directory", "size": 0},
+        {"name": "/unit/other", "type": "file", "size": 1},
+    ]
+    monkeypatch.setattr(bridge.backend, "listdir", lambda key: listing)
+    assert bridge.readdir("/", 0) == [".", "..", "dir", "other"]
