@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import shutil
 import statistics
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import describe_machine, machine_summary
+from benchmarks.report import replace_section
 from engine.config import Config
 from engine.core.engine import Engine
 from engine.core.models import SandboxSpec
@@ -236,16 +236,8 @@ def render(machine: str, idle: list[float], outcomes: list[Outcome]) -> str:
 
 def update_docs(path: Path, markdown: str) -> None:
     """Replace the exhaustion section of ``path``, appending it if absent."""
-    text = path.read_text()
-    section = f"{SECTION_START}\n{markdown}{SECTION_END}"
-    pattern = re.compile(
-        re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END), re.DOTALL
-    )
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    missing = f"\n{SECTION_START}\n{SECTION_END}\n"
+    replace_section(path, SECTION_START, SECTION_END, markdown, missing)
 
 
 async def _main(samples: int) -> tuple[list[float], list[Outcome]]:

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_BIN = ROOT / ".venv" / "bin" / "engine"
 DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
@@ -415,15 +417,8 @@ def render(results: Results) -> str:
 
 def update_docs(path: Path, report: str) -> None:
     """Replace the text between the markers; append markers and a section if absent."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{report}\n{END}"
-    if BEGIN in text and END in text:
-        start = text.index(BEGIN)
-        end = text.index(END) + len(END)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n" + DOCS_EXPLANATION + "\n" + block + "\n"
-    path.write_text(text)
+    missing = f"{DOCS_EXPLANATION}\n{BEGIN}\n{END}\n"
+    replace_section(path, BEGIN, END, report + "\n", missing)
 
 
 def build_parser() -> argparse.ArgumentParser:

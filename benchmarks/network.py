@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from benchmarks.report import replace_section
 from engine.config import Config
 from engine.core.engine import Engine
 from engine.core.models import SandboxSpec, Stream
@@ -325,12 +326,10 @@ def render(results: Results, command: str) -> str:
 
 def update_docs(path: Path, report: str) -> None:
     """Replace the text between the network markers of ``path`` with ``report``."""
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{report}{END}{tail}")
+    try:
+        replace_section(path, BEGIN, END, report)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,19 +362,31 @@ def write_results(
     return json_path, markdown_path
 
 
+def replace_section(
+    path: Path, start: str, end: str, markdown: str, missing: str | None = None
+) -> None:
+    """Replace the text between the markers ``start`` and ``end`` of ``path``.
+
+    A page without both markers first gets ``missing`` appended, which must
+    contain them; with ``missing`` None it raises ValueError instead. A page
+    that does not exist starts as a bare "# Benchmarks" heading.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start not in text or end not in text:
+        if missing is None:
+            raise ValueError(
+                f"{path} has no {start} ... {end} section; add both markers where"
+                " the results belong"
+            )
+        text = text.rstrip("\n") + "\n" + missing
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    replacement = f"{start}\n{markdown}{end}"
+    path.write_text(pattern.sub(lambda _: replacement, text, count=1))
+
+
 def update_docs(path: Path, markdown: str) -> None:
     """Replace the text between the results markers of ``path`` with ``markdown``.
 
     Raises ValueError when the file lacks either marker.
     """
-    text = path.read_text()
-    pattern = re.compile(
-        re.escape(RESULTS_START) + r".*?" + re.escape(RESULTS_END), re.DOTALL
-    )
-    if not pattern.search(text):
-        raise ValueError(
-            f"{path} has no {RESULTS_START} ... {RESULTS_END} section; add both"
-            " markers where the results belong"
-        )
-    replacement = f"{RESULTS_START}\n{markdown}{RESULTS_END}"
-    path.write_text(pattern.sub(lambda _: replacement, text, count=1))
+    replace_section(path, RESULTS_START, RESULTS_END, markdown)

@@ -24,7 +24,6 @@ import datetime
 import logging
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from benchmarks.engines import Daemon
 from benchmarks.machine import describe_machine, machine_summary
-from benchmarks.report import percentile
+from benchmarks.report import percentile, replace_section
 from engine import Sandbox, SandboxInstance
 from engine.runtime import libc, loop
 from engine.storage.layers import LayerStore
@@ -544,14 +543,7 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
 
 def update_docs(path: Path, markdown: str) -> None:
     """Replace the text between the storage markers of ``path``; add them if absent."""
-    text = path.read_text()
-    if STORAGE_START not in text or STORAGE_END not in text:
-        text = text.rstrip("\n") + "\n" + DOCS_SECTION
-    pattern = re.compile(
-        re.escape(STORAGE_START) + r".*?" + re.escape(STORAGE_END), re.DOTALL
-    )
-    replacement = f"{STORAGE_START}\n{markdown}{STORAGE_END}"
-    path.write_text(pattern.sub(lambda _: replacement, text, count=1))
+    replace_section(path, STORAGE_START, STORAGE_END, markdown, DOCS_SECTION)
 
 
 def _positive(text: str) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import describe_machine, machine_summary
+from benchmarks.report import replace_section
 from benchmarks.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,12 +241,7 @@ def render(results: dict[str, Any]) -> str:
 
 def update_docs(path: Path, markdown: str) -> None:
     """Replace the text between the storage-fuse markers, adding them if absent."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + "\n" + SECTION + f"{BEGIN}\n{END}\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
-    replacement = f"{BEGIN}\n{markdown}{END}"
-    path.write_text(pattern.sub(lambda _: replacement, text, count=1))
+    replace_section(path, BEGIN, END, markdown, SECTION + f"{BEGIN}\n{END}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
