@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -73,6 +74,13 @@ class Daemon:
                 f"daemon {self.pid} ignored SIGTERM for {STOP_TIMEOUT} s;"
                 f" log:\n{self.log()}"
             ) from None
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_data_dir() -> Path:

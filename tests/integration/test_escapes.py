@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import stat
 import struct
 import threading
@@ -29,7 +28,7 @@ from engine.errors import EngineError, InvalidArgument
 from engine.sdk import Sandbox
 from engine.storage.images import shift_ownership
 from tests.conftest import EngineRunner
-from tests.integration.conftest import Daemon
+from tests.integration.conftest import Daemon, free_port
 
 BUSYBOX = "/bin/busybox"
 # Exit status of the launcher probe when its execve of the setuid probe fails.
@@ -534,9 +533,7 @@ for family, address in ((socket.AF_UNIX, path), (socket.AF_INET, ("127.0.0.1", p
 
 
 def test_daemon_sockets_unreachable(daemon_factory: Callable[..., Daemon]) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     daemon = daemon_factory("--listen", f"127.0.0.1:{port}")
     with Sandbox(address=daemon.address).create() as sandbox:
         process = sandbox.process.exec(

@@ -100,7 +100,7 @@ def test_upload_rejects_other_paths(
 def test_token_holder_cannot_name_host_files(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     daemon = daemon_factory("--listen", f"127.0.0.1:{port}")
-    token = create_token(daemon)
+    token = create_token(daemon.data_dir)
     source = Path("/etc/hostname")
     metadata = (("authorization", f"Bearer {token}"),)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from beam_support import create_token
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.errors import Unauthenticated
@@ -16,13 +16,7 @@ from engine.sdk import Sandbox
 from engine.sdk.client import Client
 from engine.v1 import sandbox_pb2 as pb
 from engine.v1 import sandbox_pb2_grpc
-from tests.integration.conftest import ENGINE_BIN, Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.integration.conftest import ENGINE_BIN, Daemon, free_port
 
 
 def engine_cli(daemon: Daemon, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -33,12 +27,6 @@ def engine_cli(daemon: Daemon, *argv: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def create_token(daemon: Daemon, workspace: str = "default") -> str:
-    result = engine_cli(daemon, "token", "create", "--workspace", workspace)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 @pytest.fixture
@@ -75,7 +63,7 @@ def test_tcp_bad_token_rejected(tcp_daemon: tuple[Daemon, str], value: str) -> N
 
 def test_tcp_valid_token_accepted(tcp_daemon: tuple[Daemon, str]) -> None:
     daemon, address = tcp_daemon
-    token = create_token(daemon)
+    token = create_token(daemon.data_dir)
     status = list_status(address, (("authorization", f"Bearer {token}"),))
     assert status == grpc.StatusCode.OK
 
@@ -102,7 +90,7 @@ def test_health_needs_no_token(tcp_daemon: tuple[Daemon, str]) -> None:
 
 def test_revoked_token_rejected_at_once(tcp_daemon: tuple[Daemon, str]) -> None:
     daemon, address = tcp_daemon
-    token = create_token(daemon)
+    token = create_token(daemon.data_dir)
     metadata = (("authorization", f"Bearer {token}"),)
     assert list_status(address, metadata) == grpc.StatusCode.OK
     listed = engine_cli(daemon, "token", "ls")
@@ -116,7 +104,7 @@ def test_sdk_sends_token_from_environment(
     tcp_daemon: tuple[Daemon, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     daemon, address = tcp_daemon
-    monkeypatch.setenv("ENGINE_TOKEN", create_token(daemon))
+    monkeypatch.setenv("ENGINE_TOKEN", create_token(daemon.data_dir))
     with Sandbox(address=address).create() as sandbox:
         process = sandbox.process.exec("echo", "authenticated")
         assert process.wait() == 0

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from beam_support import create_token
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
@@ -33,8 +32,8 @@ from engine.sdk.volumes import VolumeClient
 from engine.v1 import sandbox_pb2 as pb
 from engine.v1 import sandbox_pb2_grpc
 from tests.integration.conftest import (
-    ENGINE_BIN,
     Daemon,
+    free_port,
     make_data_dir,
     remove_data_dir,
     start_daemon,
@@ -144,34 +143,13 @@ class Tenants:
     tcp_address: str
 
 
-def create_token(daemon: Daemon, workspace: str) -> str:
-    result = subprocess.run(
-        [
-            str(ENGINE_BIN),
-            "token",
-            "create",
-            "--workspace",
-            workspace,
-            "--data-dir",
-            str(daemon.data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def tenants() -> Iterator[Tenants]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     daemon = start_daemon(make_data_dir(), "--listen", f"127.0.0.1:{port}")
     try:
-        alpha = create_token(daemon, "alpha")
-        beta = create_token(daemon, "beta")
+        alpha = create_token(daemon.data_dir, "alpha")
+        beta = create_token(daemon.data_dir, "beta")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
             auth = (("authorization", f"Bearer {alpha}"),)
