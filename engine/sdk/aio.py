@@ -31,9 +31,9 @@ from engine.core.models import (
 )
 from engine.sdk.client import (
     error_from_rpc,
+    is_local_admin,
     open_aio_channel,
     resolve_address,
-    resolve_token,
 )
 from engine.sdk.files import AsyncSandboxFileSystem
 from engine.sdk.sandbox import (
@@ -57,8 +57,7 @@ class AsyncClient:
     def __init__(self, address: str | None = None, token: str | None = None) -> None:
         self.address = resolve_address(address)
         self._channel = open_aio_channel(self.address, token)
-        # As Client.local_admin: file transfers may go through host files.
-        self.local_admin = self.address.startswith("unix:") and not resolve_token(token)
+        self.local_admin = is_local_admin(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
 

@@ -61,6 +61,15 @@ def resolve_token(token: str | None = None) -> str | None:
     return token or os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
 
 
+def is_local_admin(address: str, token: str | None = None) -> bool:
+    """Return whether a client at ``address`` acts as the host's root.
+
+    That is a client on the unix socket without a token, whose file transfers
+    may let the daemon read and write its files directly.
+    """
+    return address.startswith("unix:") and resolve_token(token) is None
+
+
 def _with_token(metadata: Any, token: str) -> list[tuple[str, str]]:
     return [*(metadata or ()), ("authorization", f"Bearer {token}")]
 
@@ -223,9 +232,7 @@ class Client:
     def __init__(self, address: str | None = None, token: str | None = None) -> None:
         self.address = resolve_address(address)
         self._channel = open_channel(self.address, token)
-        # A client on the unix socket without a token is the host's root, and
-        # file transfers let the daemon read and write its files directly.
-        self.local_admin = self.address.startswith("unix:") and not resolve_token(token)
+        self.local_admin = is_local_admin(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
 
