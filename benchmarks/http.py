@@ -191,7 +191,7 @@ def wait_http(url: str, headers: dict[str, str] | None = None) -> None:
             return
         except httpx.TransportError:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {START_TIMEOUT} s")
+    raise RuntimeError(f"{url} did not respond within {START_TIMEOUT} s")
 
 
 @contextmanager

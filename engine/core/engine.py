@@ -97,7 +97,7 @@ MAX_REMEMBERED_SANDBOXES = 1000
 # so a flood of them costs at most this much of the host.
 FUSE_CGROUP = "fuse-servers"
 FUSE_LIMITS = cgroups.CgroupLimits(cpu=1.0, memory_bytes=1 << 30, pids=1024)
-# The least a read of an output pipe counts against the sandbox's output rate.
+# Minimum bytes that one read of an output pipe counts against the output rate.
 READ_COST_BYTES = 64 * 1024
 # Ports one sandbox may expose at once.
 MAX_EXPOSED_PORTS = 32
@@ -818,7 +818,7 @@ class Engine:
             existing = sandbox.forwarders.get(port)
             if existing is not None:
                 return existing.url
-            # Each forwarder holds a thread and a listening socket in the daemon.
+            # Each forwarder uses a thread and a listening socket of the daemon.
             if len(sandbox.forwarders) >= MAX_EXPOSED_PORTS:
                 raise ResourceExhausted(
                     f"sandbox {sandbox_id} already exposes {MAX_EXPOSED_PORTS} ports,"

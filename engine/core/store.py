@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS processes (
 
 class Store:
     def __init__(self, path: Path) -> None:
-        # The database holds secret values, so only root may read it. SQLite
+        # The database contains secret values, so only root may read it. SQLite
         # gives its -wal and -shm files the mode of the database file.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

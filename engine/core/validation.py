@@ -33,7 +33,7 @@ MIN_DISK_MIB = 16
 # 1 PiB; a limit above the layer file system's size is allowed and never hit.
 MAX_DISK_MIB = 1 << 30
 MAX_PIDS = 1 << 22
-# The longest idle timeout, 10 years; protobuf Timestamps end at year 9999.
+# Maximum idle timeout: 10 years, since protobuf Timestamps end at year 9999.
 MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
 MAX_NAME = 63
 MAX_LABELS = 64

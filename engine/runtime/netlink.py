@@ -3,7 +3,7 @@
 The Engine calls these functions in the host's network namespace to manage
 its bridge and the host ends of the sandboxes' veth pairs. A sandbox's
 supervisor calls ``configure_inside`` in its own network namespace, where it
-is uid 0 of the user namespace that owns that namespace, so it holds
+is uid 0 of the user namespace that owns that namespace, so it has
 CAP_NET_ADMIN there and nowhere else.
 """
 

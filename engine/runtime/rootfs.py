@@ -79,15 +79,15 @@ class TmpfsLimits:
 
 
 # tmpfs pages and inodes are charged to the sandbox's memory cgroup. The
-# tmpfs mounts together stay below the memory limit, so that filling them
-# leaves memory for the sandbox's processes and for the engine's helpers,
-# which the OOM killer would otherwise pick once the sandbox's own processes
-# are gone: /tmp gets half of the limit and /dev/shm an eighth, at most 64 MiB.
+# tmpfs mounts together stay below the memory limit, so filling them leaves
+# memory for the sandbox's processes and for the engine's helpers. Otherwise
+# the OOM killer would pick a helper once the sandbox's own processes are
+# gone. /tmp gets half of the limit and /dev/shm an eighth, at most 64 MiB.
 TMP_SHARE = 2
 SHM_SHARE = 8
 SHM_MAX_BYTES = 64 << 20
-# One inode per 16 KiB of size; a tmpfs inode with its dentry costs about 1 KiB
-# of kernel memory.
+# One inode per 16 KiB of size. By estimate, a tmpfs inode with its dentry
+# costs about 1 KiB of kernel memory.
 BYTES_PER_INODE = 16 << 10
 MIN_INODES = 1024
 

@@ -301,8 +301,8 @@ class SandboxFileSystem:
                     self._call("UploadFile", iter([header, end]))
                     return
                 except (errors.FailedPrecondition, errors.PermissionDenied):
-                    # The daemon sees another file under this path, as from
-                    # another mount namespace: stream the bytes instead.
+                    # The daemon opens another file under this path, as a client
+                    # in another mount namespace would cause, so stream instead.
                     pass
             self.upload_fileobj(
                 file, remote_path, mode, parents=parents, overwrite=overwrite

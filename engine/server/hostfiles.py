@@ -1,9 +1,9 @@
 """Transfers between a sandbox and a file on the daemon's host, for local clients.
 
 A client on the unix socket without a token is the host's root, so it may as
-well let the daemon read or write a host file itself: the bytes then move
-between the file and the sandbox's file worker inside the daemon, without
-passing through gRPC messages, which bound a streamed transfer's throughput.
+well let the daemon read or write a host file itself. The bytes then move
+between the file and the sandbox's file worker inside the daemon. They never
+pass through gRPC messages, whose cost bounds a streamed transfer.
 The client names the file by path and by the device and inode numbers it read
 with stat(2). The daemon checks both, so a client in another mount namespace,
 whose path would name a different file here, gets FAILED_PRECONDITION and

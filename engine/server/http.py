@@ -154,7 +154,7 @@ class BeamApp:
         return error_response(error)
 
     async def _handle_unexpected(self, request: Request, error: Exception) -> Response:
-        """Log a bug under an id and answer 500 without its details."""
+        """Log a bug under an id and return a 500 response without its details."""
         error_id = uuid.uuid4().hex[:12]
         log.error(
             "%s %s failed (error id %s)",
@@ -169,7 +169,10 @@ class BeamApp:
     async def _handle_unrouted(
         self, request: Request, error: StarletteHTTPException
     ) -> Response:
-        """Answer a path or method that no route serves: 401 first, then JSON."""
+        """Return the response for a path or method that no route serves.
+
+        The token is checked first (401), and the error body is JSON.
+        """
         try:
             self.authorize(request)
         except HttpError as unauthorized:

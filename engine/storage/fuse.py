@@ -22,10 +22,10 @@ are not the mounting user, in. Sandboxes reach the mount through a bind mount
 that their supervisor makes, as for local volumes, which works because the
 daemon makes ``fuse/mnt`` a shared mount before any supervisor is forked.
 
-Every path the kernel sends is turned into a key below the mount's root
-(``bucket/prefix``) by ``Bridge.key``, which rejects "." and ".." components,
-names that are not UTF-8 and names longer than the backend allows, so no
-request can name a key outside the root.
+``Bridge.key`` turns every path the kernel sends into a key below the mount's
+root (``bucket/prefix``). It rejects "." and ".." components, names that are
+not UTF-8 and names longer than the backend allows, so no request can name a
+key outside the root.
 
 Caching: reads stream the object from the requested offset in a background
 thread and keep up to ``READ_AHEAD_BYTES`` ahead of the reader, so a

@@ -49,8 +49,8 @@ def _leaked_mounts(
     """Return new host mounts that name ``data_dir`` or a sandbox id.
 
     The running engine's shared bind of ``fuse/mnt`` on itself, below which
-    FUSE servers mount, is not a leak; the bucket mount tests check that it
-    goes when the engine stops. With ``engine_running``, the engine's layer
+    FUSE servers mount, is not a leak, and the bucket mount tests check that
+    it goes when the engine stops. With ``engine_running``, the engine's layer
     file system is not counted either.
     """
     names = [str(data_dir), *sandbox_ids]

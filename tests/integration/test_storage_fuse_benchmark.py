@@ -1,6 +1,6 @@
 """Smoke run of `python -m benchmarks.storage_fuse` with tiny sizes.
 
-It runs the benchmark as a subprocess, as docs/benchmarks.md tells users to,
+It runs the benchmark as a subprocess, the way docs/benchmarks.md shows,
 against the real kernel, FUSE and moto, and checks its output, the docs
 section it writes and that it leaves no mount or data dir behind.
 """

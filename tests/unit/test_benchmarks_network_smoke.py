@@ -1,6 +1,6 @@
 """Smoke run of `python -m benchmarks.network` with tiny counts, on the real kernel.
 
-It runs the module as a subprocess, as docs/benchmarks.md tells users to,
+It runs the module as a subprocess, the way docs/benchmarks.md shows,
 with a copy of the docs page, and checks the report rows, that only the text
 between the markers changed, and that no bridge, veth or nftables table of
 the run is left.
