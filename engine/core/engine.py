@@ -677,9 +677,8 @@ class Engine:
             with contextlib.suppress(ConnectionError, OSError):
                 supervisor.terminate()
             try:
-                await asyncio.wait_for(
-                    asyncio.shield(supervisor.closed), TERMINATE_TIMEOUT
-                )
+                async with asyncio.timeout(TERMINATE_TIMEOUT):
+                    await asyncio.shield(supervisor.closed)
             except TimeoutError:
                 log.warning(
                     "sandbox %s: supervisor did not exit; killing it",
@@ -691,10 +690,8 @@ class Engine:
         # A zygote that has died never reports the supervisor as reaped.
         if sandbox.supervisor_pid and zygote is not None and not zygote.closed.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.spawner.reaped_future(sandbox.supervisor_pid),
-                    TERMINATE_TIMEOUT,
-                )
+                async with asyncio.timeout(TERMINATE_TIMEOUT):
+                    await self.spawner.reaped_future(sandbox.supervisor_pid)
             self.spawner.reaped.pop(sandbox.supervisor_pid, None)
         now = time.time()
         for process in sandbox.processes.values():
@@ -1429,13 +1426,15 @@ class Engine:
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout must be 0 or more seconds, got {timeout}")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._settled(process), timeout)
+            async with asyncio.timeout(timeout):
+                await self._settled(process)
         return process.info()
 
     async def _settled(self, process: _Process) -> None:
         await process.exited.wait()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_closed(process), OUTPUT_GRACE_SECONDS)
+            async with asyncio.timeout(OUTPUT_GRACE_SECONDS):
+                await _closed(process)
 
     async def kill(
         self, sandbox_id: str, pid: int, signal: int = signals.SIGKILL

@@ -265,7 +265,8 @@ class SandboxFiles:
             with contextlib.suppress(ConnectionError, OSError):
                 supervisor.kill(worker.pid, signal.SIGKILL, group=False)
         try:
-            await asyncio.wait_for(asyncio.shield(result), WORKER_EXIT_TIMEOUT)
+            async with asyncio.timeout(WORKER_EXIT_TIMEOUT):
+                await asyncio.shield(result)
         except (TimeoutError, ConnectionError, OSError):
             logger.warning(
                 "file worker %d of sandbox %s did not exit within %.0f s of SIGKILL",

@@ -212,7 +212,8 @@ class SupervisorPool:
         # A zygote that has died never reports the supervisor as reaped.
         if zygote is not None and not zygote.closed.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.spawner.reaped_future(slot.pid), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self.spawner.reaped_future(slot.pid)
         self.spawner.reaped.pop(slot.pid, None)
         loop = asyncio.get_running_loop()
         if slot.attachment is not None and self.network is not None:

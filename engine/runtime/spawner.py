@@ -199,7 +199,11 @@ class SupervisorClient:
     async def start(self, spec: dict[str, Any]) -> None:
         """Send the sandbox's spec and wait until its PID 1 is ready."""
         self.channel.send({"op": "start", "spec": spec})
-        message = await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT)
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns the
+        # result and drops a cancellation that lands in the loop iteration in
+        # which the result arrives, so a cancelled create would carry on.
+        async with asyncio.timeout(READY_TIMEOUT):
+            message = await asyncio.shield(self.ready)
         if message["op"] != "ready":
             if message.get("invalid"):
                 raise InvalidArgument(str(message.get("message")))
