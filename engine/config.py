@@ -60,6 +60,9 @@ class Config:
     # Size in bytes of the sparse file system of the sandboxes' writable
     # layers. None means 90% of the free space of the data dir's file system.
     layers_size_bytes: int | None = None
+    # Sandboxes kept set up ahead of demand for each recently requested
+    # shape (engine.core.warm); 0 sets up every sandbox on request.
+    warm_pool_size: int = 4
 
     @classmethod
     def from_data_dir(

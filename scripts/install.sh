@@ -15,8 +15,9 @@ fi
 # its packet filter rules. btrfs-progs: mkfs.btrfs formats the file system of
 # the sandboxes' writable layers, whose quota groups are the per-sandbox disk
 # limits. busybox-static is the userland of the hostile images in the escape
-# tests.
-packages=(libseccomp2 libnftables1 debootstrap python3-venv btrfs-progs bubblewrap runc fuse3 busybox-static)
+# tests. gcc and libc6-dev build the sandboxes' PID 1 (engine/runtime/init.c)
+# as a static executable.
+packages=(libseccomp2 libnftables1 debootstrap python3-venv btrfs-progs bubblewrap runc fuse3 busybox-static gcc libc6-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
@@ -36,6 +37,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m engine.runtime.initbin >/dev/null
 echo "install.sh: installed; the CLI is .venv/bin/engine"
 
 if [ "${1:-}" = "--demo" ]; then

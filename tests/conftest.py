@@ -210,14 +210,15 @@ class EngineRunner:
     # State of the engine's resources.
 
     def settle_pool(self) -> None:
-        """Wait until the pool of preforked supervisors has no refill in progress."""
+        """Wait until neither the supervisor pool nor the warm pool is refilling."""
         pool = self.engine.pool
-        assert pool is not None
+        warm = self.engine.warm
+        assert pool is not None and warm is not None
 
         def idle() -> bool:
-            return not pool.refilling()
+            return not pool.refilling() and not warm.refilling()
 
-        self.wait_until(idle, "the supervisor pool to finish its refill")
+        self.wait_until(idle, "the pools to finish their refills")
 
     @property
     def zygote_pid(self) -> int:
@@ -231,20 +232,30 @@ class EngineRunner:
         assert driver is not None
         return set(driver.list()) - {FUSE_CGROUP}
 
+    def warm_sandboxes(self) -> list[Any]:
+        """Return the warm pool's sandboxes, which belong to no request yet."""
+        warm = self.engine.warm
+        assert warm is not None
+        return warm.items()
+
     def pool_names(self) -> set[str]:
-        """Return the cgroup names of the pool's unused supervisors."""
+        """Return the cgroup names of the pooled supervisors and warm sandboxes."""
         pool = self.engine.pool
         assert pool is not None
-        return {slot.cgroup.name for slot in pool.slots()}
+        names = {slot.cgroup.name for slot in pool.slots()}
+        return names | {sandbox.cgroup.name for sandbox in self.warm_sandboxes()}
 
     def pool_pids(self) -> set[int]:
-        """Return the host pids of the pool's unused supervisors."""
+        """Return the host pids of the pooled supervisors and warm sandboxes' PID 1."""
         pool = self.engine.pool
         assert pool is not None
-        return {slot.pid for slot in pool.slots()}
+        pids = {slot.pid for slot in pool.slots()}
+        return pids | {sandbox.init.pid for sandbox in self.warm_sandboxes()}
 
     def sandbox_dirs(self) -> set[str]:
-        return set(os.listdir(self.engine.config.sandboxes_dir))
+        """Return the layer dirs of the sandboxes, without the warm pool's."""
+        warm = {sandbox.info.sandbox_id for sandbox in self.warm_sandboxes()}
+        return set(os.listdir(self.engine.config.sandboxes_dir)) - warm
 
     def cgroup_name(self, sandbox_id: str) -> str:
         group = self.engine.sandboxes[sandbox_id].cgroup

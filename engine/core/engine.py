@@ -2,7 +2,8 @@
 
 The gRPC servicers, the CLI and embedded users call only this class. It
 validates requests, keeps state in SQLite, and drives the runtime: the zygote
-forks a supervisor per sandbox, and the supervisor forks each process.
+forks a supervisor per sandbox, the supervisor forks the sandbox's PID 1, and
+PID 1 (engine-init) starts each process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import secrets
 import signal as signals
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +63,7 @@ from engine.core.secrets import SecretInfo, SecretStore
 from engine.core.store import Store
 from engine.core.tenancy import DEFAULT_WORKSPACE, current_workspace
 from engine.core.tokens import TokenStore
+from engine.core.warm import Shape, WarmPool
 from engine.errors import (
     EngineError,
     FailedPrecondition,
@@ -70,8 +73,8 @@ from engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from engine.runtime import cgroups, rootfs
-from engine.runtime.spawner import Spawner, SupervisorClient
+from engine.runtime import cgroups, initbin, rootfs
+from engine.runtime.spawner import InitClient, Spawner
 from engine.storage import fuse
 from engine.storage.fuse import FuseManager, MountConfig, S3Options
 from engine.storage.images import Image, ImageStore
@@ -86,7 +89,7 @@ log = logging.getLogger(__name__)
 OUTPUT_GRACE_SECONDS = 1.0
 # Seconds between two scans of the TTL reaper.
 REAPER_INTERVAL = 1.0
-# Seconds terminate waits for the supervisor before killing it.
+# Seconds terminate waits for PID 1 to exit before killing it.
 TERMINATE_TIMEOUT = 10.0
 # ProcessInfo of exited processes whose pid a later process reuses, per sandbox.
 MAX_FINISHED_PROCESSES = 10_000
@@ -102,8 +105,8 @@ READ_COST_BYTES = 64 * 1024
 # Ports one sandbox may expose at once.
 MAX_EXPOSED_PORTS = 32
 # Tasks the engine itself runs in a sandbox's cgroup, added to its pids limit:
-# the supervisor, PID 1 and one file worker at a time.
-HELPER_PIDS = 3
+# PID 1, and the supervisor until it has exited after forking PID 1.
+HELPER_PIDS = 2
 # Seconds a resolved image is reused before the image store is asked again.
 IMAGE_CACHE_SECONDS = 30.0
 # Threads that start and stop FUSE servers at once.
@@ -150,8 +153,13 @@ class _Sandbox:
     info: SandboxInfo
     directory: Path
     cgroup: cgroups.Cgroup | None = None
-    supervisor: SupervisorClient | None = None
-    supervisor_pid: int = 0
+    # The control socket of the sandbox's PID 1, which also has its host pid.
+    init: InitClient | None = None
+    # The image's directory and the disk limit that the layer was set up with.
+    image_path: str = ""
+    disk_mib: int = 0
+    # True once the network policy's chain exists; warm sandboxes have none.
+    policy_applied: bool = False
     processes: dict[int, _Process] = field(default_factory=dict)
     # Processes whose pid was reused by a later one, kept for list_processes.
     finished: list[ProcessInfo] = field(default_factory=list)
@@ -221,11 +229,13 @@ class Engine:
         self.cgroup_driver: cgroups.CgroupDriver | None = None
         self._lock_fd: int | None = None
         self.pool: SupervisorPool | None = None
+        # Sandboxes set up ahead of demand, for the shapes requested last.
+        self.warm: WarmPool[_Sandbox] | None = None
         self.network: Network | None = None
         # Image name -> (Image, monotonic time it was resolved).
         self._images: dict[str, tuple[Image, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
-        # Terminations started by the reaper or by a supervisor's exit.
+        # Terminations started by the reaper or by the exit of a PID 1.
         self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
 
@@ -291,7 +301,10 @@ class Engine:
         # mount namespace has the layer file system.
         self.layers.start()
         try:
-            await self.spawner.start()
+            init_path = await loop.run_in_executor(
+                None, initbin.build, self.config.data_dir / "bin"
+            )
+            await self.spawner.start(str(init_path))
         except BaseException:
             self.layers.close()
             raise
@@ -303,6 +316,12 @@ class Engine:
             network=self.network,
         )
         self.pool.schedule_refill(network=not self.config.block_network_by_default)
+        self.warm = WarmPool(
+            self._prepare_warm,
+            self._release,
+            self._warm_alive,
+            size=self.config.warm_pool_size,
+        )
         self._reaper = asyncio.create_task(self._reap_expired())
         self._started = True
         log.info(
@@ -383,9 +402,11 @@ class Engine:
             for sb in self.sandboxes.values()
             if sb.info.state != SandboxState.TERMINATED
         ]
+        warm = self.warm.close() if self.warm is not None else asyncio.sleep(0)
         await asyncio.gather(
             *self._tasks,
             *(self._terminate(sb, TerminationReason.SHUTDOWN) for sb in live),
+            warm,
             return_exceptions=True,
         )
         if self.pool is not None:
@@ -453,10 +474,13 @@ class Engine:
         policy = self._policy(spec)
         spec = replace(spec, block_network=policy.block, allow_list=policy.allow_list)
         image = self._resolve_image(spec.image)
-        sandbox_id = f"sb-{secrets.token_hex(6)}"
+        sandbox = await self._take_warm(spec, image)
+        warm = sandbox is not None
+        if sandbox is None:
+            sandbox = self._new_sandbox(spec, image)
         now = time.time()
-        info = SandboxInfo(
-            sandbox_id=sandbox_id,
+        sandbox.info = SandboxInfo(
+            sandbox_id=sandbox.info.sandbox_id,
             spec=spec,
             state=SandboxState.PENDING,
             reason=TerminationReason.NONE,
@@ -464,16 +488,16 @@ class Engine:
             terminated_at=None,
             last_activity_at=now,
             workspace=current_workspace(),
+            address=sandbox.info.address,
         )
-        sandbox = _Sandbox(
-            info=info,
-            directory=self.config.sandboxes_dir / sandbox_id,
-            secret_env=secret_env,
-            bucket_keys=bucket_keys,
-        )
+        sandbox.secret_env = secret_env
+        sandbox.bucket_keys = bucket_keys
+        sandbox_id = sandbox.info.sandbox_id
         self.sandboxes[sandbox_id] = sandbox
         try:
-            await self._start_sandbox(sandbox, image)
+            if not warm:
+                await self._set_up(sandbox, image)
+            self._apply_request(sandbox)
         except BaseException as error:
             log.error("sandbox %s failed to start: %s", sandbox_id, error)
             await self._release(sandbox)
@@ -492,8 +516,15 @@ class Engine:
                 ) from error
             raise
         self._set_info(sandbox, state=SandboxState.RUNNING)
+        shape = Shape.of(spec)
+        if not warm and shape is not None and self.warm is not None:
+            self.warm.want(shape)
+        assert sandbox.init is not None
         log.info(
-            "sandbox %s started, supervisor pid %d", sandbox_id, sandbox.supervisor_pid
+            "sandbox %s started%s, PID 1 is host pid %d",
+            sandbox_id,
+            " from the warm pool" if warm else "",
+            sandbox.init.pid,
         )
         return sandbox.info
 
@@ -507,11 +538,76 @@ class Engine:
         self._images[name] = (image, now)
         return image
 
-    async def _start_sandbox(self, sandbox: _Sandbox, image: Image) -> None:
+    def _new_sandbox(self, spec: SandboxSpec, image: Image) -> _Sandbox:
+        """Return the record of a new sandbox, which nothing has set up yet."""
+        sandbox_id = f"sb-{secrets.token_hex(6)}"
+        now = time.time()
+        info = SandboxInfo(
+            sandbox_id=sandbox_id,
+            spec=spec,
+            state=SandboxState.PENDING,
+            reason=TerminationReason.NONE,
+            created_at=now,
+            terminated_at=None,
+            last_activity_at=now,
+            workspace=current_workspace(),
+        )
+        return _Sandbox(
+            info=info,
+            directory=self.config.sandboxes_dir / sandbox_id,
+            image_path=str(image.path),
+            disk_mib=spec.disk_mib,
+        )
+
+    async def _take_warm(self, spec: SandboxSpec, image: Image) -> _Sandbox | None:
+        """Return a warm sandbox set up for ``spec``'s shape, if one is ready."""
+        shape = Shape.of(spec)
+        if shape is None or self.warm is None:
+            return None
+        sandbox = await self.warm.take(shape)
+        if sandbox is not None and sandbox.image_path != str(image.path):
+            # The image was built again since this sandbox was set up.
+            await self._release(sandbox)
+            return None
+        return sandbox
+
+    async def _prepare_warm(self, shape: Shape) -> _Sandbox:
+        """Set up a sandbox of ``shape`` for the warm pool."""
+        spec = shape.spec()
+        image = self._resolve_image(spec.image)
+        sandbox = self._new_sandbox(spec, image)
+        try:
+            await self._set_up(sandbox, image)
+        except (Exception, asyncio.CancelledError):
+            # Not on GeneratorExit: a loop that is being torn down runs no
+            # more awaits, and the next start sweeps what is left.
+            await self._release(sandbox)
+            raise
+        return sandbox
+
+    @staticmethod
+    def _warm_alive(sandbox: _Sandbox) -> bool:
+        """Return False if a warm sandbox's PID 1 or its veth pair is gone."""
+        if sandbox.init is None or sandbox.init.closed.done():
+            return False
+        if sandbox.attachment is not None:
+            try:
+                socket.if_nametoindex(sandbox.attachment.host_ifname)
+            except OSError:
+                return False
+        return True
+
+    async def _set_up(self, sandbox: _Sandbox, image: Image) -> None:
+        """Do the part of a sandbox's setup that depends only on its shape.
+
+        That is the writable layer, a pooled supervisor, the root file system
+        and PID 1; ``_apply_request`` adds the rest. Nothing is written to
+        the store here, because a warm sandbox belongs to no request yet.
+        """
         assert self.cgroup_driver is not None
         spec = sandbox.info.spec
         uid = self.config.uid_base
-        directory = self.layers.create(sandbox.info.sandbox_id, spec.disk_mib)
+        directory = self.layers.create(sandbox.info.sandbox_id, sandbox.disk_mib)
         # The supervisor is uid_base on the host, and it mounts from here.
         os.chmod(directory, 0o700)
         os.chown(directory, uid, uid)
@@ -519,9 +615,6 @@ class Engine:
             (directory / name).mkdir(mode=0o755)
             os.chown(directory / name, uid, uid)
         memory_bytes = spec.memory_mib * 1024 * 1024 if spec.memory_mib else None
-        limits = cgroups.CgroupLimits(
-            cpu=spec.cpu, memory_bytes=memory_bytes, pids=spec.pids + HELPER_PIDS
-        )
         tmp, shm = rootfs.tmpfs_limits(memory_bytes)
         runtime_spec = {
             "sandbox_id": sandbox.info.sandbox_id,
@@ -542,31 +635,44 @@ class Engine:
         networked = not spec.block_network
         slot = await self.pool.take(network=networked)
         sandbox.cgroup = slot.cgroup
-        sandbox.supervisor_pid = slot.pid
         sandbox.attachment, slot.attachment = slot.attachment, None
         sandbox.netns_fd = open_netns(slot.pid)
         if sandbox.attachment is not None:
             address = sandbox.attachment.address.ip
             runtime_spec["address"] = str(address)
             runtime_spec["resolv_conf"] = self.network.resolv_conf()
-            self._set_info(sandbox, address=str(address))
-            policy = NetworkPolicy(spec.block_network, spec.allow_list)
-            self.network.apply(sandbox.info.sandbox_id, sandbox.attachment, policy)
-        sandbox.supervisor = SupervisorClient(
+            sandbox.info = replace(sandbox.info, address=str(address))
+        sandbox.init = InitClient(
             slot.control, lambda pid, status: self._on_exit(sandbox, pid, status)
         )
-        sandbox.supervisor.closed.add_done_callback(
-            lambda _: self._on_supervisor_closed(sandbox)
-        )
-        slot.cgroup.set_limits(limits)
-        await sandbox.supervisor.start(runtime_spec)
+        sandbox.init.closed.add_done_callback(lambda _: self._on_init_closed(sandbox))
+        # The supervisor exits once PID 1 exists; nobody waits for its reap.
+        self.spawner.forget_reap(slot.pid)
+        await sandbox.init.start(runtime_spec)
 
-    def _on_supervisor_closed(self, sandbox: _Sandbox) -> None:
+    def _apply_request(self, sandbox: _Sandbox) -> None:
+        """Apply what the request adds to a set-up sandbox: limits and policy."""
+        assert sandbox.cgroup is not None and self.network is not None
+        spec = sandbox.info.spec
+        memory_bytes = spec.memory_mib * 1024 * 1024 if spec.memory_mib else None
+        limits = cgroups.CgroupLimits(
+            cpu=spec.cpu, memory_bytes=memory_bytes, pids=spec.pids + HELPER_PIDS
+        )
+        sandbox.cgroup.set_limits(limits)
+        if spec.disk_mib != sandbox.disk_mib:
+            self.layers.limit(sandbox.info.sandbox_id, spec.disk_mib)
+            sandbox.disk_mib = spec.disk_mib
+        if sandbox.attachment is not None:
+            policy = NetworkPolicy(spec.block_network, spec.allow_list)
+            self.network.apply(sandbox.info.sandbox_id, sandbox.attachment, policy)
+            sandbox.policy_applied = True
+
+    def _on_init_closed(self, sandbox: _Sandbox) -> None:
         if sandbox.info.state == SandboxState.RUNNING and not sandbox.lock.locked():
-            log.error(
-                "sandbox %s: supervisor exited unexpectedly", sandbox.info.sandbox_id
-            )
+            log.error("sandbox %s: PID 1 exited unexpectedly", sandbox.info.sandbox_id)
             self._background(self._terminate(sandbox, TerminationReason.ERROR))
+        elif self.warm is not None:
+            self.warm.evict(sandbox)
 
     def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` as a task that close() waits for."""
@@ -672,27 +778,23 @@ class Engine:
 
     async def _release(self, sandbox: _Sandbox) -> None:
         """Kill every process of the sandbox and free its cgroup and directory."""
-        supervisor = sandbox.supervisor
-        if supervisor is not None:
+        init = sandbox.init
+        if init is not None:
             with contextlib.suppress(ConnectionError, OSError):
-                supervisor.terminate()
+                init.terminate()
             try:
                 async with asyncio.timeout(TERMINATE_TIMEOUT):
-                    await asyncio.shield(supervisor.closed)
+                    await asyncio.shield(init.closed)
             except TimeoutError:
                 log.warning(
-                    "sandbox %s: supervisor did not exit; killing it",
+                    "sandbox %s: PID 1 did not exit; killing it",
                     sandbox.info.sandbox_id,
                 )
-                self.spawner.kill(sandbox.supervisor_pid)
-                supervisor.channel.close()
-        zygote = self.spawner.channel
-        # A zygote that has died never reports the supervisor as reaped.
-        if sandbox.supervisor_pid and zygote is not None and not zygote.closed.done():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TERMINATE_TIMEOUT):
-                    await self.spawner.reaped_future(sandbox.supervisor_pid)
-            self.spawner.reaped.pop(sandbox.supervisor_pid, None)
+                init.channel.close()
+            if init.pidfd is not None:
+                await _end_process(init.pidfd, sandbox.info.sandbox_id)
+                os.close(init.pidfd)
+                init.pidfd = None
         now = time.time()
         for process in sandbox.processes.values():
             if process.stdin_fd is not None:
@@ -743,9 +845,12 @@ class Engine:
         if attachment is None or self.network is None:
             return
         try:
-            await loop.run_in_executor(
-                None, self.network.remove, sandbox.info.sandbox_id, attachment
-            )
+            if sandbox.policy_applied:
+                await loop.run_in_executor(
+                    None, self.network.remove, sandbox.info.sandbox_id, attachment
+                )
+            else:
+                await loop.run_in_executor(None, self.network.detach, attachment)
         except (EngineError, OSError) as error:
             # The sweep at the next start removes the table and every veth.
             log.error(
@@ -1141,7 +1246,7 @@ class Engine:
         full_env.update(exec_secrets)
         validation.check_exec_size(argv, full_env)
         self._touch(sandbox)
-        assert sandbox.supervisor is not None and sandbox.cgroup is not None
+        assert sandbox.init is not None and sandbox.cgroup is not None
         try:
             oom_kills = sandbox.cgroup.oom_kills()
         except EngineError:
@@ -1172,7 +1277,7 @@ class Engine:
             ) from error
 
         try:
-            pid = await sandbox.supervisor.exec(
+            pid = await sandbox.init.exec(
                 list(argv),
                 full_env,
                 cwd,
@@ -1263,7 +1368,7 @@ class Engine:
         loop.add_reader(fd, readable)
 
     def _on_timeout(self, sandbox: _Sandbox, process: _Process) -> None:
-        if process.exited.is_set() or sandbox.supervisor is None:
+        if process.exited.is_set() or sandbox.init is None:
             return
         process.timed_out = True
         log.info(
@@ -1272,7 +1377,7 @@ class Engine:
             process.pid,
         )
         with contextlib.suppress(ConnectionError, OSError):
-            sandbox.supervisor.kill(process.pid, signals.SIGKILL, group=True)
+            sandbox.init.kill(process.pid, signals.SIGKILL, group=True)
 
     def _on_exit(self, sandbox: _Sandbox, pid: int, status: int) -> None:
         process = sandbox.processes.get(pid)
@@ -1446,8 +1551,8 @@ class Engine:
             return
         self._get_running(sandbox_id)
         process.killed = True
-        assert sandbox.supervisor is not None
-        sandbox.supervisor.kill(pid, signal, group=True)
+        assert sandbox.init is not None
+        sandbox.init.kill(pid, signal, group=True)
         log.info(
             "sandbox %s: sent signal %d to process group %d", sandbox_id, signal, pid
         )
@@ -1458,6 +1563,30 @@ class Engine:
             process.info() for process in sandbox.processes.values()
         ]
         return sorted(infos, key=lambda info: info.started_at)
+
+
+async def _end_process(pidfd: int, sandbox_id: str) -> None:
+    """Wait until the process of ``pidfd`` has exited, SIGKILLing it after a while.
+
+    A pidfd reads as readable once its process has exited, reaped or not.
+    """
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        try:
+            async with asyncio.timeout(TERMINATE_TIMEOUT):
+                await asyncio.shield(exited)
+            return
+        except TimeoutError:
+            log.warning("sandbox %s: PID 1 did not exit; killing it", sandbox_id)
+        with contextlib.suppress(ProcessLookupError):
+            signals.pidfd_send_signal(pidfd, signals.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TERMINATE_TIMEOUT):
+                await asyncio.shield(exited)
+    finally:
+        loop.remove_reader(pidfd)
 
 
 async def _closed(process: _Process) -> None:

@@ -1,8 +1,9 @@
 """File operations on a running sandbox, as the Engine offers them.
 
-Each operation runs in a worker that the sandbox's PID 1 forks (see
-engine/runtime/files.py), so paths resolve inside the sandbox and the worker
-can do only what the sandbox's root can. Data moves through pipes in chunks,
+Each operation runs in a worker that the zygote forks into the sandbox's user
+and mount namespaces (see engine/runtime/fileworker.py and files.py), so paths
+resolve inside the sandbox and the worker can do only what the sandbox's root
+can. Data moves through pipes in chunks,
 so no file is ever held whole in the daemon's memory.
 """
 
@@ -18,7 +19,6 @@ import os
 import posixpath
 import re
 import secrets
-import signal
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -51,11 +51,9 @@ PIPE_BYTES = CHUNK_BYTES
 FRAME_HEADER = struct.Struct("<Q")
 # Seconds to wait for a killed worker to exit before giving up on it.
 WORKER_EXIT_TIMEOUT = 10.0
-# The OOM killer picks the process with the highest oom_score_adj (-1000 to
-# 1000) first, so a worker that reaches the sandbox's memory limit, for example
-# by filling /tmp (a tmpfs whose pages count against that limit), is killed
-# before PID 1 (0) and before sandbox processes (500).
-WORKER_OOM_SCORE_ADJ = 1000
+# Actions whose workers write file data and therefore join the sandbox's
+# cgroups, so that the pages count against its memory limit.
+WRITING_ACTIONS = frozenset({"write_file", "replace_in_files"})
 
 
 @dataclass(frozen=True)
@@ -191,12 +189,20 @@ class SandboxFiles:
         """Start a worker that reports on a new result pipe."""
         sandbox = self.engine._get_running(sandbox_id)
         self.engine._touch(sandbox)
-        assert sandbox.supervisor is not None
+        init = sandbox.init
+        if init is None or init.pidfd is None or sandbox.cgroup is None:
+            raise FailedPrecondition(f"sandbox {sandbox_id} is not running")
         oom_kills = _oom_kills(sandbox)
+        cgroup_fds = []
         result_read, result_write = os.pipe2(os.O_CLOEXEC)
         fds = [result_write] if data_fd is None else [result_write, data_fd]
         try:
-            pid = await sandbox.supervisor.file(action, args, fds)
+            if action in WRITING_ACTIONS:
+                for path in sandbox.cgroup.procs_files():
+                    cgroup_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            pid = await self.engine.spawner.file(
+                init.pidfd, action, args, fds, cgroup_fds
+            )
         except (OSError, ConnectionError) as error:
             os.close(result_read)
             raise FailedPrecondition(
@@ -204,7 +210,10 @@ class SandboxFiles:
             ) from error
         finally:
             os.close(result_write)
-        _raise_oom_score(sandbox, pid)
+            for fd in cgroup_fds:
+                os.close(fd)
+        # The worker reports through its pipe; its reap matters to nobody.
+        self.engine.spawner.forget_reap(pid)
         try:
             reader = await _reader(result_read)
         except BaseException:
@@ -260,10 +269,9 @@ class SandboxFiles:
         The worker's end of the result pipe closes when it exits, which ends
         ``result``.
         """
-        supervisor = worker.sandbox.supervisor
-        if not result.done() and supervisor is not None:
+        if not result.done():
             with contextlib.suppress(ConnectionError, OSError):
-                supervisor.kill(worker.pid, signal.SIGKILL, group=False)
+                self.engine.spawner.kill(worker.pid)
         try:
             async with asyncio.timeout(WORKER_EXIT_TIMEOUT):
                 await asyncio.shield(result)
@@ -480,39 +488,6 @@ def _oom_kills(sandbox: _Sandbox) -> int | None:
         return sandbox.cgroup.oom_kills()
     except (EngineError, OSError, ValueError):
         return None
-
-
-def _raise_oom_score(sandbox: _Sandbox, pid: int) -> None:
-    """Set the oom_score_adj of the worker with ``pid`` inside the sandbox.
-
-    The worker cannot set it itself: it is non-dumpable like PID 1, which
-    forked it, so its /proc files belong to the host's root. The daemon finds
-    its host pid through the NSpid lines of the processes in the cgroup.
-    """
-    if sandbox.cgroup is None:
-        return
-    try:
-        host_pids = sandbox.cgroup.pids()
-    except (EngineError, OSError) as error:
-        logger.debug(
-            "cannot list the processes of %s: %s", sandbox.info.sandbox_id, error
-        )
-        return
-    for host_pid in host_pids:
-        try:
-            with open(f"/proc/{host_pid}/status") as status:
-                ids = next(
-                    (line.split()[1:] for line in status if line.startswith("NSpid:")),
-                    [],
-                )
-            if len(ids) < 2 or int(ids[-1]) != pid:
-                continue
-            with open(f"/proc/{host_pid}/oom_score_adj", "w") as score:
-                score.write(str(WORKER_OOM_SCORE_ADJ))
-        except (OSError, ValueError):
-            # The worker has exited, or a process of the cgroup has.
-            continue
-        return
 
 
 def _grow_pipe(fd: int) -> None:

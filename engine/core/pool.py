@@ -116,7 +116,9 @@ class SupervisorPool:
             slot = Slot(group, pid, control)
             if network:
                 await self._attach(slot)
-        except BaseException:
+        except (Exception, asyncio.CancelledError):
+            # Not on GeneratorExit: a loop that is being torn down runs no
+            # more awaits, and the next start sweeps what is left.
             await self._clean_up_failed(loop, group, slot)
             raise
         return slot

@@ -1,8 +1,11 @@
-"""Messages between the Engine, the zygote and the sandbox supervisors.
+"""Messages between the Engine, the zygote, the supervisors and each PID 1.
 
-Each message is one JSON object in one SOCK_SEQPACKET datagram, with up to
-``MAX_FDS`` file descriptors attached as SCM_RIGHTS. Datagram boundaries keep
-every descriptor with the message it belongs to.
+Each message is one SOCK_SEQPACKET datagram, with up to ``MAX_FDS`` file
+descriptors attached as SCM_RIGHTS. Datagram boundaries keep every descriptor
+with the message it belongs to. The zygote and the supervisors speak JSON
+objects. The sandbox's PID 1 is a C program (init.c), which speaks fixed
+binary messages that start with the byte ``INIT_MAGIC``; ``recv`` turns them
+into the same dicts, so callers see one kind of message.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import select
 import socket
+import struct
 import termios
 from typing import Any
 
@@ -52,13 +56,87 @@ def send(
     socket.send_fds(sock, [encode(message)], list(fds))
 
 
+# The binary messages of init.c: a header of magic, op and request id.
+INIT_MAGIC = 0xE1
+INIT_HEADER = struct.Struct("<BBHI")
+INIT_EXEC, INIT_KILL, INIT_TERMINATE = 1, 2, 3
+INIT_READY, INIT_STARTED, INIT_FAILED, INIT_EXIT = 0x81, 0x82, 0x83, 0x84
+_EXEC_FIELDS = struct.Struct("<III")
+_KILL_FIELDS = struct.Struct("<iiI")
+_INT32 = struct.Struct("<i")
+_TWO_INT32 = struct.Struct("<ii")
+
+
+def encode_exec(
+    request_id: int,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    nofile: int,
+) -> bytes:
+    """Encode an exec request for PID 1; strings must not contain NUL."""
+    strings = [cwd, *argv, *(f"{key}={value}" for key, value in env.items())]
+    payload = b"".join(os.fsencode(text) + b"\0" for text in strings)
+    data = (
+        INIT_HEADER.pack(INIT_MAGIC, INIT_EXEC, 0, request_id)
+        + _EXEC_FIELDS.pack(nofile, len(argv), len(env))
+        + payload
+    )
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"exec request of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte"
+            " limit"
+        )
+    return data
+
+
+def encode_kill(pid: int, signal: int, group: bool) -> bytes:
+    return INIT_HEADER.pack(INIT_MAGIC, INIT_KILL, 0, 0) + _KILL_FIELDS.pack(
+        pid, signal, int(group)
+    )
+
+
+def encode_terminate() -> bytes:
+    return INIT_HEADER.pack(INIT_MAGIC, INIT_TERMINATE, 0, 0)
+
+
+def _decode_init(data: bytes) -> Message:
+    """Turn a binary message of PID 1 into the dict form of the JSON messages."""
+    if len(data) < INIT_HEADER.size:
+        raise ValueError(f"message of PID 1 is {len(data)} bytes, under its header")
+    _, op, _, request_id = INIT_HEADER.unpack_from(data)
+    body = data[INIT_HEADER.size :]
+    if op == INIT_READY:
+        return {"op": "ready"}
+    if op == INIT_STARTED:
+        return {"op": "started", "id": request_id, "pid": _INT32.unpack_from(body)[0]}
+    if op == INIT_FAILED:
+        (number,) = _INT32.unpack_from(body)
+        message = body[_INT32.size :].decode(errors="replace")
+        return {"op": "failed", "id": request_id, "errno": number, "message": message}
+    if op == INIT_EXIT:
+        pid, status = _TWO_INT32.unpack_from(body)
+        return {"op": "exit", "pid": pid, "status": status}
+    raise ValueError(f"message of PID 1 has unknown op {op:#x}")
+
+
+def send_raw(
+    sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()
+) -> None:
+    """Send one encoded message with ``fds`` attached; blocks until it is queued."""
+    socket.send_fds(sock, [data], list(fds))
+
+
 def decode(data: bytes, fds: list[int]) -> tuple[Message, list[int]]:
     try:
-        message = json.loads(data)
-    except ValueError:
+        if data[:1] == bytes([INIT_MAGIC]):
+            message = _decode_init(data)
+        else:
+            message = json.loads(data)
+    except (ValueError, struct.error) as error:
         for fd in fds:
             os.close(fd)
-        raise
+        raise ValueError(f"undecodable message: {error}") from error
     return message, fds
 
 

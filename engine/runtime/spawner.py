@@ -1,4 +1,4 @@
-"""The Engine's asyncio clients of the zygote and of each sandbox supervisor."""
+"""The Engine's asyncio clients of the zygote and of each sandbox's control socket."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait for a new supervisor to report that its sandbox is ready.
 READY_TIMEOUT = 30.0
+# Reaps that nobody asked for are kept for a later reaped_future call; past
+# this many, the oldest are dropped.
+MAX_UNCLAIMED_REAPS = 4096
 
 
 class _Channel:
@@ -81,14 +84,29 @@ class _Channel:
             raise ConnectionError("the peer process exited")
         protocol.send(self.sock, message, fds)
 
+    def send_raw(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self.closed.done():
+            raise ConnectionError("the peer process exited")
+        protocol.send_raw(self.sock, data, fds)
+
     async def request(
         self, message: protocol.Message, fds: list[int] | tuple[int, ...] = ()
     ) -> tuple[protocol.Message, list[int]]:
+        return await self.request_encoded(
+            lambda request_id: protocol.encode({**message, "id": request_id}), fds
+        )
+
+    async def request_encoded(
+        self,
+        encode: Callable[[int], bytes],
+        fds: list[int] | tuple[int, ...] = (),
+    ) -> tuple[protocol.Message, list[int]]:
+        """Send ``encode(request_id)`` and return the reply with that id."""
         request_id = next(self.ids)
         future = self.loop.create_future()
         self.pending[request_id] = future
         try:
-            self.send({**message, "id": request_id}, fds)
+            self.send_raw(encode(request_id), fds)
         except BaseException:
             self.pending.pop(request_id, None)
             raise
@@ -105,13 +123,23 @@ class Spawner:
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: _Channel | None = None
         self.reaped: dict[int, asyncio.Future[int]] = {}
+        # Children whose reap nobody will ask for: supervisors that forked a
+        # PID 1, and file workers.
+        self._forgotten: set[int] = set()
 
-    async def start(self) -> None:
+    async def start(self, init_path: str) -> None:
+        """Start the zygote; ``init_path`` is the compiled engine-init."""
         ours, theirs = protocol.socketpair()
         os.set_inheritable(theirs.fileno(), True)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine.runtime.zygote", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "engine.runtime.zygote",
+                    str(theirs.fileno()),
+                    init_path,
+                ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
@@ -124,15 +152,30 @@ class Spawner:
     def _event(self, message: protocol.Message, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
-        if message.get("op") == "reaped":
-            future = self.reaped.setdefault(
-                message["pid"], asyncio.get_running_loop().create_future()
-            )
-            if not future.done():
-                future.set_result(message["status"])
+        if message.get("op") != "reaped":
+            return
+        pid = message["pid"]
+        if pid in self._forgotten:
+            self._forgotten.discard(pid)
+            return
+        future = self.reaped_future(pid)
+        if not future.done():
+            future.set_result(message["status"])
+        excess = len(self.reaped) - MAX_UNCLAIMED_REAPS
+        if excess > 0:
+            for old in list(itertools.islice(self.reaped, excess)):
+                if self.reaped[old].done():
+                    del self.reaped[old]
 
     def reaped_future(self, pid: int) -> asyncio.Future[int]:
+        """Return a future of the wait status of child ``pid`` of the zygote."""
         return self.reaped.setdefault(pid, asyncio.get_running_loop().create_future())
+
+    def forget_reap(self, pid: int) -> None:
+        """Drop the reap of ``pid``, which nobody will ask for."""
+        future = self.reaped.pop(pid, None)
+        if future is None or not future.done():
+            self._forgotten.add(pid)
 
     async def prefork(
         self, uid_base: int, uid_count: int, cgroup_fds: list[int]
@@ -140,7 +183,7 @@ class Spawner:
         """Fork a supervisor into the cgroup of ``cgroup_fds`` and new namespaces.
 
         Returns its host pid and its control socket; the supervisor then waits
-        for ``SupervisorClient.start``.
+        for ``InitClient.start``.
         """
         assert self.channel is not None, "Spawner.start() was not called"
         request = {"op": "prefork", "uid_base": uid_base, "uid_count": uid_count}
@@ -151,7 +194,36 @@ class Spawner:
             )
         return message["pid"], socket.socket(fileno=fds[0])
 
+    async def file(
+        self,
+        init_pidfd: int,
+        action: str,
+        args: dict[str, Any],
+        fds: list[int],
+        cgroup_fds: list[int] | tuple[int, ...] = (),
+    ) -> int:
+        """Start a file operation worker in the sandbox of ``init_pidfd``.
+
+        Returns the worker's host pid. ``fds`` are its result and optional
+        data descriptors, and ``cgroup_fds`` the cgroup.procs files that the
+        worker joins first, if any.
+        """
+        assert self.channel is not None, "Spawner.start() was not called"
+        request = {
+            "op": "file",
+            "action": action,
+            "args": args,
+            "cgroups": len(cgroup_fds),
+        }
+        message, _ = await self.channel.request(
+            request, [init_pidfd, *cgroup_fds, *fds]
+        )
+        if message["op"] != "started":
+            raise OSError(0, f"file worker failed to start: {message.get('message')}")
+        return message["pid"]
+
     def kill(self, pid: int) -> None:
+        """SIGKILL a supervisor or file worker of the zygote's."""
         if self.channel is not None and not self.channel.closed.done():
             self.channel.send({"op": "kill", "pid": pid})
 
@@ -164,8 +236,12 @@ class Spawner:
             log.info("zygote exited with status %s", self.process.returncode)
 
 
-class SupervisorClient:
-    """The Engine's end of one sandbox supervisor's control socket."""
+class InitClient:
+    """The Engine's end of one sandbox's control socket.
+
+    The supervisor uses it during setup and hands it to the sandbox's PID 1,
+    which serves exec, kill and terminate on it.
+    """
 
     def __init__(
         self, sock: socket.socket, on_exit: Callable[[int, int], None]
@@ -174,13 +250,23 @@ class SupervisorClient:
         self.ready: asyncio.Future[protocol.Message] = (
             asyncio.get_running_loop().create_future()
         )
+        # PID 1's host pid and a pidfd of it, from the supervisor's "init"
+        # message. The owner of this client closes the pidfd.
+        self.pid = 0
+        self.pidfd: int | None = None
+        self._forked: asyncio.Future[None] = self.ready.get_loop().create_future()
+        # True once the spec went out; the supervisor reads JSON until then.
+        self.started = False
         self.channel = _Channel(sock, self._event)
         self.channel.closed.add_done_callback(self._closed)
 
     def _event(self, message: protocol.Message, fds: list[int]) -> None:
+        op = message.get("op")
+        if op == "init" and len(fds) == 1 and self.pidfd is None:
+            self.pid, self.pidfd = message["pid"], fds.pop()
+            self._forked.set_result(None)
         for fd in fds:
             os.close(fd)
-        op = message.get("op")
         if op in ("ready", "failed") and not self.ready.done():
             self.ready.set_result(message)
         elif op == "exit":
@@ -191,6 +277,8 @@ class SupervisorClient:
             self.ready.set_result(
                 {"op": "failed", "message": "the supervisor exited during setup"}
             )
+        if not self._forked.done():
+            self._forked.set_result(None)
 
     @property
     def closed(self) -> asyncio.Future[None]:
@@ -198,16 +286,23 @@ class SupervisorClient:
 
     async def start(self, spec: dict[str, Any]) -> None:
         """Send the sandbox's spec and wait until its PID 1 is ready."""
+        self.started = True
         self.channel.send({"op": "start", "spec": spec})
-        # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns the
-        # result and drops a cancellation that lands in the loop iteration in
-        # which the result arrives, so a cancelled create would carry on.
+        # Python 3.11's wait_for returns the result and drops a cancellation
+        # that lands in the loop iteration in which the result arrives, so
+        # a cancelled create would carry on. asyncio.timeout re-raises it.
         async with asyncio.timeout(READY_TIMEOUT):
             message = await asyncio.shield(self.ready)
         if message["op"] != "ready":
             if message.get("invalid"):
                 raise InvalidArgument(str(message.get("message")))
             raise OSError(0, f"sandbox setup failed: {message.get('message')}")
+        # The supervisor sends "init" after its fork and PID 1 sends "ready"
+        # after its setup, so either may come first.
+        async with asyncio.timeout(READY_TIMEOUT):
+            await asyncio.shield(self._forked)
+        if self.pidfd is None:
+            raise OSError(0, "sandbox setup failed: the supervisor sent no PID 1")
 
     async def exec(
         self,
@@ -218,8 +313,8 @@ class SupervisorClient:
         stdio: list[int],
     ) -> int:
         """Start a process; return its pid in the sandbox, or raise OSError."""
-        message, _ = await self.channel.request(
-            {"op": "exec", "argv": argv, "env": env, "cwd": cwd, "nofile": nofile},
+        message, _ = await self.channel.request_encoded(
+            lambda request_id: protocol.encode_exec(request_id, argv, env, cwd, nofile),
             stdio,
         )
         if message["op"] != "started":
@@ -228,17 +323,14 @@ class SupervisorClient:
             )
         return message["pid"]
 
-    async def file(self, action: str, args: dict[str, Any], fds: list[int]) -> int:
-        """Start a file operation worker; return its pid inside the sandbox."""
-        request = {"op": "file", "action": action, "args": args}
-        message, _ = await self.channel.request(request, fds)
-        if message["op"] != "started":
-            raise OSError(message.get("errno", 0), message.get("message", "failed"))
-        return message["pid"]
-
     def kill(self, pid: int, signal: int, *, group: bool = True) -> None:
-        self.channel.send({"op": "kill", "pid": pid, "signal": signal, "group": group})
+        self.channel.send_raw(protocol.encode_kill(pid, signal, group))
 
     def terminate(self) -> None:
-        if not self.channel.closed.done():
-            self.channel.send({"op": "terminate"})
+        """Ask PID 1 to end the sandbox, or a supervisor without a spec to exit."""
+        if self.channel.closed.done():
+            return
+        if self.started:
+            self.channel.send_raw(protocol.encode_terminate())
+        else:
+            self.channel.close()

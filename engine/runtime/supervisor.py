@@ -1,4 +1,4 @@
-"""The supervisor: the process that becomes a sandbox and stays its parent.
+"""The supervisor: the process that becomes a sandbox and forks its PID 1.
 
 The zygote forks a supervisor ahead of demand. It joins its cgroups and
 enters new namespaces at once, which is the slow part, and then waits on its
@@ -10,15 +10,16 @@ The pool may send one {"op": "network", "ifname", "address", "gateway"}
 first, answered with {"op": "network_ready"}: the supervisor configures the
 sandbox's end of its veth pair, in the network namespace it already has.
 
-It then builds the sandbox's root, forks PID 1 (``engine.runtime.init``),
-which replies {"op": "ready"} or {"op": "failed", "message"} on the same
-socket, and waits for PID 1 to exit. The supervisor stays outside the
-sandbox's PID namespace, so sandbox code cannot see or signal it.
+It then builds the sandbox's root and forks PID 1, sends
+{"op": "init", "pid"} with a pidfd of PID 1 attached, and exits. The zygote,
+a child subreaper, becomes PID 1's parent, so PID 1's parent stays outside
+the sandbox's PID namespace where sandbox code cannot see or signal it. PID 1
+finishes isolation, executes engine-init (see init.py), and replies
+{"op": "ready"} or {"op": "failed", "message"} on the same socket.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
@@ -38,11 +39,15 @@ def run(
     wait_fd: int,
     seccomp_program: bytes,
     owner_uid: int | None,
+    init_fd: int,
 ) -> None:
     """Body of a freshly forked supervisor; never returns."""
     status = 1
     try:
         zygote_pid = os.getppid()
+        # The zygote's SIGCHLD handler and wakeup pipe are not this process's.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         libc.set_name("engine-sandbox")
@@ -57,6 +62,8 @@ def run(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote_pid:
             return
+        # Checked again by PID 1, which takes the zygote as its parent.
+        zygote_pidfd = os.pidfd_open(zygote_pid)
         received = _receive(control)
         if received is not None and received[0].get("op") == "network":
             _configure_network(control, received[0])
@@ -77,11 +84,18 @@ def run(
         except Exception as error:
             protocol.send(control, {"op": "failed", "message": str(error)})
             raise
+        own_pidfd = os.pidfd_open(os.getpid())
         pid = os.fork()
         if pid == 0:
-            _run_init(control, spec, old_root, seccomp_program)
-        control.close()
-        os.waitpid(pid, 0)
+            pidfds = (own_pidfd, zygote_pidfd)
+            _run_init(control, spec, old_root, seccomp_program, init_fd, pidfds)
+        # The Engine signals and watches PID 1 through this pidfd, which
+        # stays valid whoever reaps the process.
+        pidfd = os.pidfd_open(pid)
+        try:
+            protocol.send(control, {"op": "init", "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
         status = 0
     except BaseException:
         traceback.print_exc()
@@ -120,34 +134,27 @@ def _run_init(
     spec: isolation.IsolationSpec,
     old_root: str,
     seccomp_program: bytes,
+    init_fd: int,
+    pidfds: tuple[int, int],
 ) -> None:
+    """Body of PID 1 until it executes engine-init; never returns.
+
+    PID 1's parent, the supervisor, exits at once, so PID 1 takes its
+    parent-death signal only in engine-init, once the zygote is its parent.
+    ``pidfds`` are pidfds of the supervisor and of the zygote.
+    """
     status = 1
     try:
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         try:
             isolation.finish_in_init(spec, old_root, seccomp_program)
+            init.exec_init(init_fd, control, *pidfds)
         except Exception as error:
             protocol.send(control, {"op": "failed", "message": str(error)})
             raise
-        _ignore_signals()
-        protocol.send(control, {"op": "ready"})
-        init.Init(control).serve()
-        status = 0
     except BaseException:
         traceback.print_exc()
     finally:
         os._exit(status)
-
-
-def _ignore_signals() -> None:
-    # Signals from inside the namespace reach PID 1 only if it handles them,
-    # and Python handles SIGINT; ignoring everything leaves SIGCHLD, which
-    # init.Init installs, as the only signal sandbox code can deliver.
-    for number in signal.valid_signals():
-        if number in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(number, signal.SIG_IGN)
 
 
 def _isolation_spec(spec: protocol.Message) -> isolation.IsolationSpec:

@@ -1,18 +1,28 @@
-"""The zygote: a single-threaded, pre-imported process that forks sandbox supervisors.
+"""The zygote: a single-threaded, pre-imported process that forks sandbox helpers.
 
-The Engine starts it once with ``python -m engine.runtime.zygote FD``, where FD
-is one end of a SOCK_SEQPACKET pair. Forking from here, not from the
-multi-threaded daemon, is what makes fork safe, and the imports done once here
-are why no interpreter starts on the sandbox creation path. Messages:
+The Engine starts it once with ``python -m engine.runtime.zygote FD INIT``,
+where FD is one end of a SOCK_SEQPACKET pair and INIT the path of the
+compiled engine-init. Forking from here, not from the multi-threaded daemon,
+is what makes fork safe, and the imports done once here are why no
+interpreter starts on the sandbox creation path. Messages:
 
     {"op": "prefork", "id", "uid_base", "uid_count"}
         + fds [cgroup.procs of every hierarchy]
         -> {"op": "preforked", "id", "pid"} + fds [the supervisor's control socket]
         or {"op": "failed", "id", "message"}
-    {"op": "kill", "pid"}          SIGKILL a supervisor
-and, unprompted, {"op": "reaped", "pid", "status"} when a supervisor exits.
+    {"op": "file", "id", "action", "args", "cgroups": N}
+        + fds [pidfd of a sandbox's PID 1, N cgroup.procs files, result,
+               optional data]
+        -> {"op": "started", "id", "pid"}; the worker reports on the result fd
+        or {"op": "failed", "id", "message"}
+    {"op": "kill", "pid"}          SIGKILL a supervisor or a file worker
+and, unprompted, {"op": "reaped", "pid", "status"} when a child exits.
 
-When the Engine's socket closes, the zygote kills every supervisor and exits.
+The zygote is a child subreaper: each supervisor exits once it has forked its
+sandbox's PID 1, and the zygote becomes that PID 1's parent and reaps it,
+which it reports the same way. When the Engine's socket closes, the zygote
+kills its supervisors and workers and exits; every PID 1 exits by itself
+when its own socket to the Engine closes.
 """
 
 from __future__ import annotations
@@ -25,22 +35,37 @@ import selectors
 import signal
 import socket
 import sys
+from pathlib import Path
 
-from engine.runtime import isolation, namespaces, protocol, seccomp, supervisor
+from engine.runtime import (
+    fileworker,
+    initbin,
+    isolation,
+    libc,
+    namespaces,
+    protocol,
+    seccomp,
+    supervisor,
+)
 
 log = logging.getLogger(__name__)
 
 # Seconds the zygote waits for a new supervisor to create its user namespace.
 SPAWN_TIMEOUT = 10.0
+# prctl(2) option from <linux/prctl.h>.
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class Zygote:
-    def __init__(self, engine: socket.socket) -> None:
+    def __init__(self, engine: socket.socket, init_path: str) -> None:
         self.engine = engine
         self.selector = selectors.DefaultSelector()
+        # Supervisors and file workers, which shutdown kills, by pid.
         self.pidfds: dict[int, int] = {}
         # Compiled once; every sandbox installs this same program.
         self.seccomp_program = seccomp.export_bpf(seccomp.build_filter())
+        # Every PID 1 executes this one sealed copy of engine-init.
+        self.init_fd = initbin.sealed_memfd(Path(init_path))
         # uid base -> whether that host uid may own the sandboxes' user namespaces.
         self.unprivileged_owner: dict[int, bool] = {}
 
@@ -60,22 +85,30 @@ class Zygote:
         return uid_base if self.unprivileged_owner[uid_base] else None
 
     def serve(self) -> None:
-        self.selector.register(self.engine, selectors.EVENT_READ, None)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+        wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector.register(self.engine, selectors.EVENT_READ, "engine")
+        self.selector.register(wakeup_read, selectors.EVENT_READ, "child")
         while True:
             for key, _ in self.selector.select():
-                if key.data is None:
-                    received = protocol.recv(self.engine)
-                    if received is None:
-                        self.shutdown()
-                        return
-                    self.handle(*received)
-                else:
-                    self.reap(key.data)
+                if key.data == "child":
+                    _drain(wakeup_read)
+                    self.reap()
+                    continue
+                received = protocol.recv(self.engine)
+                if received is None:
+                    self.shutdown()
+                    return
+                self.handle(*received)
 
     def handle(self, message: protocol.Message, fds: list[int]) -> None:
         try:
             if message.get("op") == "prefork":
                 self.prefork(message, fds)
+            elif message.get("op") == "file":
+                self.file(message, fds)
             elif message.get("op") == "kill":
                 self.kill(message["pid"])
         finally:
@@ -90,7 +123,13 @@ class Zygote:
         owner_uid = self.owner_uid(message["uid_base"])
         pid = os.fork()
         if pid == 0:
-            keep = {supervisor_end.fileno(), notify_write, wait_read, *cgroup_fds}
+            keep = {
+                supervisor_end.fileno(),
+                notify_write,
+                wait_read,
+                self.init_fd,
+                *cgroup_fds,
+            }
             _close_all_except(keep)
             supervisor.run(
                 supervisor_end,
@@ -99,13 +138,12 @@ class Zygote:
                 wait_read,
                 self.seccomp_program,
                 owner_uid,
+                self.init_fd,
             )
         supervisor_end.close()
         os.close(notify_write)
         os.close(wait_read)
-        pidfd = os.pidfd_open(pid)
-        self.pidfds[pid] = pidfd
-        self.selector.register(pidfd, selectors.EVENT_READ, pid)
+        self.pidfds[pid] = os.pidfd_open(pid)
         try:
             ready, _, _ = select.select([notify_read], [], [], SPAWN_TIMEOUT)
             if not ready or os.read(notify_read, 1) != b"u":
@@ -125,24 +163,59 @@ class Zygote:
         protocol.send(self.engine, reply, [engine_end.fileno()])
         engine_end.close()
 
+    def file(self, message: protocol.Message, fds: list[int]) -> None:
+        """Fork a worker for one file operation in the sandbox of fds[0]."""
+        request_id = message["id"]
+        cgroups = message.get("cgroups", 0)
+        if not isinstance(cgroups, int) or not 2 <= len(fds) - cgroups <= 3:
+            reply = {"op": "failed", "id": request_id, "message": "bad descriptors"}
+            protocol.send(self.engine, reply)
+            return
+        pid = os.fork()
+        if pid == 0:
+            fileworker.run(
+                fds[0],
+                fds[1 : 1 + cgroups],
+                message,
+                fds[1 + cgroups :],
+                self.seccomp_program,
+            )
+        self.pidfds[pid] = os.pidfd_open(pid)
+        protocol.send(self.engine, {"op": "started", "id": request_id, "pid": pid})
+
     def kill(self, pid: int) -> None:
         if pid in self.pidfds:
-            signal.pidfd_send_signal(self.pidfds[pid], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfds[pid], signal.SIGKILL)
 
-    def reap(self, pid: int) -> None:
-        pidfd = self.pidfds.pop(pid)
-        self.selector.unregister(pidfd)
-        os.close(pidfd)
-        _, status = os.waitpid(pid, 0)
-        protocol.send(self.engine, {"op": "reaped", "pid": pid, "status": status})
+    def reap(self) -> None:
+        """Reap every exited child and report it: supervisors, workers, PID 1s."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            pidfd = self.pidfds.pop(pid, None)
+            if pidfd is not None:
+                os.close(pidfd)
+            protocol.send(self.engine, {"op": "reaped", "pid": pid, "status": status})
 
     def shutdown(self) -> None:
         for pid in list(self.pidfds):
             self.kill(pid)
         for pid, pidfd in list(self.pidfds.items()):
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
             os.close(pidfd)
         self.pidfds.clear()
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
 
 
 def _close_all_except(keep: set[int]) -> None:
@@ -161,7 +234,7 @@ def main() -> None:
     # The zygote must not die from the terminal's Ctrl-C before the Engine
     # has terminated its sandboxes; it exits when the Engine's socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Zygote(engine).serve()
+    Zygote(engine, sys.argv[2]).serve()
 
 
 if __name__ == "__main__":

@@ -205,6 +205,13 @@ class LayerStore:
             raise
         return self.mount_point / sandbox_id
 
+    def limit(self, sandbox_id: str, disk_mib: int) -> None:
+        """Change the disk limit of a sandbox's layer to ``disk_mib`` MiB."""
+        subvolume = self._subvolumes.get(sandbox_id)
+        if subvolume is None:
+            raise FailedPrecondition(f"sandbox {sandbox_id} has no writable layer")
+        btrfs.limit_referenced(str(self.mount_point), subvolume, disk_mib << 20)
+
     def remove(self, sandbox_id: str) -> None:
         """Delete a sandbox's layer with its files and quota group, if it exists.
 

@@ -22,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from engine.errors import EngineError, InvalidArgument
@@ -205,26 +206,47 @@ print(json.dumps(report))
 """
 
 
-def test_file_worker_exe_not_writable(engine: EngineRunner, sandbox_id: str) -> None:
+def _file_workers(engine: EngineRunner, init_pid: int) -> list[int]:
+    """Return the zygote's children, other than PID 1, in PID 1's user namespace."""
+    assert engine.engine.spawner.process is not None
+    zygote = psutil.Process(engine.engine.spawner.process.pid)
+    user_namespace = os.readlink(f"/proc/{init_pid}/ns/user")
+    workers = []
+    for child in zygote.children():
+        try:
+            if child.pid != init_pid and (
+                os.readlink(f"/proc/{child.pid}/ns/user") == user_namespace
+            ):
+                workers.append(child.pid)
+        except OSError:
+            continue
+    return workers
+
+
+def test_file_worker_invisible(engine: EngineRunner, sandbox_id: str) -> None:
+    init = engine.engine.sandboxes[sandbox_id].init
+    assert init is not None
     release = threading.Event()
     upload = asyncio.run_coroutine_threadsafe(
         engine.engine.files.write_file(sandbox_id, "/tmp/slow", _slow_chunks(release)),
         engine.loop,
     )
-    reports: list[dict[str, list[object]]] = []
-
-    def worker_visible() -> bool:
-        reports.append(json.loads(engine.python(sandbox_id, _HELPER_PROBE).text))
-        return len(reports[-1]) >= 2
-
     try:
-        # The upload's worker runs beside PID 1 until the upload ends.
-        engine.wait_until(worker_visible, "the upload's worker in the sandbox")
+        # The upload's worker runs in the sandbox's namespaces until it ends.
+        engine.wait_until(
+            lambda: bool(_file_workers(engine, init.pid)), "the upload's worker"
+        )
+        workers = _file_workers(engine, init.pid)
+        report = json.loads(engine.python(sandbox_id, _HELPER_PROBE).text)
     finally:
         release.set()
         upload.result(30)
-    for pid, results in reports[-1].items():
-        assert results == [errno.EACCES, errno.EACCES], (pid, results)
+    # Sandbox code sees PID 1 and itself, not the worker.
+    assert list(report) == ["1"]
+    assert report["1"] == [errno.EACCES, errno.EACCES]
+    sandbox_pids = os.readlink(f"/proc/{init.pid}/ns/pid")
+    for pid in workers:
+        assert os.readlink(f"/proc/{pid}/ns/pid") != sandbox_pids
 
 
 # -- working directory through a descriptor ---------------------------------

@@ -461,7 +461,7 @@ def test_second_sandbox_isolated(
     assert not any("sleep" in command for command in report["commands"])
 
 
-# PID 1 and the supervisor.
+# PID 1 and the engine's helpers.
 
 
 def test_kill_init_from_inside_ignored(engine: EngineRunner, sandbox_id: str) -> None:
@@ -500,9 +500,13 @@ def test_ptrace_attach_init_fails(engine: EngineRunner, sandbox_id: str) -> None
     assert code in (errno.EPERM, errno.EACCES)
 
 
-def test_supervisor_not_visible(engine: EngineRunner, sandbox_id: str) -> None:
-    supervisor_pid = engine.engine.sandboxes[sandbox_id].supervisor_pid
-    supervisor_name = psutil.Process(supervisor_pid).name()
+def test_engine_helpers_not_visible(engine: EngineRunner, sandbox_id: str) -> None:
+    init = engine.engine.sandboxes[sandbox_id].init
+    assert init is not None
+    # PID 1's parent on the host is the zygote, outside the PID namespace.
+    parent = psutil.Process(init.pid).ppid()
+    assert engine.engine.spawner.process is not None
+    assert parent == engine.engine.spawner.process.pid
     report = _json(
         engine,
         sandbox_id,
@@ -510,12 +514,26 @@ def test_supervisor_not_visible(engine: EngineRunner, sandbox_id: str) -> None:
         "names = [open(f'/proc/{p}/comm').read().strip()\n"
         "         for p in os.listdir('/proc') if p.isdigit()]\n"
         f"print(json.dumps({{'names': names, "
-        f"'pid': os.path.exists('/proc/{supervisor_pid}')}}))",
+        f"'pid': os.path.exists('/proc/{parent}')}}))",
     )
     assert isinstance(report, dict)
-    assert supervisor_name not in report["names"]
     assert sorted(report["names"]) == ["init", "python3"]
     assert report["pid"] is False
+
+
+def test_init_exe_unreadable(engine: EngineRunner, sandbox_id: str) -> None:
+    result = engine.python(
+        sandbox_id,
+        "import os\n"
+        "for path in ('/proc/1/exe', '/proc/1/environ'):\n"
+        "    try:\n"
+        "        os.close(os.open(path, os.O_RDONLY))\n"
+        "        print('opened')\n"
+        "    except OSError as error:\n"
+        "        print(error.errno)\n",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.text.split() == [str(errno.EACCES), str(errno.EACCES)]
 
 
 # Descriptors.

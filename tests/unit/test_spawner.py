@@ -1,4 +1,4 @@
-"""SupervisorClient over a real socket pair, with no supervisor behind it."""
+"""InitClient over a real socket pair, with no supervisor behind it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import asyncio
 import pytest
 
 from engine.runtime import protocol
-from engine.runtime.spawner import SupervisorClient
+from engine.runtime.spawner import InitClient
 
 
 async def _cancel_as_ready_arrives() -> tuple[asyncio.Task[None], bool]:
     ours, theirs = protocol.socketpair()
-    client = SupervisorClient(ours, lambda pid, status: None)
+    client = InitClient(ours, lambda pid, status: None)
     try:
         task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
         await asyncio.sleep(0)
@@ -40,7 +40,7 @@ def test_start_keeps_cancellation_with_ready() -> None:
 
 async def _ready_then_return() -> None:
     ours, theirs = protocol.socketpair()
-    client = SupervisorClient(ours, lambda pid, status: None)
+    client = InitClient(ours, lambda pid, status: None)
     try:
         task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
         await asyncio.sleep(0)
@@ -57,7 +57,7 @@ def test_start_returns_on_ready() -> None:
 
 async def _failed_setup() -> None:
     ours, theirs = protocol.socketpair()
-    client = SupervisorClient(ours, lambda pid, status: None)
+    client = InitClient(ours, lambda pid, status: None)
     try:
         task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
         await asyncio.sleep(0)
