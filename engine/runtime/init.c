@@ -557,6 +557,13 @@ int main(int argc, char **argv)
 {
 	sigset_t child_signal;
 
+	/* terminate() kills every process that this one may signal, which
+	 * outside a PID namespace of its own means the whole host. */
+	if (getpid() != 1) {
+		fprintf(stderr, "engine-init: refusing to run: it must be PID 1 of a"
+				" new PID namespace, not pid %d\n", (int)getpid());
+		return 2;
+	}
 	prctl(PR_SET_DUMPABLE, 0);
 	/* The kernel names the process after the memfd it was executed from. */
 	prctl(PR_SET_NAME, "init");
