@@ -1,4 +1,4 @@
-"""engine-init, the sandboxes' PID 1, run directly in PID namespaces of the test's own."""
+"""engine-init, the sandboxes' PID 1, run in PID namespaces of the test's own."""
 
 from __future__ import annotations
 
