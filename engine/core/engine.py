@@ -18,6 +18,7 @@ import re
 import secrets
 import signal as signals
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,9 @@ MAX_EXPOSED_PORTS = 32
 # Tasks the engine itself runs in a sandbox's cgroup, added to its pids limit:
 # PID 1, and the supervisor until it has exited after forking PID 1.
 HELPER_PIDS = 2
+# Seconds between a change of sandbox or process state and its write to the
+# store, so that the changes of that time share one transaction.
+STORE_FLUSH_SECONDS = 0.05
 # Seconds a resolved image is reused before the image store is asked again.
 IMAGE_CACHE_SECONDS = 30.0
 # Threads that start and stop FUSE servers at once.
@@ -235,6 +239,8 @@ class Engine:
         # Image name -> (Image, monotonic time it was resolved).
         self._images: dict[str, tuple[Image, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # The pending write of the store's buffered rows.
+        self._flush: asyncio.TimerHandle | None = None
         # Terminations started by the reaper or by the exit of a PID 1.
         self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
@@ -440,6 +446,9 @@ class Engine:
         if self.cgroup_driver is not None:
             with contextlib.suppress(OSError, EngineError):
                 self.cgroup_driver.remove_root()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         if self.store is not None:
             self.tokens = None
             self.store.close()
@@ -684,6 +693,26 @@ class Engine:
         sandbox.info = replace(sandbox.info, **changes)
         if self.store is not None:
             self.store.put_sandbox(sandbox.info)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Write the store's buffered rows STORE_FLUSH_SECONDS from now."""
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(STORE_FLUSH_SECONDS, self._flush_store)
+
+    def _flush_store(self) -> None:
+        self._flush = None
+        if self.store is None:
+            return
+        try:
+            self.store.flush()
+        except sqlite3.Error as error:
+            log.error(
+                "writing sandbox state to %s failed: %s",
+                self.config.database_path,
+                error,
+            )
 
     def _check_started(self) -> None:
         if not self._started:
@@ -1326,6 +1355,7 @@ class Engine:
             process.timer = loop.call_later(timeout, self._on_timeout, sandbox, process)
         assert self.store is not None
         self.store.put_process(sandbox_id, process.info())
+        self._schedule_flush()
         log.info(
             "sandbox %s: started pid %d: %s",
             sandbox_id,
@@ -1414,6 +1444,7 @@ class Engine:
         self._close_stdin(process)
         if self.store is not None:
             self.store.put_process(sandbox.info.sandbox_id, process.info())
+            self._schedule_flush()
         log.info(
             "sandbox %s: pid %d exited with %d (%s)",
             sandbox.info.sandbox_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -38,21 +39,56 @@ def test_start_keeps_cancellation_with_ready() -> None:
     assert task.cancelled()
 
 
-async def _ready_then_return() -> None:
+async def _ready_then_return(init_first: bool) -> tuple[int, bool]:
+    ours, theirs = protocol.socketpair()
+    client = InitClient(ours, lambda pid, status: None)
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
+        await asyncio.sleep(0)
+        messages = [
+            ({"op": "init", "pid": os.getpid()}, [pidfd]),
+            ({"op": "ready"}, []),
+        ]
+        if not init_first:
+            messages.reverse()
+        for message, fds in messages:
+            protocol.send(theirs, message, fds)
+        await task
+        return client.pid, client.pidfd is not None
+    finally:
+        os.close(pidfd)
+        if client.pidfd is not None:
+            os.close(client.pidfd)
+        client.channel.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("init_first", [True, False])
+def test_start_returns_with_init_pid(init_first: bool) -> None:
+    pid, has_pidfd = asyncio.run(_ready_then_return(init_first))
+    assert pid == os.getpid()
+    assert has_pidfd
+
+
+async def _ready_without_init() -> None:
     ours, theirs = protocol.socketpair()
     client = InitClient(ours, lambda pid, status: None)
     try:
         task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
         await asyncio.sleep(0)
+        # Read first: closing a socket with a message unread resets the peer.
+        assert protocol.recv(theirs) is not None
         protocol.send(theirs, {"op": "ready"})
+        theirs.close()
         await task
     finally:
         client.channel.close()
-        theirs.close()
 
 
-def test_start_returns_on_ready() -> None:
-    asyncio.run(_ready_then_return())
+def test_start_fails_without_init() -> None:
+    with pytest.raises(OSError, match="the supervisor sent no PID 1"):
+        asyncio.run(_ready_without_init())
 
 
 async def _failed_setup() -> None:
