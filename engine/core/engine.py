@@ -136,6 +136,8 @@ class _Process:
     killed: bool = False
     timer: asyncio.TimerHandle | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # Futures that the exit completes.
+    exit_waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def info(self) -> ProcessInfo:
         state = ProcessState.EXITED if self.exited.is_set() else ProcessState.RUNNING
@@ -665,7 +667,10 @@ class Engine:
         spec = sandbox.info.spec
         memory_bytes = spec.memory_mib * 1024 * 1024 if spec.memory_mib else None
         limits = cgroups.CgroupLimits(
-            cpu=spec.cpu, memory_bytes=memory_bytes, pids=spec.pids + HELPER_PIDS
+            cpu=spec.cpu,
+            memory_bytes=memory_bytes,
+            pids=spec.pids + HELPER_PIDS,
+            cpu_weight=cgroups.DEFAULT_CPU_WEIGHT,
         )
         sandbox.cgroup.set_limits(limits)
         if spec.disk_mib != sandbox.disk_mib:
@@ -1440,6 +1445,10 @@ class Engine:
             )
         process.ended_at = now
         process.exited.set()
+        waiters, process.exit_waiters = process.exit_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         # An exited process reads no more input, so its stdin pipe is closed now.
         self._close_stdin(process)
         if self.store is not None:
@@ -1487,6 +1496,47 @@ class Engine:
             return
         async for chunk in buffer.follow(offset):
             yield chunk
+
+    async def follow_process(
+        self, sandbox_id: str, pid: int
+    ) -> AsyncIterator[OutputChunk | ProcessInfo]:
+        """Yield the process's stdout and stderr from the start, then its ProcessInfo.
+
+        Chunks come as they arrive, at most one per stream per wake-up. The
+        output ends when both streams reach EOF, or OUTPUT_GRACE_SECONDS after
+        the exit if a background child keeps a pipe open; the bytes buffered
+        until then are yielded without waiting for the EOF. The last item is
+        the exited process's ProcessInfo.
+        """
+        _, process = self._process(sandbox_id, pid)
+        loop = asyncio.get_running_loop()
+        buffers = [process.stdout, process.stderr]
+        offsets = {buffer.stream: 0 for buffer in buffers}
+        deadline: float | None = None
+        while buffers:
+            progressed = False
+            for buffer in list(buffers):
+                chunk = buffer.read(offsets[buffer.stream])
+                if chunk.data or chunk.dropped:
+                    offsets[buffer.stream] = chunk.offset + len(chunk.data)
+                    progressed = True
+                    yield chunk
+                if chunk.eof:
+                    buffers.remove(buffer)
+                    progressed = True
+            if progressed:
+                continue
+            remaining = None
+            if process.exited.is_set():
+                if deadline is None:
+                    deadline = loop.time() + OUTPUT_GRACE_SECONDS
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+            await _next_change(loop, process, buffers, remaining)
+        if not process.exited.is_set():
+            await process.exited.wait()
+        yield process.info()
 
     async def write_stdin(self, sandbox_id: str, pid: int, data: bytes) -> None:
         sandbox, process = self._process(sandbox_id, pid)
@@ -1594,6 +1644,31 @@ class Engine:
             process.info() for process in sandbox.processes.values()
         ]
         return sorted(infos, key=lambda info: info.started_at)
+
+
+async def _next_change(
+    loop: asyncio.AbstractEventLoop,
+    process: _Process,
+    buffers: list[OutputBuffer],
+    timeout: float | None,
+) -> None:
+    """Wait until one of ``buffers`` changes, the process exits, or ``timeout``."""
+    waiter: asyncio.Future[None] = loop.create_future()
+    for buffer in buffers:
+        buffer.add_waiter(waiter)
+    if not process.exited.is_set():
+        process.exit_waiters.append(waiter)
+    try:
+        async with asyncio.timeout(timeout):
+            await waiter
+    except TimeoutError:
+        pass
+    finally:
+        waiter.cancel()
+        for buffer in buffers:
+            buffer.remove_waiter(waiter)
+        with contextlib.suppress(ValueError):
+            process.exit_waiters.remove(waiter)
 
 
 async def _end_process(pidfd: int, sandbox_id: str) -> None:

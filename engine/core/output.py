@@ -13,6 +13,7 @@ offset fell out of the buffer is told how many bytes it missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -107,6 +108,8 @@ class OutputBuffer:
         self.start = 0
         self.closed = False
         self._changed = asyncio.Event()
+        # Futures that the next change completes, each once.
+        self._waiters: list[asyncio.Future[None]] = []
         if budget is not None:
             budget.buffers.append(self)
 
@@ -163,6 +166,18 @@ class OutputBuffer:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def add_waiter(self, waiter: asyncio.Future[None]) -> None:
+        """Complete ``waiter`` at the next append or close."""
+        self._waiters.append(waiter)
+
+    def remove_waiter(self, waiter: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
 
     def read(self, offset: int, max_bytes: int = MAX_CHUNK_BYTES) -> OutputChunk:
         """Return up to ``max_bytes`` from ``offset`` without waiting.

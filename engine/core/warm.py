@@ -10,8 +10,11 @@ network policy) and records it. Nothing of the request runs in a warm
 sandbox before it is taken, and each is taken at most once.
 
 The pool keeps up to ``size`` sandboxes of each of the ``MAX_SHAPES`` shapes
-that were set up on request last, and refills a shape in the background
-after each take. A shape whose setup failed on request is never kept warm.
+that were set up on request last, and refills a shape in the background once
+no sandbox of it was taken for ``REFILL_DELAY`` seconds, so that a refill
+does not compete with a burst of creates or with the first exec in a new
+sandbox. The supervisor pool also gives pooled sandboxes the least CPU weight
+until they are taken. A shape whose setup failed on request is never kept warm.
 A sandbox with volumes or bucket mounts has no shape: those mounts are made
 during setup, so such a sandbox is always set up on request.
 """
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 # Shapes kept warm at once; requesting another one drops the oldest.
 MAX_SHAPES = 2
 DEFAULT_WARM_SIZE = 4
+# Seconds after the last take of a shape before its refill starts.
+REFILL_DELAY = 0.1
 
 T = TypeVar("T")
 
@@ -85,6 +90,7 @@ class WarmPool(Generic[T]):
         # Shapes in the order they were last requested, oldest first.
         self._shapes: OrderedDict[Shape, deque[T]] = OrderedDict()
         self._refills: dict[Shape, asyncio.Task[None]] = {}
+        self._timers: dict[Shape, asyncio.TimerHandle] = {}
         self._discards: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -92,8 +98,10 @@ class WarmPool(Generic[T]):
         return sum(len(ready) for ready in self._shapes.values())
 
     def refilling(self) -> bool:
-        """Return True while a shape is being refilled."""
-        return any(not task.done() for task in self._refills.values())
+        """Return True while a shape is being refilled or waits to be."""
+        return bool(self._timers) or any(
+            not task.done() for task in self._refills.values()
+        )
 
     def items(self) -> list[T]:
         """Return every warm sandbox, of every shape."""
@@ -145,13 +153,27 @@ class WarmPool(Generic[T]):
             refill = self._refills.pop(shape, None)
             if refill is not None:
                 refill.cancel()
+            timer = self._timers.pop(shape, None)
+            if timer is not None:
+                timer.cancel()
             log.info("warm pool: no longer keeping %s warm", shape)
             while ready:
                 self._discard_later(ready.popleft())
 
     def _schedule_refill(self, shape: Shape) -> None:
+        """Start refilling ``shape`` REFILL_DELAY seconds after the last call."""
         task = self._refills.get(shape)
-        if task is None or task.done():
+        if task is not None and not task.done():
+            return
+        timer = self._timers.pop(shape, None)
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[shape] = loop.call_later(REFILL_DELAY, self._start_refill, shape)
+
+    def _start_refill(self, shape: Shape) -> None:
+        self._timers.pop(shape, None)
+        if not self._closed and shape in self._shapes:
             self._refills[shape] = asyncio.create_task(self._refill(shape))
 
     async def _refill(self, shape: Shape) -> None:
@@ -179,6 +201,9 @@ class WarmPool(Generic[T]):
     async def close(self) -> None:
         """Stop refilling and discard every warm sandbox."""
         self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         refills = list(self._refills.values())
         for task in refills:
             task.cancel()

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 # CFS bandwidth period used by both drivers, and the kernel's minimum quota.
 CPU_PERIOD_US = 100_000
+# Range and default of cgroup v2's cpu.weight, which CgroupLimits.cpu_weight uses.
+MAX_CPU_WEIGHT = 10_000
+DEFAULT_CPU_WEIGHT = 100
 MIN_CPU_QUOTA_US = 1_000
 
 # NAME_MAX of Linux file systems.
@@ -59,6 +62,9 @@ class CgroupLimits:
     cpu: float | None = None  # cores, fractions allowed (0.5 = half a core)
     memory_bytes: int | None = None  # hard limit, swap disabled for the group
     pids: int | None = None  # max tasks
+    # Share of CPU time under contention, relative to sibling groups, on the
+    # scale of cgroup v2's cpu.weight: 1 to 10000, where 100 is the default.
+    cpu_weight: int | None = None
 
     def __post_init__(self) -> None:
         if self.cpu is not None and not _is_positive_number(self.cpu):
@@ -75,6 +81,13 @@ class CgroupLimits:
             raise InvalidArgument(
                 f"invalid pids limit {self.pids!r}: expected a positive integer "
                 "number of tasks, or None for no limit"
+            )
+        if self.cpu_weight is not None and not (
+            _is_positive_int(self.cpu_weight) and self.cpu_weight <= MAX_CPU_WEIGHT
+        ):
+            raise InvalidArgument(
+                f"invalid cpu weight {self.cpu_weight!r}: expected an integer from"
+                f" 1 to {MAX_CPU_WEIGHT}, or None to leave it as it is"
             )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from engine.errors import EngineError, InvalidArgument, NotFound
 from engine.runtime.cgroups import (
     CPU_PERIOD_US,
+    DEFAULT_CPU_WEIGHT,
     Cgroup,
     CgroupDriver,
     CgroupLimits,
@@ -38,6 +39,9 @@ from engine.runtime.cgroups import (
 logger = logging.getLogger(__name__)
 
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+# cpu.shares of a new v1 group, and the smallest value the kernel accepts.
+DEFAULT_CPU_SHARES = 1024
+MIN_CPU_SHARES = 2
 
 
 def _distinct(dirs: Mapping[str, str]) -> list[str]:
@@ -167,6 +171,16 @@ def _apply_limits(group: CgroupV1, limits: CgroupLimits) -> None:
         )
     if limits.pids is not None:
         write_control(os.path.join(group.dirs["pids"], "pids.max"), str(limits.pids))
+    if limits.cpu_weight is not None:
+        write_control(
+            os.path.join(group.dirs["cpu"], "cpu.shares"),
+            str(cpu_shares(limits.cpu_weight)),
+        )
+
+
+def cpu_shares(weight: int) -> int:
+    """Convert a cpu.weight (default 100) to v1 cpu.shares (default 1024, min 2)."""
+    return max(MIN_CPU_SHARES, weight * DEFAULT_CPU_SHARES // DEFAULT_CPU_WEIGHT)
 
 
 _swap_warned = False

@@ -209,3 +209,5 @@ def _apply_limits(directory: str, limits: CgroupLimits) -> None:
             write_control(swap_max, "0")
     if limits.pids is not None:
         write_control(os.path.join(directory, "pids.max"), str(limits.pids))
+    if limits.cpu_weight is not None:
+        write_control(os.path.join(directory, "cpu.weight"), str(limits.cpu_weight))

@@ -6,7 +6,6 @@ turns them into gRPC statuses.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -28,8 +27,6 @@ logger = logging.getLogger(__name__)
 # Output is sent in messages of at most this many data bytes, well below the
 # 4 MiB that gRPC clients accept by default.
 MAX_CHUNK_BYTES = 1024 * 1024
-# Chunks that Exec buffers between the two output readers and the client.
-EXEC_QUEUE_CHUNKS = 8
 
 
 def split_chunk(
@@ -177,83 +174,18 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
     async def _exec_output(
         self, sandbox_id: str, pid: int
     ) -> AsyncIterator[pb.OutputChunk | ProcessInfo]:
-        """Yield stdout and stderr chunks in arrival order, then the final ProcessInfo.
+        """Yield stdout and stderr chunks as they arrive, then the final ProcessInfo.
 
-        The output ends when both streams reach EOF, or when Engine.wait
-        returns, which happens at most OUTPUT_GRACE_SECONDS after the exit even
-        if a background child keeps a pipe open. In that case the bytes
-        buffered so far are sent without waiting for the EOF.
+        Engine.follow_process ends the output at both EOFs, or at most
+        OUTPUT_GRACE_SECONDS after the exit if a background child keeps a
+        pipe open.
         """
-        queue: asyncio.Queue[tuple[Stream, pb.OutputChunk | BaseException | None]] = (
-            asyncio.Queue(maxsize=EXEC_QUEUE_CHUNKS)
-        )
-        next_offset = dict.fromkeys(Stream, 0)
-        open_streams = set(Stream)
-
-        async def pump(stream: Stream) -> None:
-            try:
-                chunks = self._engine.read_output(
-                    sandbox_id, pid, stream, offset=0, follow=True
-                )
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        for message in split_chunk(chunk):
-                            await queue.put((stream, message))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                await queue.put((stream, error))
-                return
-            await queue.put((stream, None))
-
-        def take(
-            stream: Stream, item: pb.OutputChunk | BaseException | None
-        ) -> pb.OutputChunk | None:
-            if item is None:
-                open_streams.discard(stream)
-                return None
-            if isinstance(item, BaseException):
-                raise item
-            next_offset[stream] = item.offset + len(item.data)
-            return item
-
-        pumps = [asyncio.create_task(pump(stream)) for stream in Stream]
-        exited = asyncio.create_task(self._engine.wait(sandbox_id, pid))
-        tasks = [*pumps, exited]
-        try:
-            while open_streams:
-                getter = asyncio.create_task(queue.get())
-                tasks.append(getter)
-                done, _ = await asyncio.wait(
-                    {getter, exited}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter not in done:
-                    # A cancelled get leaves the queue's items in place, and
-                    # the finally block below awaits the cancellation.
-                    getter.cancel()
-                    break
-                tasks.remove(getter)
-                message = take(*getter.result())
-                if message is not None:
+        async for item in self._engine.follow_process(sandbox_id, pid):
+            if isinstance(item, OutputChunk):
+                for message in split_chunk(item):
                     yield message
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            while not queue.empty():
-                message = take(*queue.get_nowait())
-                if message is not None:
-                    yield message
-            for stream in Stream:
-                if stream in open_streams:
-                    async for message in self._read_buffered(
-                        sandbox_id, pid, stream, next_offset[stream]
-                    ):
-                        yield message
-            yield await exited
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            else:
+                yield item
 
     async def WriteStdin(
         self, request: pb.WriteStdinRequest, context: grpc.aio.ServicerContext

@@ -131,6 +131,25 @@ def test_v1_create_writes_limits(v1: CgroupV1Driver) -> None:
     assert _read(group.dirs["pids"], "pids.max") == "7"
 
 
+@pytest.mark.parametrize(
+    ("weight", "shares"), [(1, "10"), (100, "1024"), (250, "2560")]
+)
+def test_v1_cpu_weight_sets_shares(
+    v1: CgroupV1Driver, weight: int, shares: str
+) -> None:
+    group = v1.create(f"weighted-{weight}", CgroupLimits(cpu_weight=weight))
+    assert isinstance(group, CgroupV1)
+    assert _read(group.dirs["cpu"], "cpu.shares") == shares
+
+
+def test_v1_weight_changes_later(v1: CgroupV1Driver) -> None:
+    group = v1.create("pooled", CgroupLimits(cpu_weight=1))
+    assert isinstance(group, CgroupV1)
+    group.set_limits(CgroupLimits(cpu=1.0, cpu_weight=100))
+    assert _read(group.dirs["cpu"], "cpu.shares") == "1024"
+    assert _read(group.dirs["cpu"], "cpu.cfs_quota_us") == "100000"
+
+
 def test_v1_small_cpu_gets_min_quota(v1: CgroupV1Driver) -> None:
     group = v1.create("tiny", CgroupLimits(cpu=0.001))
     assert isinstance(group, CgroupV1)
@@ -398,6 +417,9 @@ def test_invalid_names_rejected(driver: CgroupDriver, name: str) -> None:
         {"pids": 0},
         {"pids": -3},
         {"pids": "5"},
+        {"cpu_weight": 0},
+        {"cpu_weight": 10_001},
+        {"cpu_weight": 1.5},
     ],
 )
 def test_invalid_limits_rejected(kwargs: dict[str, object]) -> None:

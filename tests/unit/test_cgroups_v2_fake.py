@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 # Default control files of each controller, as cgroupfs creates them.
 CONTROLLER_FILES = {
-    "cpu": {"cpu.max": "max 100000\n"},
+    "cpu": {"cpu.max": "max 100000\n", "cpu.weight": "100\n"},
     "memory": {
         "memory.max": "max\n",
         "memory.swap.max": "max\n",
@@ -296,6 +296,11 @@ def test_create_skips_enabled_root(fake: FakeSystem) -> None:
     root_control.write_text("cpu memory pids\n")
     driver.create("second", CgroupLimits())
     assert root_control.read_text() == "cpu memory pids\n"
+
+
+def test_create_writes_cpu_weight(fake: FakeSystem) -> None:
+    directory = _group_dir(fake.driver().create("low", CgroupLimits(cpu_weight=1)))
+    assert (directory / "cpu.weight").read_text() == "1"
 
 
 def test_create_min_cpu_quota(fake: FakeSystem) -> None:
