@@ -9,6 +9,10 @@ from typing import Any
 
 DEFAULT_UID_BASE = 100000
 DEFAULT_UID_COUNT = 65536
+# Warm sandboxes per shape (engine.core.warm), and the largest setting the
+# CLI accepts.
+DEFAULT_WARM_POOL_SIZE = 4
+MAX_WARM_POOL_SIZE = 256
 # Files in which shadow-utils grants users ranges of ids for their own user
 # namespaces (see subuid(5)); a user granted ids inside the engine's range
 # could enter a namespace mapped onto sandbox files and processes.
@@ -62,7 +66,7 @@ class Config:
     layers_size_bytes: int | None = None
     # Sandboxes kept set up ahead of demand for each recently requested
     # shape (engine.core.warm); 0 sets up every sandbox on request.
-    warm_pool_size: int = 4
+    warm_pool_size: int = DEFAULT_WARM_POOL_SIZE
 
     @classmethod
     def from_data_dir(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from engine.config import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, Config
+from engine.config import (
+    DEFAULT_UID_BASE,
+    DEFAULT_UID_COUNT,
+    DEFAULT_WARM_POOL_SIZE,
+    MAX_WARM_POOL_SIZE,
+    Config,
+)
 
 
 def register(
@@ -92,6 +98,15 @@ def register(
         help="address that exposed ports listen on (default: 127.0.0.1)",
     )
     serve.add_argument(
+        "--warm-pool",
+        type=_warm_pool_size,
+        default=DEFAULT_WARM_POOL_SIZE,
+        metavar="N",
+        help="sandboxes kept set up ahead of demand for each of the two shapes"
+        " (image, memory, workdir, network) requested last; 0 sets up every"
+        f" sandbox on request (default: {DEFAULT_WARM_POOL_SIZE})",
+    )
+    serve.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -114,6 +129,19 @@ def _uid_base(text: str) -> int:
     return value
 
 
+def _warm_pool_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_WARM_POOL_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"invalid warm pool size {text!r}: expected an integer from 0 to"
+            f" {MAX_WARM_POOL_SIZE}"
+        )
+    return value
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from engine.server.daemon import serve
 
@@ -126,6 +154,7 @@ def serve_command(args: argparse.Namespace) -> int:
         block_network_by_default=args.block_network_by_default,
         expose_host=args.expose_host,
         outbound_allow=tuple(args.allow_endpoint),
+        warm_pool_size=args.warm_pool,
     )
     asyncio.run(
         serve(config, socket_path=args.socket, listen=args.listen, http=args.http)

@@ -164,8 +164,9 @@ class _Sandbox:
     # The image's directory and the disk limit that the layer was set up with.
     image_path: str = ""
     disk_mib: int = 0
-    # True once the network policy's chain exists; warm sandboxes have none.
-    policy_applied: bool = False
+    # The egress policy that the sandbox's nftables chain applies; None while
+    # it has no chain.
+    policy: NetworkPolicy | None = None
     processes: dict[int, _Process] = field(default_factory=dict)
     # Processes whose pid was reused by a later one, kept for list_processes.
     finished: list[ProcessInfo] = field(default_factory=list)
@@ -653,11 +654,16 @@ class Engine:
             runtime_spec["address"] = str(address)
             runtime_spec["resolv_conf"] = self.network.resolv_conf()
             sandbox.info = replace(sandbox.info, address=str(address))
+            # The chain exists before anything runs. A warm sandbox gets the
+            # policy of its shape, which is what most requests ask for.
+            policy = NetworkPolicy(spec.block_network, spec.allow_list)
+            self.network.apply(sandbox.info.sandbox_id, sandbox.attachment, policy)
+            sandbox.policy = policy
         sandbox.init = InitClient(
             slot.control, lambda pid, status: self._on_exit(sandbox, pid, status)
         )
         sandbox.init.closed.add_done_callback(lambda _: self._on_init_closed(sandbox))
-        # The supervisor exits once PID 1 exists; nobody waits for its reap.
+        # The supervisor exits once PID 1 exists, and no caller waits for its reap.
         self.spawner.forget_reap(slot.pid)
         await sandbox.init.start(runtime_spec)
 
@@ -676,10 +682,16 @@ class Engine:
         if spec.disk_mib != sandbox.disk_mib:
             self.layers.limit(sandbox.info.sandbox_id, spec.disk_mib)
             sandbox.disk_mib = spec.disk_mib
-        if sandbox.attachment is not None:
-            policy = NetworkPolicy(spec.block_network, spec.allow_list)
-            self.network.apply(sandbox.info.sandbox_id, sandbox.attachment, policy)
-            sandbox.policy_applied = True
+        policy = NetworkPolicy(spec.block_network, spec.allow_list)
+        if sandbox.attachment is not None and policy != sandbox.policy:
+            # Nothing has run in the sandbox, so it has no connections to cut.
+            self.network.update(
+                sandbox.info.sandbox_id,
+                sandbox.attachment,
+                policy,
+                cut_connections=False,
+            )
+            sandbox.policy = policy
 
     def _on_init_closed(self, sandbox: _Sandbox) -> None:
         if sandbox.info.state == SandboxState.RUNNING and not sandbox.lock.locked():
@@ -812,23 +824,32 @@ class Engine:
 
     async def _release(self, sandbox: _Sandbox) -> None:
         """Kill every process of the sandbox and free its cgroup and directory."""
+        loop = asyncio.get_running_loop()
         init = sandbox.init
         if init is not None:
             with contextlib.suppress(ConnectionError, OSError):
                 init.terminate()
-            try:
-                async with asyncio.timeout(TERMINATE_TIMEOUT):
-                    await asyncio.shield(init.closed)
-            except TimeoutError:
-                log.warning(
-                    "sandbox %s: PID 1 did not exit; killing it",
+        # The bucket mounts go at once: a process blocked in a read from a
+        # stalled bucket dies only once its FUSE connection is aborted, and
+        # PID 1 cannot exit before it.
+        fuse_stops = [
+            loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
+            for name in sandbox.fuse_servers
+        ]
+        if init is not None:
+            await self._end_init(sandbox, init)
+        for name, result in zip(
+            sandbox.fuse_servers,
+            await asyncio.gather(*fuse_stops, return_exceptions=True),
+            strict=True,
+        ):
+            if isinstance(result, Exception):
+                log.error(
+                    "sandbox %s: FUSE server %s not stopped: %s",
                     sandbox.info.sandbox_id,
+                    name,
+                    result,
                 )
-                init.channel.close()
-            if init.pidfd is not None:
-                await _end_process(init.pidfd, sandbox.info.sandbox_id)
-                os.close(init.pidfd)
-                init.pidfd = None
         now = time.time()
         for process in sandbox.processes.values():
             if process.stdin_fd is not None:
@@ -843,7 +864,6 @@ class Engine:
             resume()
         # Output of a terminated sandbox is not kept: readers see it as dropped.
         sandbox.output.release()
-        loop = asyncio.get_running_loop()
         # A failure here must not keep the sandbox RUNNING: the sweep at the
         # next start removes whatever is left.
         if sandbox.cgroup is not None:
@@ -853,14 +873,31 @@ class Engine:
                 log.error(
                     "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
                 )
-        # No process of the sandbox is left to use its bucket mounts.
-        for name in sandbox.fuse_servers:
-            await loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
         await loop.run_in_executor(None, self._remove_layer, sandbox)
         await self._release_network(sandbox)
         # Every process of the sandbox is gone, so are its volume mounts.
         for users in self._volume_users.values():
             users.discard(sandbox.info.sandbox_id)
+
+    async def _end_init(self, sandbox: _Sandbox, init: InitClient) -> None:
+        """Wait until PID 1 has exited after terminate, SIGKILLing it if it hangs."""
+        hung = False
+        try:
+            async with asyncio.timeout(TERMINATE_TIMEOUT):
+                await asyncio.shield(init.closed)
+        except TimeoutError:
+            log.warning(
+                "sandbox %s: PID 1 did not exit in %g s; killing it",
+                sandbox.info.sandbox_id,
+                TERMINATE_TIMEOUT,
+            )
+            init.channel.close()
+            hung = True
+        if init.pidfd is not None:
+            grace = 0.0 if hung else TERMINATE_TIMEOUT
+            await _end_process(init.pidfd, sandbox.info.sandbox_id, grace)
+            os.close(init.pidfd)
+            init.pidfd = None
 
     async def _release_network(self, sandbox: _Sandbox) -> None:
         """Stop the sandbox's port forwarders and remove its chain and veth pair."""
@@ -879,7 +916,7 @@ class Engine:
         if attachment is None or self.network is None:
             return
         try:
-            if sandbox.policy_applied:
+            if sandbox.policy is not None:
                 await loop.run_in_executor(
                     None, self.network.remove, sandbox.info.sandbox_id, attachment
                 )
@@ -924,6 +961,7 @@ class Engine:
                 await loop.run_in_executor(
                     None, self.network.update, sandbox_id, attachment, policy
                 )
+                sandbox.policy = policy
             spec = replace(
                 sandbox.info.spec,
                 block_network=policy.block,
@@ -1503,10 +1541,10 @@ class Engine:
         """Yield the process's stdout and stderr from the start, then its ProcessInfo.
 
         Chunks come as they arrive, at most one per stream per wake-up. The
-        output ends when both streams reach EOF, or OUTPUT_GRACE_SECONDS after
-        the exit if a background child keeps a pipe open; the bytes buffered
-        until then are yielded without waiting for the EOF. The last item is
-        the exited process's ProcessInfo.
+        output ends when both streams reach EOF. If a background child keeps a
+        pipe open, it ends OUTPUT_GRACE_SECONDS after the exit instead, with the
+        bytes buffered until then. The last item is the exited process's
+        ProcessInfo.
         """
         _, process = self._process(sandbox_id, pid)
         loop = asyncio.get_running_loop()
@@ -1671,8 +1709,8 @@ async def _next_change(
             process.exit_waiters.remove(waiter)
 
 
-async def _end_process(pidfd: int, sandbox_id: str) -> None:
-    """Wait until the process of ``pidfd`` has exited, SIGKILLing it after a while.
+async def _end_process(pidfd: int, sandbox_id: str, grace: float) -> None:
+    """Wait until the process of ``pidfd`` has exited, SIGKILLing it after ``grace`` s.
 
     A pidfd reads as readable once its process has exited, reaped or not.
     """
@@ -1681,11 +1719,12 @@ async def _end_process(pidfd: int, sandbox_id: str) -> None:
     loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
     try:
         try:
-            async with asyncio.timeout(TERMINATE_TIMEOUT):
+            async with asyncio.timeout(grace):
                 await asyncio.shield(exited)
             return
         except TimeoutError:
-            log.warning("sandbox %s: PID 1 did not exit; killing it", sandbox_id)
+            if grace > 0:
+                log.warning("sandbox %s: PID 1 did not exit; killing it", sandbox_id)
         with contextlib.suppress(ProcessLookupError):
             signals.pidfd_send_signal(pidfd, signals.SIGKILL)
         with contextlib.suppress(TimeoutError):

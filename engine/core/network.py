@@ -384,9 +384,19 @@ class Network:
         self.nft.run("\n".join(batch) + "\n")
 
     def update(
-        self, sandbox_id: str, attachment: Attachment, policy: NetworkPolicy
+        self,
+        sandbox_id: str,
+        attachment: Attachment,
+        policy: NetworkPolicy,
+        *,
+        cut_connections: bool = True,
     ) -> None:
-        """Replace the sandbox's rules and cut connections they no longer allow."""
+        """Replace the sandbox's rules and cut connections they no longer allow.
+
+        A sandbox that has run nothing yet has no connections, and its caller
+        passes ``cut_connections=False``, which leaves conntrack alone and so
+        is safe on an event loop's thread (pyroute2 runs a loop of its own).
+        """
         assert self.nft is not None
         chain = _chain(sandbox_id)
         batch = [
@@ -398,7 +408,8 @@ class Network:
         # destination gets no more data from it. Deleting the conntrack
         # entries stops the replies too, because the forward chain admits
         # packets into the bridge only for a tracked connection.
-        netlink.flush_conntrack(attachment.address.ip)
+        if cut_connections:
+            netlink.flush_conntrack(attachment.address.ip)
 
     def remove(self, sandbox_id: str, attachment: Attachment) -> None:
         """Delete the sandbox's map element and chain, its veth and its address."""

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from engine.config import DEFAULT_WARM_POOL_SIZE
 from engine.core.models import SandboxSpec
 from engine.errors import EngineError
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 # Shapes kept warm at once; requesting another one drops the oldest.
 MAX_SHAPES = 2
-DEFAULT_WARM_SIZE = 4
 # Seconds after the last take of a shape before its refill starts.
 REFILL_DELAY = 0.1
 
@@ -81,7 +81,7 @@ class WarmPool(Generic[T]):
         prepare: Callable[[Shape], Awaitable[T]],
         discard: Callable[[T], Awaitable[None]],
         alive: Callable[[T], bool],
-        size: int = DEFAULT_WARM_SIZE,
+        size: int = DEFAULT_WARM_POOL_SIZE,
     ) -> None:
         self.size = size
         self._prepare = prepare

@@ -4,7 +4,7 @@ The supervisor forks PID 1 into the new PID namespace. PID 1 finishes the
 isolation steps in Python (``isolation.finish_in_init``) and then replaces
 itself with engine-init (init.c, built by initbin.py) from the zygote's
 sealed memfd. engine-init forks, watches and reaps every sandbox process and
-answers the Engine on the control socket. It is a few hundred KiB of C rather
+serves the Engine's requests on the control socket. It is a few hundred KiB of C rather
 than a Python interpreter, so an idle sandbox costs little memory.
 
 PID 1 runs engine code, not sandbox code. The memfd is owned by host root and

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait for a new supervisor to report that its sandbox is ready.
 READY_TIMEOUT = 30.0
-# Reaps that nobody asked for are kept for a later reaped_future call; past
-# this many, the oldest are dropped.
+# Reaps that no caller asked for are kept for a later reaped_future call.
+# Past this many, the oldest are dropped.
 MAX_UNCLAIMED_REAPS = 4096
 
 
@@ -123,8 +123,8 @@ class Spawner:
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: _Channel | None = None
         self.reaped: dict[int, asyncio.Future[int]] = {}
-        # Children whose reap nobody will ask for: supervisors that forked a
-        # PID 1, and file workers.
+        # Children whose reap no caller will ask for: supervisors that forked
+        # a PID 1, and file workers.
         self._forgotten: set[int] = set()
 
     async def start(self, init_path: str) -> None:
@@ -172,7 +172,7 @@ class Spawner:
         return self.reaped.setdefault(pid, asyncio.get_running_loop().create_future())
 
     def forget_reap(self, pid: int) -> None:
-        """Drop the reap of ``pid``, which nobody will ask for."""
+        """Drop the reap of ``pid``, which no caller will ask for."""
         future = self.reaped.pop(pid, None)
         if future is None or not future.done():
             self._forgotten.add(pid)

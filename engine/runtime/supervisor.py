@@ -90,7 +90,7 @@ def run(
             pidfds = (own_pidfd, zygote_pidfd)
             _run_init(control, spec, old_root, seccomp_program, init_fd, pidfds)
         # The Engine signals and watches PID 1 through this pidfd, which
-        # stays valid whoever reaps the process.
+        # stays valid after the zygote reaps the process.
         pidfd = os.pidfd_open(pid)
         try:
             protocol.send(control, {"op": "init", "pid": pid}, [pidfd])

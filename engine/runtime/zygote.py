@@ -21,7 +21,7 @@ and, unprompted, {"op": "reaped", "pid", "status"} when a child exits.
 The zygote is a child subreaper: each supervisor exits once it has forked its
 sandbox's PID 1, and the zygote becomes that PID 1's parent and reaps it,
 which it reports the same way. When the Engine's socket closes, the zygote
-kills its supervisors and workers and exits; every PID 1 exits by itself
+kills its supervisors and workers and exits. Every PID 1 exits by itself
 when its own socket to the Engine closes.
 """
 

@@ -400,7 +400,8 @@ def test_crash_leftovers_swept(
     crashed.process.wait()
     assert _mounts_at(data_dir / "sandboxes") == 1
 
-    restarted = daemon_factory(data_dir=data_dir)
+    # No warm sandboxes, so that the only layer is the new sandbox's.
+    restarted = daemon_factory("--warm-pool", "0", data_dir=data_dir)
     with Sandbox(disk=32, address=restarted.address).create() as fresh:
         result = run_python(fresh, FILL, "/root/fill")
 

@@ -30,8 +30,11 @@ def test_find_from_root_skips_proc(sandbox: SandboxInstance) -> None:
 
 
 def test_find_in_proc_itself_allowed(sandbox: SandboxInstance) -> None:
-    matches = sandbox.fs.find_in_files("/proc/self/status", "^Name:")
+    # File workers run outside the sandbox's PID namespace, so the sandbox's
+    # /proc has no "self" for them; PID 1's entries are there for everyone.
+    matches = sandbox.fs.find_in_files("/proc/1/status", "^Name:")
     assert len(matches) == 1
+    assert matches[0].text.split() == ["Name:", "init"]
 
 
 def test_replace_from_root_ends_in_time(sandbox: SandboxInstance) -> None:

@@ -285,7 +285,8 @@ def _terminate_new(stub: Any, keep: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_daemon() -> Iterator[Daemon]:
-    running = start_daemon(make_data_dir())
+    # No warm sandboxes, so that every sandbox dir left belongs to a request.
+    running = start_daemon(make_data_dir(), "--warm-pool", "0")
     try:
         yield running
     finally:
