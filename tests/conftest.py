@@ -128,7 +128,9 @@ class EngineRunner:
         return info.sandbox_id
 
     def terminate(self, sandbox_id: str) -> None:
+        """Terminate the sandbox and wait until its resources are freed too."""
         self.call(self.engine.terminate_sandbox(sandbox_id))
+        self.call(self.engine.settle())
 
     def state(self, sandbox_id: str) -> SandboxState:
         return self.call(self.engine.get_sandbox(sandbox_id)).state

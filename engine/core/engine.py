@@ -799,10 +799,17 @@ class Engine:
         return sandbox.info
 
     async def _terminate(self, sandbox: _Sandbox, reason: TerminationReason) -> None:
+        """End every process of the sandbox, then free its resources in the background.
+
+        The sandbox is TERMINATED once no process of it is left. Removing its
+        cgroups, layer, veth pair and chain takes from one to tens of ms (a
+        veth's removal waits for RCU grace periods), so ``settle`` and
+        ``close`` wait for it and terminate does not.
+        """
         async with sandbox.lock:
             if sandbox.info.state == SandboxState.TERMINATED:
                 return
-            await self._release(sandbox)
+            await self._stop(sandbox)
             self._set_info(
                 sandbox,
                 state=SandboxState.TERMINATED,
@@ -810,7 +817,13 @@ class Engine:
                 terminated_at=time.time(),
             )
         log.info("sandbox %s terminated (%s)", sandbox.info.sandbox_id, reason.value)
+        self._background(self._free(sandbox))
         self._forget_old_sandboxes()
+
+    async def settle(self) -> None:
+        """Wait until the background work of terminations has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _forget_old_sandboxes(self) -> None:
         """Keep at most MAX_REMEMBERED_SANDBOXES terminated sandboxes in memory."""
@@ -823,7 +836,16 @@ class Engine:
             del self.sandboxes[sandbox_id]
 
     async def _release(self, sandbox: _Sandbox) -> None:
-        """Kill every process of the sandbox and free its cgroup and directory."""
+        """Kill every process of the sandbox and free everything it holds."""
+        await self._stop(sandbox)
+        await self._free(sandbox)
+
+    async def _stop(self, sandbox: _Sandbox) -> None:
+        """Kill every process of the sandbox and close what reaches into it.
+
+        Afterwards no code of the sandbox runs, its exposed ports and volume
+        mounts are gone, and its output is released.
+        """
         loop = asyncio.get_running_loop()
         init = sandbox.init
         if init is not None:
@@ -864,8 +886,18 @@ class Engine:
             resume()
         # Output of a terminated sandbox is not kept: readers see it as dropped.
         sandbox.output.release()
-        # A failure here must not keep the sandbox RUNNING: the sweep at the
-        # next start removes whatever is left.
+        await self._close_forwarders(sandbox)
+        # Every process of the sandbox is gone, so are its volume mounts.
+        for users in self._volume_users.values():
+            users.discard(sandbox.info.sandbox_id)
+
+    async def _free(self, sandbox: _Sandbox) -> None:
+        """Remove the cgroups, layer and network of a sandbox with no process left.
+
+        A failure here must not keep the sandbox RUNNING: the sweep at the
+        next start removes whatever is left.
+        """
+        loop = asyncio.get_running_loop()
         if sandbox.cgroup is not None:
             try:
                 await loop.run_in_executor(None, sandbox.cgroup.destroy)
@@ -875,9 +907,6 @@ class Engine:
                 )
         await loop.run_in_executor(None, self._remove_layer, sandbox)
         await self._release_network(sandbox)
-        # Every process of the sandbox is gone, so are its volume mounts.
-        for users in self._volume_users.values():
-            users.discard(sandbox.info.sandbox_id)
 
     async def _end_init(self, sandbox: _Sandbox, init: InitClient) -> None:
         """Wait until PID 1 has exited after terminate, SIGKILLing it if it hangs."""
@@ -899,8 +928,8 @@ class Engine:
             os.close(init.pidfd)
             init.pidfd = None
 
-    async def _release_network(self, sandbox: _Sandbox) -> None:
-        """Stop the sandbox's port forwarders and remove its chain and veth pair."""
+    async def _close_forwarders(self, sandbox: _Sandbox) -> None:
+        """Stop the sandbox's exposed-port forwarders."""
         loop = asyncio.get_running_loop()
         forwarders = list(sandbox.forwarders.values())
         sandbox.forwarders.clear()
@@ -909,6 +938,10 @@ class Engine:
             await loop.run_in_executor(None, forwarder.close)
         if sandbox.info.urls:
             self._set_info(sandbox, urls={})
+
+    async def _release_network(self, sandbox: _Sandbox) -> None:
+        """Remove the sandbox's chain and veth pair."""
+        loop = asyncio.get_running_loop()
         if sandbox.netns_fd is not None:
             os.close(sandbox.netns_fd)
             sandbox.netns_fd = None

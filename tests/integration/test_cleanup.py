@@ -409,3 +409,17 @@ def test_terminated_sandbox_keeps_no_output(engine: EngineRunner) -> None:
     assert b"".join(chunk.data for chunk in chunks) == b""
     assert chunks[0].dropped == 1_000_000
     assert engine.engine.sandboxes[sandbox_id].output.used == 0
+
+
+def test_terminate_then_settle_frees(engine: EngineRunner) -> None:
+    sandbox_id = engine.create()
+    engine.exec(sandbox_id, ["sleep", "1000"])
+    host_pids = _sandbox_host_pids(engine, sandbox_id)
+    group_dirs = _group_dirs(engine, sandbox_id)
+    # Without settle: the processes are gone when terminate returns.
+    engine.call(engine.engine.terminate_sandbox(sandbox_id))
+    assert engine.state(sandbox_id) == SandboxState.TERMINATED
+    assert [pid for pid in host_pids if engine.pid_alive(pid)] == []
+    engine.call(engine.engine.settle())
+    assert [d for d in group_dirs if os.path.exists(d)] == []
+    assert sandbox_id not in engine.sandbox_dirs()

@@ -108,7 +108,13 @@ def test_terminate_removes_sandbox_network(daemon_factory: Any) -> None:
     assert address in during.elements
     sb.terminate()
     sb.close()
+    # Terminate returns once the sandbox's processes are gone; the engine
+    # removes its network right after, in the background.
+    deadline = time.monotonic() + 10
     after = network_state(daemon.data_dir, subnet)
+    while own_veth in after.links and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = network_state(daemon.data_dir, subnet)
     assert own_veth not in after.links
     assert sandbox_id not in after.chains
     assert address not in after.elements
