@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -40,7 +41,10 @@ class NetworkState:
     routes: tuple[str, ...]
     tables: tuple[str, ...]
     chains: tuple[str, ...]
+    # Keys of the map "sandboxes": sandbox addresses.
     elements: tuple[str, ...]
+    # Keys of the map "exposed": "URL address . URL port".
+    exposed: tuple[str, ...] = ()
 
 
 def network_state(data_dir: Path, subnet: str | None = None) -> NetworkState:
@@ -65,18 +69,34 @@ def network_state(data_dir: Path, subnet: str | None = None) -> NetworkState:
     try:
         tables = tuple(name for name in nft.table_names("inet") if name == table)
         chains: tuple[str, ...] = ()
-        elements: tuple[str, ...] = ()
+        keys: dict[str, tuple[str, ...]] = {}
         if tables:
             items = nft.list_json(f"list table inet {table}")
             chains = tuple(i["chain"]["name"] for i in items if "chain" in i)
             for item in items:
                 if "map" in item:
-                    elements = tuple(
-                        str(element[0]) for element in item["map"].get("elem", [])
+                    keys[item["map"]["name"]] = tuple(
+                        _element_key(element[0])
+                        for element in item["map"].get("elem", [])
                     )
     finally:
         nft.close()
-    return NetworkState(links, addresses, routes, tables, chains, elements)
+    return NetworkState(
+        links,
+        addresses,
+        routes,
+        tables,
+        chains,
+        keys.get("sandboxes", ()),
+        keys.get("exposed", ()),
+    )
+
+
+def _element_key(key: Any) -> str:
+    # nft's JSON has a concatenated key as {"concat": [part, ...]}.
+    if isinstance(key, dict) and "concat" in key:
+        return " . ".join(str(part) for part in key["concat"])
+    return str(key)
 
 
 def engine_subnet(daemon: Any) -> str:
@@ -101,17 +121,19 @@ def test_terminate_removes_sandbox_network(daemon_factory: Any) -> None:
     address = sb.status().address
     own_veth = veth_name(daemon.data_dir, subnet, address)
     sb.process.exec("python3", "-c", LISTENER)
-    sb.expose_port(8080)
+    url = urlsplit(sb.expose_port(8080))
     during = network_state(daemon.data_dir, subnet)
     assert own_veth in during.links
     assert sandbox_id in during.chains
     assert address in during.elements
+    assert during.exposed == (f"{url.hostname} . {url.port}",)
     sb.terminate()
     sb.close()
     after = network_state(daemon.data_dir, subnet)
     assert own_veth not in after.links
     assert sandbox_id not in after.chains
     assert address not in after.elements
+    assert after.exposed == ()
     # The bridge's own address and route stay while the daemon runs.
     assert after.addresses == during.addresses
     assert after.routes == during.routes
@@ -171,7 +193,12 @@ def test_restart_sweeps_crash_leftovers(daemon_factory: Any) -> None:
     data_dir = make_data_dir()
     daemon = start_daemon(data_dir)
     subnet = engine_subnet(daemon)
-    Sandbox(address=daemon.address).create().close()
+    sb = Sandbox(address=daemon.address).create()
+    try:
+        sb.process.exec("python3", "-c", LISTENER)
+        sb.expose_port(8080)
+    finally:
+        sb.close()
     children = daemon.descendants()
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait()
@@ -180,6 +207,7 @@ def test_restart_sweeps_crash_leftovers(daemon_factory: Any) -> None:
     left = network_state(data_dir, subnet)
     _, _, table = instance_names(data_dir)
     assert left.tables == (table,)
+    assert len(left.exposed) == 1
     restarted = daemon_factory(data_dir=data_dir)
     log = restarted.log()
     assert f"removing leftover nftables table inet {table}" in log
