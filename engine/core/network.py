@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import Conntrack
+from pyroute2.conntrack import ConntrackEntry
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
@@ -227,6 +228,13 @@ class Network:
             gateway = ipaddress.IPv4Interface(f"{self.gateway}/{self.subnet.prefixlen}")
             netlink.create_bridge(self.bridge, gateway)
         try:
+            removed = _flush_translated_conntrack(self.subnet)
+            if removed:
+                log.warning(
+                    "removed %d leftover conntrack entries of exposed ports into %s",
+                    removed,
+                    self.subnet,
+                )
             netlink.enable_forwarding(self.bridge)
             # A client on the host's 127.0.0.1 keeps that source address when
             # the chain ``expose`` sends its packets to the bridge, and Linux
@@ -375,9 +383,9 @@ class Network:
             # the host's input chain whatever its egress policy.
             f"add rule {table} postrouting oifname {bridge} ct status dnat "
             f"snat ip to {self.gateway}",
-            # route_localnet on the bridge would otherwise let packets from
-            # a sandbox to or from 127.0.0.0/8 in; Linux drops them on every
-            # interface without it.
+            # Linux drops packets to or from 127.0.0.0/8 on an interface
+            # without route_localnet. The bridge has it, so these rules drop
+            # such packets from a sandbox.
             f"add chain {table} martians "
             f"{{ type filter hook prerouting priority {PRIORITY_RAW}; "
             "policy accept; }",
@@ -680,22 +688,49 @@ def _flush_exposed_conntrack(host: str, host_port: int) -> int:
     rejected by the input chain, so both ends see the connection reset.
     Returns how many entries were deleted.
     """
-    deleted = 0
+    match = NFCTAttrTuple(daddr=host, proto=socket.IPPROTO_TCP, dport=host_port)
     with Conntrack() as conntrack:
-        match = NFCTAttrTuple(daddr=host, proto=socket.IPPROTO_TCP, dport=host_port)
-        for entry in list(conntrack.dump_entries(tuple_orig=match)):
-            try:
-                conntrack.delete(entry)
-            except NetlinkError as error:
-                # The entry timed out between the dump and the delete.
-                if error.code != errno.ENOENT:
-                    raise OSError(
-                        error.code,
-                        f"delete conntrack entries of {host}:{host_port} failed: "
-                        f"{os.strerror(error.code)}",
-                    ) from error
-                continue
-            deleted += 1
+        entries = list(conntrack.dump_entries(tuple_orig=match))
+        return _delete_conntrack(conntrack, entries, f"{host}:{host_port}")
+
+
+def _flush_translated_conntrack(subnet: ipaddress.IPv4Network) -> int:
+    """Delete the conntrack entries of connections translated into ``subnet``.
+
+    Those are connections to exposed ports that a crashed engine left: their
+    reply source is in the subnet and their original destination is not.
+    Sandbox egress keeps its entries, whose reply source is outside.
+    Returns how many entries were deleted.
+    """
+    with Conntrack() as conntrack:
+        entries = [
+            entry
+            for entry in conntrack.dump_entries()
+            if entry.tuple_reply.saddr is not None
+            and entry.tuple_orig.daddr is not None
+            and ipaddress.ip_address(entry.tuple_reply.saddr) in subnet
+            and ipaddress.ip_address(entry.tuple_orig.daddr) not in subnet
+        ]
+        return _delete_conntrack(conntrack, entries, f"translations into {subnet}")
+
+
+def _delete_conntrack(
+    conntrack: Conntrack, entries: list[ConntrackEntry], description: str
+) -> int:
+    deleted = 0
+    for entry in entries:
+        try:
+            conntrack.delete(entry)
+        except NetlinkError as error:
+            # The entry timed out between the dump and the delete.
+            if error.code != errno.ENOENT:
+                raise OSError(
+                    error.code,
+                    f"delete conntrack entries of {description} failed: "
+                    f"{os.strerror(error.code)}",
+                ) from error
+            continue
+        deleted += 1
     return deleted
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 from conftest import make_data_dir, start_daemon
+from pyroute2 import Conntrack
 
 from engine import Sandbox
 from engine.core.network import instance_names
@@ -31,6 +33,12 @@ from engine.runtime.nftables import Nft
 
 LISTENER = (
     "import socket, time; s = socket.create_server(('127.0.0.1', 8080)); time.sleep(60)"
+)
+# Accepts connections on 127.0.0.1:8080 and keeps them open.
+ACCEPTER = (
+    "import socket, time; s = socket.create_server(('127.0.0.1', 8080))\n"
+    "held = []\n"
+    "while True: held.append(s.accept())"
 )
 
 
@@ -90,6 +98,20 @@ def network_state(data_dir: Path, subnet: str | None = None) -> NetworkState:
         keys.get("sandboxes", ()),
         keys.get("exposed", ()),
     )
+
+
+def translated_into(subnet: str) -> list[str]:
+    """Return "address:port" of each tracked connection translated into ``subnet``."""
+    network = ipaddress.IPv4Network(subnet)
+    with Conntrack() as conntrack:
+        return [
+            f"{entry.tuple_orig.daddr}:{entry.tuple_orig.dport}"
+            for entry in conntrack.dump_entries()
+            if entry.tuple_reply.saddr is not None
+            and entry.tuple_orig.daddr is not None
+            and ipaddress.ip_address(entry.tuple_reply.saddr) in network
+            and ipaddress.ip_address(entry.tuple_orig.daddr) not in network
+        ]
 
 
 def _element_key(key: Any) -> str:
@@ -195,23 +217,32 @@ def test_restart_sweeps_crash_leftovers(daemon_factory: Any) -> None:
     subnet = engine_subnet(daemon)
     sb = Sandbox(address=daemon.address).create()
     try:
-        sb.process.exec("python3", "-c", LISTENER)
-        sb.expose_port(8080)
+        sb.process.exec("python3", "-c", ACCEPTER)
+        time.sleep(1)
+        url = urlsplit(sb.expose_port(8080))
     finally:
         sb.close()
+    assert url.hostname is not None and url.port is not None
+    # Open through the kernel path, and still tracked after the crash.
+    client = socket.create_connection((url.hostname, url.port), timeout=5)
     children = daemon.descendants()
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait()
     daemon.log_path.unlink()
     psutil.wait_procs(children, timeout=30)
+    client.close()
     left = network_state(data_dir, subnet)
     _, _, table = instance_names(data_dir)
     assert left.tables == (table,)
     assert len(left.exposed) == 1
+    assert translated_into(subnet)
     restarted = daemon_factory(data_dir=data_dir)
     log = restarted.log()
     assert f"removing leftover nftables table inet {table}" in log
     assert "removed leftover bridge" in log
+    if engine_subnet(restarted) == subnet:
+        assert "leftover conntrack entries of exposed ports" in log
+        assert translated_into(subnet) == []
     new_subnet = engine_subnet(restarted)
     assert restarted.stop() == 0
     assert network_state(data_dir, subnet) == NetworkState((), (), (), (), (), ())
