@@ -1034,7 +1034,12 @@ class Engine:
             assert sandbox.netns_fd is not None
             try:
                 forwarder = PortForwarder(
-                    sandbox.netns_fd, port, self.config.expose_host, sandbox_id
+                    sandbox.netns_fd,
+                    port,
+                    self.config.expose_host,
+                    sandbox_id,
+                    network=self.network,
+                    attachment=sandbox.attachment,
                 )
             except OSError as error:
                 raise Unavailable(

@@ -18,25 +18,45 @@ The base chains of the table drop, whatever a sandbox's policy:
   chain. New connections into the bridge from anywhere are dropped too;
 - input: every packet from the bridge to any of the host's own addresses,
   except replies to connections the host opened;
-- output: new connections from the host into the bridge.
+- output: new connections from the host into the bridge, except those that
+  the chain ``expose`` translated to an exposed port;
+- prerouting (chain ``martians``): packets from the bridge with a source or
+  destination in 127.0.0.0/8.
 
 Sandbox egress is masqueraded to the address of the outgoing interface.
+
+Connections from the host itself to an exposed port's URL are translated by
+the kernel (``Network.expose``): the chain ``expose`` rewrites the URL's
+address and port to the sandbox's address and port through the map
+``exposed``, and the source to the gateway. Inside the sandbox, the table
+``ip engine-ports`` rewrites them once more to 127.0.0.1, with
+``route_localnet`` on ``eth0``, so services that listen on the sandbox's
+loopback are reachable. The bridge has ``route_localnet`` too, because a
+client on 127.0.0.1 keeps that source until postrouting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import ipaddress
 import logging
 import os
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyroute2 import Conntrack
+from pyroute2.conntrack import ConntrackEntry
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from engine.runtime import netlink
+from engine.runtime import libc, netlink
 from engine.runtime.nftables import Nft
 
 log = logging.getLogger(__name__)
@@ -64,6 +84,15 @@ SUBNET_LOCK = Path("/run/engine-network.lock")
 AUTO_UPLINKS = "auto"
 # The interface name of every networked sandbox.
 SANDBOX_IFNAME = "eth0"
+# The nftables table (family ip) inside each sandbox's network namespace
+# that rewrites exposed-port connections to the sandbox's 127.0.0.1.
+INSIDE_TABLE_NAME = "engine-ports"
+CLONE_NEWNET = 0x40000000
+# Hook priorities of the nat and raw chains, as numbers: libnftables 1.0.6
+# (Debian 12) accepts no "dstnat" keyword in an output hook.
+PRIORITY_RAW = -300
+PRIORITY_DSTNAT = -100
+PRIORITY_SRCNAT = 100
 
 
 @dataclass(frozen=True)
@@ -142,6 +171,9 @@ class Network:
         # the lock guards these two fields.
         self._used: set[int] = set()
         self._next = 0
+        # Exposed ports with a kernel path: (URL address, URL port) -> the
+        # sandbox's address. Guarded by the lock as well.
+        self._exposed: dict[tuple[str, int], ipaddress.IPv4Address] = {}
         self._lock = threading.Lock()
 
     # Lifecycle.
@@ -196,7 +228,18 @@ class Network:
             gateway = ipaddress.IPv4Interface(f"{self.gateway}/{self.subnet.prefixlen}")
             netlink.create_bridge(self.bridge, gateway)
         try:
+            removed = _flush_translated_conntrack(self.subnet)
+            if removed:
+                log.warning(
+                    "removed %d leftover conntrack entries of exposed ports into %s",
+                    removed,
+                    self.subnet,
+                )
             netlink.enable_forwarding(self.bridge)
+            # A client on the host's 127.0.0.1 keeps that source address when
+            # the chain ``expose`` sends its packets to the bridge, and Linux
+            # routes such packets only with route_localnet on the interface.
+            _enable_route_localnet(self.bridge)
             self.nft.run(self._table_batch())
         except BaseException:
             netlink.delete_link(self.bridge)
@@ -305,16 +348,50 @@ class Network:
             uplink_rule,
             f"add rule {table} egress ip saddr vmap @sandboxes",
             f"add rule {table} egress drop",
+            # Replies from a sandbox to a client of an exposed port. Of the
+            # engine's rules, only the chain expose sets the DNAT status on
+            # connections into the bridge, and sandbox code cannot open a
+            # connection in the reply direction.
+            f"add rule {table} input iifname {bridge} ct direction reply "
+            "ct status dnat accept",
             f"add rule {table} input iifname {bridge} meta l4proto tcp "
             "reject with tcp reset",
             f"add rule {table} input iifname {bridge} "
             "reject with icmpx admin-prohibited",
             f"add rule {table} output oifname {bridge} ct state {replies} accept",
+            f"add rule {table} output oifname {bridge} ct status dnat accept",
             f"add rule {table} output oifname {bridge} drop",
             f"add rule {table} postrouting iifname {bridge} oifname != {bridge} "
             "masquerade",
+            *self._expose_batch(),
         ]
         return "\n".join(lines) + "\n"
+
+    def _expose_batch(self) -> list[str]:
+        """Return the map, chains and rules of the kernel path of exposed ports."""
+        table = f"inet {self.table}"
+        bridge = f'"{self.bridge}"'
+        return [
+            # (URL address . URL port) : (sandbox address . port inside).
+            f"add map {table} exposed "
+            "{ type ipv4_addr . inet_service : ipv4_addr . inet_service; }",
+            f"add chain {table} expose "
+            f"{{ type nat hook output priority {PRIORITY_DSTNAT}; policy accept; }}",
+            f"add rule {table} expose meta l4proto tcp "
+            "dnat ip to ip daddr . tcp dport map @exposed",
+            # The sandbox replies to the gateway, so its replies come back to
+            # the host's input chain whatever its egress policy.
+            f"add rule {table} postrouting oifname {bridge} ct status dnat "
+            f"snat ip to {self.gateway}",
+            # Linux drops packets to or from 127.0.0.0/8 on an interface
+            # without route_localnet. The bridge has it, so these rules drop
+            # such packets from a sandbox.
+            f"add chain {table} martians "
+            f"{{ type filter hook prerouting priority {PRIORITY_RAW}; "
+            "policy accept; }",
+            f"add rule {table} martians iifname {bridge} ip saddr 127.0.0.0/8 drop",
+            f"add rule {table} martians iifname {bridge} ip daddr 127.0.0.0/8 drop",
+        ]
 
     # Addresses and veth pairs.
 
@@ -412,17 +489,94 @@ class Network:
             netlink.flush_conntrack(attachment.address.ip)
 
     def remove(self, sandbox_id: str, attachment: Attachment) -> None:
-        """Delete the sandbox's map element and chain, its veth and its address."""
+        """Delete the sandbox's map elements and chain, its veth and its address.
+
+        The elements are the sandbox's in ``sandboxes`` and any in ``exposed``
+        that ``unexpose`` did not delete.
+        """
         assert self.nft is not None
         chain = _chain(sandbox_id)
         table = f"inet {self.table}"
+        with self._lock:
+            exposed = [
+                key
+                for key, address in self._exposed.items()
+                if address == attachment.address.ip
+            ]
+            for key in exposed:
+                del self._exposed[key]
+        batch = [
+            f"delete element {table} exposed {{ {_url_key(*key)} }}" for key in exposed
+        ]
+        batch.append(f"delete element {table} sandboxes {{ {attachment.address.ip} }}")
+        batch.append(f"delete chain {table} {chain}")
         try:
-            self.nft.run(
-                f"delete element {table} sandboxes {{ {attachment.address.ip} }}\n"
-                f"delete chain {table} {chain}\n"
-            )
+            self.nft.run("\n".join(batch) + "\n")
+            for host, host_port in exposed:
+                _flush_exposed_conntrack(host, host_port)
         finally:
             self.detach(attachment)
+
+    # Exposed ports.
+
+    def expose(
+        self,
+        netns_fd: int,
+        attachment: Attachment,
+        host: ipaddress.IPv4Address,
+        host_port: int,
+        port: int,
+    ) -> None:
+        """Route TCP connections from the host to ``host:host_port`` into the sandbox.
+
+        The kernel then carries them to ``port`` on the sandbox's 127.0.0.1,
+        which ``netns_fd`` (the sandbox's network namespace) reaches. Only
+        connections opened on the host itself take this path, because only
+        the output hook translates them. The caller keeps a socket bound to
+        ``host:host_port`` so that no other program takes the port.
+        """
+        assert self.nft is not None
+        _run_in_netns(netns_fd, lambda: _expose_inside(attachment, port))
+        key = (str(host), host_port)
+        value = f"{attachment.address.ip} . {port}"
+        with self._lock:
+            if key in self._exposed:
+                raise FailedPrecondition(
+                    f"{host}:{host_port} already has a kernel path; "
+                    "unexpose it before exposing it again"
+                )
+            self._exposed[key] = attachment.address.ip
+        try:
+            self.nft.run(
+                f"add element inet {self.table} exposed "
+                f"{{ {_url_key(*key)} : {value} }}\n"
+            )
+        except BaseException:
+            with self._lock:
+                self._exposed.pop(key, None)
+            raise
+
+    def unexpose(self, host: ipaddress.IPv4Address, host_port: int) -> None:
+        """Delete what ``expose`` added on the host, and cut its open connections.
+
+        The rules inside the sandbox stay until its network namespace goes.
+        """
+        assert self.nft is not None
+        key = (str(host), host_port)
+        with self._lock:
+            address = self._exposed.pop(key, None)
+        if address is None:
+            return
+        try:
+            self.nft.run(
+                f"delete element inet {self.table} exposed {{ {_url_key(*key)} }}\n"
+            )
+        except BaseException:
+            # Still in the map, so remove() deletes it with the sandbox's chain.
+            with self._lock:
+                self._exposed[key] = address
+            raise
+        _flush_exposed_conntrack(*key)
 
     def _policy_rules(self, chain: str, policy: NetworkPolicy) -> list[str]:
         prefix = f"add rule inet {self.table} {chain}"
@@ -452,6 +606,143 @@ class Network:
 
 def _chain(sandbox_id: str) -> str:
     return sandbox_id if sandbox_id.startswith("sb-") else f"sb-{sandbox_id}"
+
+
+def _url_key(host: str, host_port: int) -> str:
+    return f"{host} . {host_port}"
+
+
+def _enable_route_localnet(ifname: str) -> None:
+    # /proc/sys/net shows the network namespace of the calling thread.
+    Path(f"/proc/sys/net/ipv4/conf/{ifname}/route_localnet").write_text("1")
+
+
+def _run_in_netns(netns_fd: int, function: Callable[[], None]) -> None:
+    """Call ``function`` in a new thread inside the network namespace ``netns_fd``.
+
+    setns(2) moves only the calling thread, and the thread ends with the
+    call, so no other code runs in that namespace. Sockets, including
+    libnftables' netlink socket, and /proc/sys/net files opened by
+    ``function`` belong to that namespace. Raises what ``function`` raised.
+    """
+    errors: list[BaseException] = []
+    target = os.fstat(netns_fd).st_ino
+
+    def run() -> None:
+        try:
+            libc.setns(netns_fd, CLONE_NEWNET)
+            # /proc/sys/net shows the namespace of the thread that opens it.
+            if os.stat("/proc/thread-self/ns/net").st_ino != target:
+                raise OSError(
+                    errno.EINVAL, "setns did not move the thread into the namespace"
+                )
+            function()
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="netns-setup", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _expose_inside(attachment: Attachment, port: int) -> None:
+    """Rewrite connections from the gateway to ``port`` on eth0 to 127.0.0.1.
+
+    Runs inside the sandbox's network namespace, from ``_run_in_netns``. The
+    destination becomes 127.0.0.1 in prerouting, and the source becomes
+    127.0.0.1 in the input hook, so a service's accept() returns a peer on
+    127.0.0.1, as it does through the splice forwarder. The first call
+    creates the table, and every call adds ``port`` to its set ``ports``.
+    """
+    # Without route_localnet, Linux drops packets to 127.0.0.0/8 that arrive
+    # on eth0, and will not route replies from 127.0.0.1 out of it.
+    _enable_route_localnet(SANDBOX_IFNAME)
+    nft = Nft()
+    try:
+        batch = []
+        if INSIDE_TABLE_NAME not in nft.table_names("ip"):
+            batch = _inside_table_batch(attachment)
+        batch.append(f"add element ip {INSIDE_TABLE_NAME} ports {{ {port} }}")
+        nft.run("\n".join(batch) + "\n")
+    finally:
+        nft.close()
+
+
+def _inside_table_batch(attachment: Attachment) -> list[str]:
+    table = f"ip {INSIDE_TABLE_NAME}"
+    eth0 = f'"{SANDBOX_IFNAME}"'
+    return [
+        f"add table {table}",
+        f"add set {table} ports {{ type inet_service; }}",
+        f"add chain {table} martians "
+        f"{{ type filter hook prerouting priority {PRIORITY_RAW}; policy accept; }}",
+        f"add chain {table} prerouting "
+        f"{{ type nat hook prerouting priority {PRIORITY_DSTNAT}; policy accept; }}",
+        f"add chain {table} input "
+        f"{{ type nat hook input priority {PRIORITY_SRCNAT}; policy accept; }}",
+        # Only the destination NAT below may produce 127.0.0.0/8 on eth0.
+        f"add rule {table} martians iifname {eth0} ip saddr 127.0.0.0/8 drop",
+        f"add rule {table} martians iifname {eth0} ip daddr 127.0.0.0/8 drop",
+        f"add rule {table} prerouting iifname {eth0} ip saddr {attachment.gateway} "
+        f"ip daddr {attachment.address.ip} tcp dport @ports dnat to 127.0.0.1",
+        f"add rule {table} input iifname {eth0} ct status dnat snat to 127.0.0.1",
+    ]
+
+
+def _flush_exposed_conntrack(host: str, host_port: int) -> int:
+    """Delete the conntrack entries of connections to ``host:host_port``.
+
+    The kernel then stops translating their packets: the client's next
+    packet reaches the host's own port, and the sandbox's next packet is
+    rejected by the input chain, so both ends see the connection reset.
+    Returns how many entries were deleted.
+    """
+    match = NFCTAttrTuple(daddr=host, proto=socket.IPPROTO_TCP, dport=host_port)
+    with Conntrack() as conntrack:
+        entries = list(conntrack.dump_entries(tuple_orig=match))
+        return _delete_conntrack(conntrack, entries, f"{host}:{host_port}")
+
+
+def _flush_translated_conntrack(subnet: ipaddress.IPv4Network) -> int:
+    """Delete the conntrack entries of connections translated into ``subnet``.
+
+    Those are connections to exposed ports that a crashed engine left: their
+    reply source is in the subnet and their original destination is not.
+    Sandbox egress keeps its entries, whose reply source is outside.
+    Returns how many entries were deleted.
+    """
+    with Conntrack() as conntrack:
+        entries = [
+            entry
+            for entry in conntrack.dump_entries()
+            if entry.tuple_reply.saddr is not None
+            and entry.tuple_orig.daddr is not None
+            and ipaddress.ip_address(entry.tuple_reply.saddr) in subnet
+            and ipaddress.ip_address(entry.tuple_orig.daddr) not in subnet
+        ]
+        return _delete_conntrack(conntrack, entries, f"translations into {subnet}")
+
+
+def _delete_conntrack(
+    conntrack: Conntrack, entries: list[ConntrackEntry], description: str
+) -> int:
+    deleted = 0
+    for entry in entries:
+        try:
+            conntrack.delete(entry)
+        except NetlinkError as error:
+            # The entry timed out between the dump and the delete.
+            if error.code != errno.ENOENT:
+                raise OSError(
+                    error.code,
+                    f"delete conntrack entries of {description} failed: "
+                    f"{os.strerror(error.code)}",
+                ) from error
+            continue
+        deleted += 1
+    return deleted
 
 
 @contextlib.contextmanager

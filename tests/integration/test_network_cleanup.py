@@ -13,14 +13,17 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
 from conftest import make_data_dir, start_daemon
+from pyroute2 import Conntrack
 
 from engine import Sandbox
 from engine.core.network import instance_names
@@ -31,6 +34,12 @@ from engine.runtime.nftables import Nft
 LISTENER = (
     "import socket, time; s = socket.create_server(('127.0.0.1', 8080)); time.sleep(60)"
 )
+# Accepts connections on 127.0.0.1:8080 and keeps them open.
+ACCEPTER = (
+    "import socket, time; s = socket.create_server(('127.0.0.1', 8080))\n"
+    "held = []\n"
+    "while True: held.append(s.accept())"
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,10 @@ class NetworkState:
     routes: tuple[str, ...]
     tables: tuple[str, ...]
     chains: tuple[str, ...]
+    # Keys of the map "sandboxes": sandbox addresses.
     elements: tuple[str, ...]
+    # Keys of the map "exposed": "URL address . URL port".
+    exposed: tuple[str, ...] = ()
 
 
 def network_state(data_dir: Path, subnet: str | None = None) -> NetworkState:
@@ -65,18 +77,48 @@ def network_state(data_dir: Path, subnet: str | None = None) -> NetworkState:
     try:
         tables = tuple(name for name in nft.table_names("inet") if name == table)
         chains: tuple[str, ...] = ()
-        elements: tuple[str, ...] = ()
+        keys: dict[str, tuple[str, ...]] = {}
         if tables:
             items = nft.list_json(f"list table inet {table}")
             chains = tuple(i["chain"]["name"] for i in items if "chain" in i)
             for item in items:
                 if "map" in item:
-                    elements = tuple(
-                        str(element[0]) for element in item["map"].get("elem", [])
+                    keys[item["map"]["name"]] = tuple(
+                        _element_key(element[0])
+                        for element in item["map"].get("elem", [])
                     )
     finally:
         nft.close()
-    return NetworkState(links, addresses, routes, tables, chains, elements)
+    return NetworkState(
+        links,
+        addresses,
+        routes,
+        tables,
+        chains,
+        keys.get("sandboxes", ()),
+        keys.get("exposed", ()),
+    )
+
+
+def translated_into(subnet: str) -> list[str]:
+    """Return "address:port" of each tracked connection translated into ``subnet``."""
+    network = ipaddress.IPv4Network(subnet)
+    with Conntrack() as conntrack:
+        return [
+            f"{entry.tuple_orig.daddr}:{entry.tuple_orig.dport}"
+            for entry in conntrack.dump_entries()
+            if entry.tuple_reply.saddr is not None
+            and entry.tuple_orig.daddr is not None
+            and ipaddress.ip_address(entry.tuple_reply.saddr) in network
+            and ipaddress.ip_address(entry.tuple_orig.daddr) not in network
+        ]
+
+
+def _element_key(key: Any) -> str:
+    # nft's JSON has a concatenated key as {"concat": [part, ...]}.
+    if isinstance(key, dict) and "concat" in key:
+        return " . ".join(str(part) for part in key["concat"])
+    return str(key)
 
 
 def engine_subnet(daemon: Any) -> str:
@@ -101,11 +143,12 @@ def test_terminate_removes_sandbox_network(daemon_factory: Any) -> None:
     address = sb.status().address
     own_veth = veth_name(daemon.data_dir, subnet, address)
     sb.process.exec("python3", "-c", LISTENER)
-    sb.expose_port(8080)
+    url = urlsplit(sb.expose_port(8080))
     during = network_state(daemon.data_dir, subnet)
     assert own_veth in during.links
     assert sandbox_id in during.chains
     assert address in during.elements
+    assert during.exposed == (f"{url.hostname} . {url.port}",)
     sb.terminate()
     sb.close()
     # Terminate returns once the sandbox's processes are gone; the engine
@@ -118,6 +161,7 @@ def test_terminate_removes_sandbox_network(daemon_factory: Any) -> None:
     assert own_veth not in after.links
     assert sandbox_id not in after.chains
     assert address not in after.elements
+    assert after.exposed == ()
     # The bridge's own address and route stay while the daemon runs.
     assert after.addresses == during.addresses
     assert after.routes == during.routes
@@ -177,19 +221,34 @@ def test_restart_sweeps_crash_leftovers(daemon_factory: Any) -> None:
     data_dir = make_data_dir()
     daemon = start_daemon(data_dir)
     subnet = engine_subnet(daemon)
-    Sandbox(address=daemon.address).create().close()
+    sb = Sandbox(address=daemon.address).create()
+    try:
+        sb.process.exec("python3", "-c", ACCEPTER)
+        time.sleep(1)
+        url = urlsplit(sb.expose_port(8080))
+    finally:
+        sb.close()
+    assert url.hostname is not None and url.port is not None
+    # Open through the kernel path, and still tracked after the crash.
+    client = socket.create_connection((url.hostname, url.port), timeout=5)
     children = daemon.descendants()
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait()
     daemon.log_path.unlink()
     psutil.wait_procs(children, timeout=30)
+    client.close()
     left = network_state(data_dir, subnet)
     _, _, table = instance_names(data_dir)
     assert left.tables == (table,)
+    assert len(left.exposed) == 1
+    assert translated_into(subnet)
     restarted = daemon_factory(data_dir=data_dir)
     log = restarted.log()
     assert f"removing leftover nftables table inet {table}" in log
     assert "removed leftover bridge" in log
+    if engine_subnet(restarted) == subnet:
+        assert "leftover conntrack entries of exposed ports" in log
+        assert translated_into(subnet) == []
     new_subnet = engine_subnet(restarted)
     assert restarted.stop() == 0
     assert network_state(data_dir, subnet) == NetworkState((), (), (), (), (), ())

@@ -51,6 +51,8 @@ def test_network_benchmark_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert re.search(r"\| create, median of 2 \| [\d.]+ ms \|", result.stdout)
     assert re.search(r"\| TCP throughput, median of 1 \| \d+ MiB/s", result.stdout)
+    assert "(exposed port, networked sandbox, kernel path)" in result.stdout
+    assert "(exposed port, loopback-only sandbox, splice forwarder)" in result.stdout
     assert "through a veth pair" in result.stdout
     text = docs.read_text()
     assert text.startswith("intro\n<!-- network:begin -->\n")
