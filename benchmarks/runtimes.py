@@ -186,6 +186,27 @@ def posix_spawn_true() -> float:
     return elapsed
 
 
+def fork_exec_true() -> float:
+    """Time os.fork, os.execv of /bin/true in the child and os.waitpid, in seconds.
+
+    The child calls only execv, or _exit(127) when execv fails, so forking
+    from this multi-threaded process runs no code that could need a lock
+    held by another thread.
+    """
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(TRUE, [TRUE])
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{TRUE} exited with wait status {status}")
+    return elapsed
+
+
 def subprocess_true() -> float:
     """Time subprocess.run of /bin/true with stdio on /dev/null, in seconds."""
     return _run_timed([TRUE])
