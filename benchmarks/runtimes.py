@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.runtime import cgroups
+from benchmarks.machine import own_cgroup_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -416,14 +416,8 @@ class Runc:
         container's cgroup beneath the cgroup of the process that runs it,
         named after the container id.
         """
-        entries = cgroups.read_proc_cgroup("/proc/self/cgroup")
-        mounts = cgroups.read_cgroup_mounts("/proc/self/mountinfo")
-        parents = set(cgroups.own_v1_dirs(entries, mounts).values())
-        unified = cgroups.own_v2_dir(entries, mounts)
-        if unified is not None:
-            parents.add(unified)
         found = []
-        for parent in sorted(parents):
+        for parent in own_cgroup_dirs():
             with contextlib.suppress(OSError):
                 found += [
                     str(Path(parent) / name)
