@@ -286,6 +286,8 @@ async def _set_up_runc(run: _Run, tool: runtimes.Tool, options: Options) -> None
 
 
 async def _set_up_baselines(run: _Run, options: Options) -> None:
+    fork_exec = runtimes.ForkExec()
+    run.cleanup("stopping the fork+exec helper", fork_exec.close)
     baselines = {
         "posix-spawn": (
             "baseline: os.posix_spawn + waitpid",
@@ -293,7 +295,7 @@ async def _set_up_baselines(run: _Run, options: Options) -> None:
         ),
         FORK_EXEC_SYSTEM: (
             "baseline: os.fork + os.execv + waitpid",
-            runtimes.fork_exec_true,
+            fork_exec.run_true,
         ),
         "subprocess": ("baseline: subprocess.run", runtimes.subprocess_true),
     }

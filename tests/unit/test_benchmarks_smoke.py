@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ITERATIONS = 2
 # Seconds the whole harness run may take.
-RUN_TIMEOUT = 55.0
+RUN_TIMEOUT = 120.0
 EXPECTED_ROWS = {
     ("cold_start", "engine-grpc"),
     ("cold_start", "engine-grpc-net"),
