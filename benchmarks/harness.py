@@ -339,6 +339,7 @@ async def run_benchmarks(options: Options) -> tuple[dict[str, Any], list[Case]]:
     """
     started = datetime.datetime.now(datetime.UTC)
     machine = describe_machine()
+    load_before = os.getloadavg()[0]
     tools = await asyncio.to_thread(runtimes.find_tools, options.install)
     work = Path(tempfile.mkdtemp(prefix="engine-bench-", dir=options.work_dir))
     # The sandboxes' mapped uids must traverse the data dirs inside it.
@@ -377,6 +378,7 @@ async def run_benchmarks(options: Options) -> tuple[dict[str, Any], list[Case]]:
         "finished_at": finished.isoformat(timespec="seconds"),
         "options": option_values,
         "machine": machine,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "tools": {name: asdict(tool) for name, tool in tools.items()},
         "tool_versions": [
             tool.version if tool.path else f"{name}: not available ({tool.reason})"

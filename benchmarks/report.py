@@ -333,6 +333,9 @@ def render_markdown(run: dict[str, Any], cases: list[Case]) -> str:
         "",
         f"Machine: {machine_summary(run['machine'])}.",
         "",
+        f"One-minute load average: {run['load_average']['before']:.1f} before the"
+        f" run, {run['load_average']['after']:.1f} after it.",
+        "",
         "Tools: " + "; ".join(run["tool_versions"]) + ".",
         "",
         f"### {TITLES[COLD_START]}",

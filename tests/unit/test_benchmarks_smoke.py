@@ -227,6 +227,7 @@ def test_report_lists_machine_and_targets(smoke_run: dict) -> None:
     markdown = data["markdown"]
     assert data["machine"]["kernel"] in markdown
     assert "cgroup v1" in markdown or "cgroup v2" in markdown
+    assert "One-minute load average: " in markdown
     assert "### Targets" in markdown
     assert len(data["targets"]) == 5
     assert all(target["met"] is not None for target in data["targets"])
