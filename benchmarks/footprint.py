@@ -22,7 +22,10 @@ from engine.runtime import cgroups
 
 MIB = 1024 * 1024
 # memory.stat keys of cgroup v2 whose sum is the kernel's memory, for kernels
-# older than 5.18, whose memory.stat has no "kernel" line.
+# whose memory.stat has no "kernel" line. That line, the v2 analogue of v1's
+# kmem counter, came with "memcg: add per-memcg total kernel memory stat"
+# (commit a8c49af3be5f, Linux 5.18). The sum misses some accounted kernel
+# allocations that the line counts.
 V2_KERNEL_KEYS = ("kernel_stack", "pagetables", "percpu", "sock", "vmalloc", "slab")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from conftest import Daemon, wait_healthy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -192,9 +193,11 @@ def test_open_file_limit_raised(data_dir: Path) -> None:
     try:
         wait_healthy(started.address, process, log_path)
         assert _soft_open_file_limit(started.pid) == hard
+        # The supervisors are forks of the zygote with its command line, so
+        # only the daemon's own children are looked at.
         zygotes = [
             child
-            for child in started.descendants()
+            for child in psutil.Process(started.pid).children()
             if "engine.runtime.zygote" in child.cmdline()
         ]
         assert len(zygotes) == 1
