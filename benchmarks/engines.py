@@ -55,17 +55,25 @@ def engine_command() -> list[str]:
     return [sys.executable, "-m", "engine.cli.main"]
 
 
-# Engine sandboxes here are loopback only, as the bubblewrap and runc rows
-# are, so every row measures the same isolation. benchmarks/network.py
-# measures what a network adds.
-def _spec_proto() -> pb.SandboxSpec:
-    return pb.SandboxSpec(
+# Engine sandboxes here are loopback only by default, as the bubblewrap and
+# runc rows are, so those rows measure the same isolation. The bridged row
+# and benchmarks/network.py measure what a network adds.
+def spec_proto(block_network: bool = True, ttl: float | None = None) -> pb.SandboxSpec:
+    """Return the spec of every benchmarked sandbox: host image, fixed limits.
+
+    ``ttl`` is the idle timeout in seconds, where 0 means none; None keeps
+    the daemon's default.
+    """
+    spec = pb.SandboxSpec(
         image="host",
         cpu=CPU_CORES,
         memory_mib=MEMORY_MIB,
         pids=PIDS,
-        block_network=True,
+        block_network=block_network,
     )
+    if ttl is not None:
+        spec.ttl_seconds = ttl
+    return spec
 
 
 class Daemon:
@@ -152,20 +160,20 @@ class Daemon:
         return status
 
 
-def _create(client: Client) -> str:
-    reply = client.call(
-        "Create", pb.CreateRequest(spec=_spec_proto()), timeout=CALL_TIMEOUT
-    )
+def create(client: Client, spec: pb.SandboxSpec | None = None) -> str:
+    """Create a sandbox through one Create RPC and return its id."""
+    request = pb.CreateRequest(spec=spec if spec is not None else spec_proto())
+    reply = client.call("Create", request, timeout=CALL_TIMEOUT)
     return reply.sandbox.sandbox_id
 
 
-def _terminate(client: Client, sandbox_id: str) -> None:
+def terminate(client: Client, sandbox_id: str) -> None:
     client.call(
         "Terminate", pb.TerminateRequest(sandbox_id=sandbox_id), timeout=CALL_TIMEOUT
     )
 
 
-def _exec(client: Client, sandbox_id: str, argv: list[str]) -> bytes:
+def run_to_exit(client: Client, sandbox_id: str, argv: list[str]) -> bytes:
     """Run ``argv`` through one Exec stream, read to the exit event, and return stdout.
 
     Raises RuntimeError when the process exits with a status other than 0.
@@ -201,34 +209,38 @@ class GrpcRuns:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_size = 0
 
-    def cold_start(self) -> float:
-        """Time Create plus an Exec of `true` to its exit, then terminate untimed."""
+    def cold_start(self, block_network: bool = True) -> float:
+        """Time Create plus an Exec of `true` to its exit, then terminate untimed.
+
+        With ``block_network`` False the sandbox gets the engine's bridged
+        network: a veth pair, an address and an nftables chain.
+        """
         start = time.perf_counter()
-        sandbox_id = _create(self.client)
+        sandbox_id = create(self.client, spec_proto(block_network))
         try:
-            _exec(self.client, sandbox_id, TRUE_ARGV)
+            run_to_exit(self.client, sandbox_id, TRUE_ARGV)
             elapsed = time.perf_counter() - start
         finally:
-            _terminate(self.client, sandbox_id)
+            terminate(self.client, sandbox_id)
         return elapsed
 
     def start_exec_sandbox(self) -> None:
-        self.exec_sandbox = _create(self.client)
+        self.exec_sandbox = create(self.client)
 
     def exec_round_trip(self) -> float:
         """Time one Exec stream of `true` in the running sandbox, to its exit event."""
         assert self.exec_sandbox is not None
         start = time.perf_counter()
-        _exec(self.client, self.exec_sandbox, TRUE_ARGV)
+        run_to_exit(self.client, self.exec_sandbox, TRUE_ARGV)
         return time.perf_counter() - start
 
-    def probe(self, argv: list[str]) -> str:
+    def probe(self, argv: list[str], block_network: bool = True) -> str:
         """Run ``argv`` in a new sandbox and return its stdout."""
-        sandbox_id = _create(self.client)
+        sandbox_id = create(self.client, spec_proto(block_network))
         try:
-            return _exec(self.client, sandbox_id, argv).decode(errors="replace")
+            return run_to_exit(self.client, sandbox_id, argv).decode(errors="replace")
         finally:
-            _terminate(self.client, sandbox_id)
+            terminate(self.client, sandbox_id)
 
     def throughput(self, clients: int, cycles: int) -> Sample:
         """Run ``cycles`` Create+Terminate pairs on each of ``clients`` channels.
@@ -254,7 +266,7 @@ class GrpcRuns:
             durations = []
             for _ in range(cycles):
                 begin = time.perf_counter()
-                _terminate(client, _create(client))
+                terminate(client, create(client))
                 durations.append(time.perf_counter() - begin)
             return durations
 
@@ -272,7 +284,7 @@ class GrpcRuns:
         """Terminate the exec sandbox and close every channel."""
         try:
             if self.exec_sandbox is not None:
-                _terminate(self.client, self.exec_sandbox)
+                terminate(self.client, self.exec_sandbox)
                 self.exec_sandbox = None
         finally:
             if self._executor is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -52,6 +53,19 @@ def _python(code: str) -> list[str]:
     return ["python3", "-c", code]
 
 
+def busy_loops_argv(loops: int) -> list[str]:
+    """Return the argv of a shell that runs ``loops`` busy loops until killed.
+
+    The loops are background subshells in the shell's process group, so
+    killing that group ends them all.
+    """
+    return [
+        "sh",
+        "-c",
+        f"for i in $(seq {loops}); do (while :; do :; done) & done; wait",
+    ]
+
+
 ATTACKS = [
     Attack(
         "fork bomb",
@@ -71,7 +85,7 @@ ATTACKS = [
     Attack(
         "CPU spin",
         "one busy loop per host core, and as many again",
-        ["sh", "-c", "for i in 1 2 3 4; do (while :; do :; done) & done; wait"],
+        busy_loops_argv(2 * (os.cpu_count() or 1)),
     ),
     Attack(
         "fill /tmp",

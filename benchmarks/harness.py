@@ -32,7 +32,7 @@ from benchmarks.engines import (
 )
 from benchmarks.isolation import PROBE_ARGV, Layers, parse_probe
 from benchmarks.machine import describe_machine
-from benchmarks.report import targets
+from benchmarks.report import FORK_EXEC_SYSTEM, GRPC_NETWORK_SYSTEM, targets
 from benchmarks.suite import (
     COLD_START,
     EXEC,
@@ -148,17 +148,32 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
             logger.error("engine daemon setup failed: %s", error)
             reason = f"daemon setup failed: {error}"
             runs = None
+    network_label = "engine, gRPC, bridged network (daemon subprocess)"
+    run.labels[GRPC_NETWORK_SYSTEM] = network_label
     if runs is not None:
         await run.probe(
             system, lambda: asyncio.to_thread(runs.probe, PROBE_ARGV), CGROUP_LIMITS
+        )
+        await run.probe(
+            GRPC_NETWORK_SYSTEM,
+            lambda: asyncio.to_thread(runs.probe, PROBE_ARGV, False),
+            CGROUP_LIMITS,
         )
     label = run.labels[system]
     if runs is None:
         for measurement in (COLD_START, EXEC, EXEC_BURST):
             run.add(measurement, system, label, None, reason)
+        run.add(COLD_START, GRPC_NETWORK_SYSTEM, network_label, None, reason)
     else:
         exec_burst = back_to_back(runs.exec_round_trip, options.burst)
         run.add(COLD_START, system, label, threaded(runs.cold_start), reason)
+        run.add(
+            COLD_START,
+            GRPC_NETWORK_SYSTEM,
+            network_label,
+            threaded(runs.cold_start, False),
+            reason,
+        )
         run.add(EXEC, system, label, threaded(runs.exec_round_trip), reason)
         run.add(EXEC_BURST, system, label, threaded(exec_burst), reason)
     for clients in options.concurrency:
@@ -271,10 +286,16 @@ async def _set_up_runc(run: _Run, tool: runtimes.Tool, options: Options) -> None
 
 
 async def _set_up_baselines(run: _Run, options: Options) -> None:
+    fork_exec = runtimes.ForkExec()
+    run.cleanup("stopping the fork+exec helper", fork_exec.close)
     baselines = {
         "posix-spawn": (
             "baseline: os.posix_spawn + waitpid",
             runtimes.posix_spawn_true,
+        ),
+        FORK_EXEC_SYSTEM: (
+            "baseline: os.fork + os.execv + waitpid",
+            fork_exec.run_true,
         ),
         "subprocess": ("baseline: subprocess.run", runtimes.subprocess_true),
     }
@@ -318,6 +339,7 @@ async def run_benchmarks(options: Options) -> tuple[dict[str, Any], list[Case]]:
     """
     started = datetime.datetime.now(datetime.UTC)
     machine = describe_machine()
+    load_before = os.getloadavg()[0]
     tools = await asyncio.to_thread(runtimes.find_tools, options.install)
     work = Path(tempfile.mkdtemp(prefix="engine-bench-", dir=options.work_dir))
     # The sandboxes' mapped uids must traverse the data dirs inside it.
@@ -356,6 +378,7 @@ async def run_benchmarks(options: Options) -> tuple[dict[str, Any], list[Case]]:
         "finished_at": finished.isoformat(timespec="seconds"),
         "options": option_values,
         "machine": machine,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "tools": {name: asdict(tool) for name, tool in tools.items()},
         "tool_versions": [
             tool.version if tool.path else f"{name}: not available ({tool.reason})"

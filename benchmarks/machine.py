@@ -59,6 +59,17 @@ def cgroup_mode() -> str:
     return "none mounted"
 
 
+def own_cgroup_dirs() -> list[str]:
+    """Return the directory of this process's cgroup in every mounted hierarchy."""
+    entries = cgroups.read_proc_cgroup("/proc/self/cgroup")
+    mounts = cgroups.read_cgroup_mounts("/proc/self/mountinfo")
+    parents = set(cgroups.own_v1_dirs(entries, mounts).values())
+    unified = cgroups.own_v2_dir(entries, mounts)
+    if unified is not None:
+        parents.add(unified)
+    return sorted(parents)
+
+
 def describe_machine() -> dict[str, Any]:
     """Return the facts that a benchmark table needs beside its figures."""
     memory = _memory_total_bytes()

@@ -1,9 +1,10 @@
-"""`engine serve`: the socket, a second daemon, TCP, and stopping on SIGTERM."""
+"""`engine serve`: the socket, a second daemon, TCP, stopping, and its fd limit."""
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import stat
@@ -11,16 +12,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
+import psutil
 import pytest
+from conftest import Daemon, wait_healthy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import Sandbox
-
-if TYPE_CHECKING:
-    from conftest import Daemon
 
 ENGINE_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "engine"
 
@@ -163,3 +162,50 @@ def test_sigint_stops_cleanly(daemon_factory: Callable[..., Daemon]) -> None:
     assert "stopping on SIGINT" in started.log()
     assert not sandbox_dir.exists()
     assert not started.socket_path.exists()
+
+
+def _soft_open_file_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError(f"/proc/{pid}/limits has no Max open files line")
+
+
+def test_open_file_limit_raised(data_dir: Path) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"needs a finite hard RLIMIT_NOFILE above 512, not {hard}")
+
+    def lower_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(ENGINE_BIN), "serve", "--data-dir", str(data_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lower_soft_limit,
+        )
+    started = Daemon(process, data_dir, data_dir / "engine.sock", log_path)
+    try:
+        wait_healthy(started.address, process, log_path)
+        assert _soft_open_file_limit(started.pid) == hard
+        # The supervisors are forks of the zygote with its command line, so
+        # only the daemon's own children are looked at.
+        zygotes = [
+            child
+            for child in psutil.Process(started.pid).children()
+            if "engine.runtime.zygote" in child.cmdline()
+        ]
+        assert len(zygotes) == 1
+        assert _soft_open_file_limit(zygotes[0].pid) == hard
+        assert f"raised the open file limit (RLIMIT_NOFILE) from 512 to {hard}" in (
+            started.log()
+        )
+    finally:
+        status = started.stop()
+        log_path.unlink(missing_ok=True)
+    assert status == 0

@@ -6,6 +6,7 @@ result is checked both there and in the bucket itself through boto3.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from conftest import make_data_dir, remove_data_dir, start_daemon
 from benchmarks.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, free_port
 from engine import CloudBucket, CloudBucketConfig, Sandbox, SandboxState
 from engine.errors import FailedPrecondition, InvalidArgument, NotFound
+from engine.runtime import cgroups
 from engine.sdk.secrets import SecretClient
 
 if TYPE_CHECKING:
@@ -663,6 +665,42 @@ def test_bucket_terminate_removes_mount_and_server(
     assert not running_process(servers[0])
 
 
+def _host_process(daemon: Daemon, cmdline: list[str]) -> psutil.Process:
+    """Return the one process below the daemon whose command line is ``cmdline``."""
+    found = []
+    for process in daemon.descendants():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.cmdline() == cmdline:
+                found.append(process)
+    assert len(found) == 1, (cmdline, found)
+    return found[0]
+
+
+def _cgroup_dirs(pid: int) -> set[str]:
+    """Return the directories of host process ``pid``'s cgroups, v1 and v2."""
+    entries = cgroups.read_proc_cgroup(f"/proc/{pid}/cgroup")
+    mounts = cgroups.read_cgroup_mounts("/proc/self/mountinfo")
+    dirs = set(cgroups.own_v1_dirs(entries, mounts).values())
+    unified = cgroups.own_v2_dir(entries, mounts)
+    if unified is not None:
+        dirs.add(unified)
+    return dirs
+
+
+def _sandbox_cgroup_dirs(daemon: Daemon, pid: int) -> list[str]:
+    """Return the cgroup dirs of sandbox process ``pid`` that the daemon created.
+
+    Those are the ones below the daemon's own cgroup. In a hierarchy where the
+    engine makes no cgroups, the process shares the daemon's directory.
+    """
+    own = _cgroup_dirs(daemon.pid)
+    return sorted(
+        directory
+        for directory in _cgroup_dirs(pid)
+        if any(directory.startswith(parent + "/") for parent in own)
+    )
+
+
 def test_bucket_terminate_with_read_hanging(
     daemon: Daemon, moto: MotoServer, keys: tuple[str, str], bucket: str
 ) -> None:
@@ -672,6 +710,8 @@ def test_bucket_terminate_with_read_hanging(
     sb = Sandbox(address=daemon.address, cloud_buckets=[mount]).create()
     assert moto.process is not None
     stopped = False
+    reader_dirs: list[str] = []
+    host_reader = None
     try:
         # With moto stopped, the server's GET waits on the socket.
         os.kill(moto.process.pid, signal.SIGSTOP)
@@ -679,6 +719,9 @@ def test_bucket_terminate_with_read_hanging(
         reader = sb.process.exec("cat", f"{MOUNT}/slow")
         time.sleep(1)
         assert reader.info().exit_code is None
+        host_reader = _host_process(daemon, ["cat", f"{MOUNT}/slow"])
+        reader_dirs = _sandbox_cgroup_dirs(daemon, host_reader.pid)
+        assert reader_dirs
         started = time.monotonic()
         sb.terminate()
         elapsed = time.monotonic() - started
@@ -686,7 +729,16 @@ def test_bucket_terminate_with_read_hanging(
         if stopped:
             os.kill(moto.process.pid, signal.SIGCONT)
         sb.close()
+    # Terminate aborts the bucket's FUSE connection, which ends the read, so
+    # the reader dies and the engine removes the sandbox's cgroup right after.
     assert elapsed < 30
+    assert host_reader is not None
+    with contextlib.suppress(psutil.NoSuchProcess):
+        host_reader.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(d) for d in reader_dirs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [d for d in reader_dirs if os.path.exists(d)] == []
     assert fuse_mounts(daemon.data_dir) == []
     assert fuse_servers(daemon) == []
 

@@ -22,23 +22,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ITERATIONS = 2
 # Seconds the whole harness run may take.
-RUN_TIMEOUT = 55.0
+RUN_TIMEOUT = 120.0
 EXPECTED_ROWS = {
     ("cold_start", "engine-grpc"),
+    ("cold_start", "engine-grpc-net"),
     ("cold_start", "engine-embedded"),
     ("cold_start", "bwrap"),
     ("cold_start", "runc"),
     ("cold_start", "posix-spawn"),
+    ("cold_start", "fork-exec"),
     ("cold_start", "subprocess"),
     ("exec", "engine-grpc"),
     ("exec", "engine-embedded"),
     ("exec", "runc"),
     ("exec", "posix-spawn"),
+    ("exec", "fork-exec"),
     ("exec", "subprocess"),
     ("exec_burst", "engine-grpc"),
     ("exec_burst", "engine-embedded"),
     ("exec_burst", "runc"),
     ("exec_burst", "posix-spawn"),
+    ("exec_burst", "fork-exec"),
     ("exec_burst", "subprocess"),
     ("throughput", "engine-grpc-1-clients"),
     ("throughput", "engine-grpc-4-clients"),
@@ -192,6 +196,18 @@ def test_engine_rows_probe_every_layer(smoke_run: dict) -> None:
         assert layers["cgroup_limits"], system
 
 
+def test_bridged_row_probes_a_network(smoke_run: dict) -> None:
+    data = smoke_run["data"]
+    assert data is not None, smoke_run["stderr"]
+    layers = data["layers"]["engine-grpc-net"]
+    assert "error" not in layers, layers
+    assert all(layers["namespaces"].values()), layers["namespaces"]
+    assert layers["seccomp"]
+    assert not layers["loopback_only"], layers["interfaces"]
+    assert "lo" in layers["interfaces"]
+    assert len(layers["interfaces"]) == 2, layers["interfaces"]
+
+
 def test_comparison_rows_probe_their_layers(smoke_run: dict) -> None:
     data = smoke_run["data"]
     assert data is not None, smoke_run["stderr"]
@@ -211,8 +227,9 @@ def test_report_lists_machine_and_targets(smoke_run: dict) -> None:
     markdown = data["markdown"]
     assert data["machine"]["kernel"] in markdown
     assert "cgroup v1" in markdown or "cgroup v2" in markdown
+    assert "One-minute load average: " in markdown
     assert "### Targets" in markdown
-    assert len(data["targets"]) == 3
+    assert len(data["targets"]) == 5
     assert all(target["met"] is not None for target in data["targets"])
 
 
