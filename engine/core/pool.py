@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import secrets
-import select
 import socket
 from collections import deque
 from dataclasses import dataclass
@@ -271,10 +270,9 @@ def _alive(slot: Slot) -> bool:
     for the creation path.
     """
     try:
-        readable, _, _ = select.select([slot.control], [], [], 0)
+        if protocol.wait_readable(slot.control, 0):
+            return False
     except (OSError, ValueError):
-        return False
-    if readable:
         return False
     if slot.attachment is not None:
         try:
@@ -287,8 +285,7 @@ def _alive(slot: Slot) -> bool:
 def _request(control: socket.socket, message: protocol.Message) -> protocol.Message:
     """Send one message to a pooled supervisor and wait for its reply."""
     protocol.send(control, message)
-    readable, _, _ = select.select([control], [], [], NETWORK_SETUP_TIMEOUT)
-    if not readable:
+    if not protocol.wait_readable(control, NETWORK_SETUP_TIMEOUT):
         raise OSError(0, f"no reply from the supervisor in {NETWORK_SETUP_TIMEOUT} s")
     received = protocol.recv(control)
     if received is None:

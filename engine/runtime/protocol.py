@@ -11,6 +11,7 @@ into the same dicts, so callers see one kind of message.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import json
 import os
@@ -140,6 +141,33 @@ def decode(data: bytes, fds: list[int]) -> tuple[Message, list[int]]:
     return message, fds
 
 
+def wait_readable(fd: int | socket.socket, timeout: float | None = None) -> bool:
+    """Wait until ``fd`` is readable or at end of stream; False after ``timeout`` s.
+
+    poll(2), unlike select(2), takes descriptors of any number: a daemon with
+    a thousand sandboxes holds descriptors far above 1024.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    milliseconds = None if timeout is None else max(0, round(timeout * 1000))
+    return bool(poller.poll(milliseconds))
+
+
+class TruncatedMessage(OSError):
+    """A message whose descriptors did not fit, often for lack of free descriptors.
+
+    ``message`` is the decoded message; its descriptors are closed.
+    """
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(
+            errno.EMFILE,
+            "a message's descriptors were lost; the receiving process may be out"
+            " of file descriptors (raise its RLIMIT_NOFILE)",
+        )
+        self.message = message
+
+
 def pending_bytes(sock: socket.socket) -> int:
     """Return the size of the next queued datagram (0 if none)."""
     buf = array.array("i", [0])
@@ -154,7 +182,7 @@ def recv(sock: socket.socket) -> tuple[Message, list[int]] | None:
     size = pending_bytes(sock)
     if size == 0:
         # Nothing queued yet: block until a datagram or end of stream arrives.
-        select.select([sock], [], [])
+        wait_readable(sock)
         size = pending_bytes(sock)
     data, fds, flags, _ = socket.recv_fds(
         sock, max(size, 1), MAX_FDS, socket.MSG_CMSG_CLOEXEC
@@ -163,10 +191,14 @@ def recv(sock: socket.socket) -> tuple[Message, list[int]] | None:
         for fd in fds:
             os.close(fd)
         return None
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & socket.MSG_TRUNC:
         for fd in fds:
             os.close(fd)
-        raise OSError("message or its descriptors were truncated")
+        raise OSError(errno.EMSGSIZE, "a message was truncated")
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise TruncatedMessage(decode(data, [])[0])
     for fd in fds:
         os.set_inheritable(fd, False)
     return decode(data, fds)

@@ -47,6 +47,15 @@ class _Channel:
     def _readable(self) -> None:
         try:
             received = protocol.recv(self.sock)
+        except protocol.TruncatedMessage as error:
+            # The message itself arrived; only its descriptors are gone. The
+            # request it answers fails, and the channel stays open.
+            future = self.pending.pop(error.message.get("id", -1), None)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            else:
+                log.error("dropped a message without its descriptors: %s", error)
+            return
         except ConnectionResetError:
             # The peer exited with a message unread, as PID 1 does when it
             # is killed: the same end of stream as a clean close.

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -145,7 +144,7 @@ class Zygote:
         os.close(wait_read)
         self.pidfds[pid] = os.pidfd_open(pid)
         try:
-            ready, _, _ = select.select([notify_read], [], [], SPAWN_TIMEOUT)
+            ready = protocol.wait_readable(notify_read, SPAWN_TIMEOUT)
             if not ready or os.read(notify_read, 1) != b"u":
                 raise OSError(0, "the supervisor exited before creating its namespaces")
             namespaces.write_id_maps(pid, message["uid_base"], message["uid_count"])

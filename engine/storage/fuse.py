@@ -43,7 +43,6 @@ import logging
 import os
 import posixpath
 import re
-import select
 import signal
 import stat
 import subprocess
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
+from engine.runtime import protocol
 from engine.runtime.cgroups import Cgroup, write_control
 
 log = logging.getLogger(__name__)
@@ -1522,8 +1522,7 @@ def _read_reply(process: subprocess.Popen[bytes], timeout: float) -> dict[str, A
             raise Unavailable(
                 f"the FUSE server {process.pid} did not mount within {timeout:.0f} s"
             )
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if not readable:
+        if not protocol.wait_readable(fd, remaining):
             continue
         chunk = os.read(fd, 65536)
         if not chunk:

@@ -1,13 +1,14 @@
-"""InitClient over a real socket pair, with no supervisor behind it."""
+"""The Engine's socket clients over real socket pairs, with no process behind them."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 
 import pytest
 
-from engine.runtime import protocol
+from engine.runtime import protocol, spawner
 from engine.runtime.spawner import InitClient
 
 
@@ -107,3 +108,71 @@ async def _failed_setup() -> None:
 def test_start_raises_setup_failure() -> None:
     with pytest.raises(OSError, match="mount failed"):
         asyncio.run(_failed_setup())
+
+
+def test_wait_readable_above_fd_1024() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 1500
+    if soft <= high:
+        assert hard > high, f"the test needs RLIMIT_NOFILE above {high}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (high + 1, hard))
+    ours, theirs = protocol.socketpair()
+    moved = os.dup2(ours.fileno(), high)
+    try:
+        assert not protocol.wait_readable(moved, 0)
+        protocol.send(theirs, {"op": "ping"})
+        assert protocol.wait_readable(moved, 1)
+    finally:
+        os.close(moved)
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_recv_raises_truncated_with_message() -> None:
+    ours, theirs = protocol.socketpair()
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(protocol.MAX_FDS + 1)]
+    try:
+        protocol.send(theirs, {"op": "preforked", "id": 7}, fds)
+        with pytest.raises(protocol.TruncatedMessage) as raised:
+            protocol.recv(ours)
+        assert raised.value.message == {"op": "preforked", "id": 7}
+    finally:
+        for fd in fds:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+async def _truncated_reply_fails_request() -> tuple[BaseException | None, dict]:
+    ours, theirs = protocol.socketpair()
+    channel = spawner._Channel(ours, lambda message, fds: None)
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(protocol.MAX_FDS + 1)]
+    try:
+        request = asyncio.ensure_future(channel.request({"op": "prefork"}))
+        await asyncio.sleep(0)
+        sent, _ = protocol.recv(theirs) or ({}, [])
+        protocol.send(theirs, {"op": "preforked", "id": sent["id"]}, fds)
+        error = None
+        try:
+            await request
+        except protocol.TruncatedMessage as raised:
+            error = raised
+        # The channel stays open for the next request.
+        second = asyncio.ensure_future(channel.request({"op": "prefork"}))
+        await asyncio.sleep(0)
+        sent, _ = protocol.recv(theirs) or ({}, [])
+        protocol.send(theirs, {"op": "preforked", "id": sent["id"]})
+        reply, _ = await second
+        return error, reply
+    finally:
+        for fd in fds:
+            os.close(fd)
+        channel.close()
+        theirs.close()
+
+
+def test_truncated_reply_fails_one_request() -> None:
+    error, reply = asyncio.run(_truncated_reply_fails_request())
+    assert isinstance(error, protocol.TruncatedMessage)
+    assert reply["op"] == "preforked"
