@@ -292,8 +292,14 @@ def test_secret_values_not_logged_or_stored(
     assert value not in daemon.log()
     database = daemon.data_dir / "engine.db"
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        specs = [row[0] for row in db.execute("SELECT spec FROM sandboxes")]
+    # The daemon writes sandbox rows within a fraction of a second.
+    deadline = time.monotonic() + 5
+    while True:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+            specs = [row[0] for row in db.execute("SELECT spec FROM sandboxes")]
+        if any(name in spec for spec in specs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert any(name in spec for spec in specs)
     assert not any(value in spec for spec in specs)
 
