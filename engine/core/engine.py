@@ -164,6 +164,8 @@ class _Sandbox:
     # The image's directory and the disk limit that the layer was set up with.
     image_path: str = ""
     disk_mib: int = 0
+    # Stops of the sandbox's bucket FUSE servers, started at terminate.
+    fuse_stops: list[asyncio.Future[None]] = field(default_factory=list)
     # The egress policy that the sandbox's nftables chain applies; None while
     # it has no chain.
     policy: NetworkPolicy | None = None
@@ -853,25 +855,13 @@ class Engine:
                 init.terminate()
         # The bucket mounts go at once: a process blocked in a read from a
         # stalled bucket dies only once its FUSE connection is aborted, and
-        # PID 1 cannot exit before it.
-        fuse_stops = [
+        # PID 1 cannot exit before it. _free waits for these.
+        sandbox.fuse_stops = [
             loop.run_in_executor(self._fuse_executor, self.fuse.stop, name)
             for name in sandbox.fuse_servers
         ]
         if init is not None:
-            await self._end_init(sandbox, init)
-        for name, result in zip(
-            sandbox.fuse_servers,
-            await asyncio.gather(*fuse_stops, return_exceptions=True),
-            strict=True,
-        ):
-            if isinstance(result, Exception):
-                log.error(
-                    "sandbox %s: FUSE server %s not stopped: %s",
-                    sandbox.info.sandbox_id,
-                    name,
-                    result,
-                )
+            await self._kill_all(sandbox, init)
         now = time.time()
         for process in sandbox.processes.values():
             if process.stdin_fd is not None:
@@ -898,6 +888,21 @@ class Engine:
         next start removes whatever is left.
         """
         loop = asyncio.get_running_loop()
+        if sandbox.init is not None:
+            await self._end_init(sandbox, sandbox.init)
+        fuse_stops, sandbox.fuse_stops = sandbox.fuse_stops, []
+        for name, result in zip(
+            sandbox.fuse_servers,
+            await asyncio.gather(*fuse_stops, return_exceptions=True),
+            strict=False,
+        ):
+            if isinstance(result, Exception):
+                log.error(
+                    "sandbox %s: FUSE server %s not stopped: %s",
+                    sandbox.info.sandbox_id,
+                    name,
+                    result,
+                )
         if sandbox.cgroup is not None:
             try:
                 await loop.run_in_executor(None, sandbox.cgroup.destroy)
@@ -907,6 +912,26 @@ class Engine:
                 )
         await loop.run_in_executor(None, self._remove_layer, sandbox)
         await self._release_network(sandbox)
+
+    async def _kill_all(self, sandbox: _Sandbox, init: InitClient) -> None:
+        """Wait until PID 1 has sent SIGKILL to every other process of the sandbox.
+
+        A process with SIGKILL pending runs no more code of its own. If PID 1
+        does not answer, it is SIGKILLed itself, which kills the namespace.
+        """
+        try:
+            async with asyncio.timeout(TERMINATE_TIMEOUT):
+                await asyncio.shield(init.killed)
+        except TimeoutError:
+            log.warning(
+                "sandbox %s: PID 1 did not answer terminate in %g s; killing it",
+                sandbox.info.sandbox_id,
+                TERMINATE_TIMEOUT,
+            )
+            if init.pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signals.pidfd_send_signal(init.pidfd, signals.SIGKILL)
+            init.channel.close()
 
     async def _end_init(self, sandbox: _Sandbox, init: InitClient) -> None:
         """Wait until PID 1 has exited after terminate, SIGKILLing it if it hangs."""

@@ -19,9 +19,11 @@
  *   TERMINATE
  *
  * and it sends READY once at start and EXIT {i32 pid, i32 status} for every
- * process it started that ends, with the raw wait status. At TERMINATE or end
- * of stream it kills every process of the namespace, reports the exits and
- * exits; the kernel then kills whatever is left.
+ * process it started that ends, with the raw wait status. At TERMINATE it
+ * sends SIGKILL to every process of the namespace and replies KILLED, because
+ * from then on no process of the sandbox runs code of its own again. It then
+ * reaps and reports them and exits. At end of stream it does the same
+ * without the reply.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,6 +55,7 @@
 #define OP_STARTED 0x82
 #define OP_FAILED 0x83
 #define OP_EXIT 0x84
+#define OP_KILLED 0x85
 
 /* The Engine sends at most 4 MiB of argv and env; the rest is headroom. */
 #define MAX_MESSAGE_BYTES (8u << 20)
@@ -155,7 +158,8 @@ static void send_header(uint8_t op, uint32_t id, const void *body, size_t length
 	if (length > sizeof(buffer) - sizeof(header))
 		length = sizeof(buffer) - sizeof(header);
 	memcpy(buffer, &header, sizeof(header));
-	memcpy(buffer + sizeof(header), body, length);
+	if (length > 0)
+		memcpy(buffer + sizeof(header), body, length);
 	send_message(buffer, sizeof(header) + length);
 }
 
@@ -435,12 +439,14 @@ static void reap(void)
 			send_exit(pid, status);
 }
 
-static void terminate(void)
+static void terminate(int reply)
 {
 	int status;
 	pid_t pid;
 
 	kill(-1, SIGKILL);
+	if (reply)
+		send_header(OP_KILLED, 0, NULL, 0);
 	while ((pid = waitpid(-1, &status, 0)) > 0 || errno == EINTR)
 		if (pid > 0 && children_remove(pid))
 			send_exit(pid, status);
@@ -517,7 +523,7 @@ static void serve(int signals)
 		if (poll(polled, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			terminate();
+			terminate(0);
 		}
 		if (polled[1].revents) {
 			struct signalfd_siginfo info;
@@ -532,7 +538,7 @@ static void serve(int signals)
 		int fds[MAX_FDS], nfds;
 		ssize_t length = receive(&data, fds, &nfds);
 		if (length == 0)
-			terminate();
+			terminate(0);
 		struct header header;
 		if (length >= (ssize_t)sizeof(header)) {
 			memcpy(&header, data, sizeof(header));
@@ -545,7 +551,7 @@ static void serve(int signals)
 			else if (header.op == OP_KILL)
 				handle_kill(body, body_length);
 			else if (header.op == OP_TERMINATE)
-				terminate();
+				terminate(1);
 		}
 		for (int i = 0; i < nfds; i++)
 			close(fds[i]);

@@ -62,6 +62,7 @@ INIT_MAGIC = 0xE1
 INIT_HEADER = struct.Struct("<BBHI")
 INIT_EXEC, INIT_KILL, INIT_TERMINATE = 1, 2, 3
 INIT_READY, INIT_STARTED, INIT_FAILED, INIT_EXIT = 0x81, 0x82, 0x83, 0x84
+INIT_KILLED = 0x85
 _EXEC_FIELDS = struct.Struct("<III")
 _KILL_FIELDS = struct.Struct("<iiI")
 _INT32 = struct.Struct("<i")
@@ -115,6 +116,8 @@ def _decode_init(data: bytes) -> Message:
         (number,) = _INT32.unpack_from(body)
         message = body[_INT32.size :].decode(errors="replace")
         return {"op": "failed", "id": request_id, "errno": number, "message": message}
+    if op == INIT_KILLED:
+        return {"op": "killed"}
     if op == INIT_EXIT:
         pid, status = _TWO_INT32.unpack_from(body)
         return {"op": "exit", "pid": pid, "status": status}

@@ -266,6 +266,8 @@ class InitClient:
         self._forked: asyncio.Future[None] = self.ready.get_loop().create_future()
         # True once the spec went out; the supervisor reads JSON until then.
         self.started = False
+        # Done once PID 1 has sent SIGKILL to every other process, or closed.
+        self.killed: asyncio.Future[None] = self.ready.get_loop().create_future()
         self.channel = _Channel(sock, self._event)
         self.channel.closed.add_done_callback(self._closed)
 
@@ -278,6 +280,8 @@ class InitClient:
             os.close(fd)
         if op in ("ready", "failed") and not self.ready.done():
             self.ready.set_result(message)
+        elif op == "killed" and not self.killed.done():
+            self.killed.set_result(None)
         elif op == "exit":
             self.on_exit(message["pid"], message["status"])
 
@@ -288,6 +292,8 @@ class InitClient:
             )
         if not self._forked.done():
             self._forked.set_result(None)
+        if not self.killed.done():
+            self.killed.set_result(None)
 
     @property
     def closed(self) -> asyncio.Future[None]:

@@ -415,11 +415,37 @@ def test_terminate_then_settle_frees(engine: EngineRunner) -> None:
     sandbox_id = engine.create()
     engine.exec(sandbox_id, ["sleep", "1000"])
     host_pids = _sandbox_host_pids(engine, sandbox_id)
+    init = engine.engine.sandboxes[sandbox_id].init
+    assert init is not None
+    sandbox_pids = [pid for pid in host_pids if pid != init.pid]
     group_dirs = _group_dirs(engine, sandbox_id)
-    # Without settle: the processes are gone when terminate returns.
+    # Without settle: when terminate returns, every process of the sandbox
+    # but PID 1 (engine code, which reaps them) has exited, is exiting or
+    # has SIGKILL pending, so none runs code of its own again.
     engine.call(engine.engine.terminate_sandbox(sandbox_id))
     assert engine.state(sandbox_id) == SandboxState.TERMINATED
-    assert [pid for pid in host_pids if engine.pid_alive(pid)] == []
+    assert sandbox_pids
+    assert [pid for pid in sandbox_pids if not _dead_or_killed(pid)] == []
     engine.call(engine.engine.settle())
+    assert [pid for pid in host_pids if engine.pid_alive(pid)] == []
     assert [d for d in group_dirs if os.path.exists(d)] == []
     assert sandbox_id not in engine.sandbox_dirs()
+
+
+def _dead_or_killed(pid: int) -> bool:
+    """Return whether host ``pid`` has exited, is exiting or has SIGKILL pending."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    # The ninth field after the command is the task's flags; 0x4 is PF_EXITING.
+    flags = int(stat.rsplit(")", 1)[1].split()[6])
+    if flags & 0x4:
+        return True
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    if fields["State"].split()[0] in ("Z", "X"):
+        return True
+    sigkill = 1 << (signal.SIGKILL - 1)
+    pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(pending & sigkill)

@@ -120,6 +120,19 @@ def fuse_servers(daemon: Daemon) -> list[int]:
     ]
 
 
+def wait_fuse_released(daemon: Daemon, timeout: float = 10.0) -> None:
+    """Wait until the daemon has no FUSE mount or server left.
+
+    Terminate returns once the sandbox's processes are killed, and the
+    daemon stops the sandbox's FUSE servers right after, in the background.
+    """
+    deadline = time.monotonic() + timeout
+    while fuse_mounts(daemon.data_dir) or fuse_servers(daemon):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+
+
 def running_process(pid: int) -> bool:
     """Return whether ``pid`` runs; a zombie that waits for its reaper does not."""
     try:
@@ -525,6 +538,7 @@ def assert_nothing_left(daemon: Daemon, before: int) -> None:
     # A sandbox that failed to start stays listed as TERMINATED with its
     # error, as for any start failure; none may stay RUNNING.
     assert live_sandboxes(daemon) == before
+    wait_fuse_released(daemon)
     assert fuse_mounts(daemon.data_dir) == []
     assert fuse_servers(daemon) == []
     assert os.listdir(daemon.data_dir / "fuse" / "mnt") == []
@@ -660,6 +674,7 @@ def test_bucket_terminate_removes_mount_and_server(
     finally:
         sb.terminate()
         sb.close()
+    wait_fuse_released(daemon)
     assert fuse_mounts(daemon.data_dir) == []
     assert fuse_servers(daemon) == []
     assert not running_process(servers[0])
@@ -739,6 +754,7 @@ def test_bucket_terminate_with_read_hanging(
     while any(os.path.exists(d) for d in reader_dirs) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [d for d in reader_dirs if os.path.exists(d)] == []
+    wait_fuse_released(daemon)
     assert fuse_mounts(daemon.data_dir) == []
     assert fuse_servers(daemon) == []
 
