@@ -90,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     measurement.add_argument(
+        "--sustained-cycles",
+        type=_positive,
+        default=25,
+        metavar="N",
+        help="Create+Terminate pairs per client in one sample of the sustained"
+        " throughput row, which has no refill pause (default: 25)",
+    )
+
+    measurement.add_argument(
+        "--refill",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="untimed sleep before each throughput sample, so that the daemon's"
+        " warm pool fills up again (default: 2.0)",
+    )
+
+    measurement.add_argument(
         "--burst",
         type=_positive,
         default=10,
@@ -199,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         iterations=args.iterations,
         warmup=args.warmup,
         throughput_cycles=args.throughput_cycles,
+        sustained_cycles=args.sustained_cycles,
+        refill=args.refill,
         burst=args.burst,
         concurrency=args.concurrency,
         pause=args.pause,

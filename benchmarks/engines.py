@@ -37,6 +37,10 @@ CPU_CORES = 1.0
 MEMORY_MIB = 512
 PIDS = 512
 CGROUP_LIMITS = f"cpu {CPU_CORES:g} core, memory {MEMORY_MIB} MiB, pids {PIDS}"
+# Warm sandboxes per shape of the benchmarked daemon: more than the 20
+# creates of one throughput sample with 4 clients of 5 pairs each, so that a
+# sample after a refill pause is served from the warm pool.
+WARM_POOL_SIZE = 24
 # Seconds a daemon gets to report SERVING, and to exit after SIGTERM.
 DAEMON_START_TIMEOUT = 60.0
 DAEMON_STOP_TIMEOUT = 60.0
@@ -79,8 +83,10 @@ def spec_proto(block_network: bool = True, ttl: float | None = None) -> pb.Sandb
 class Daemon:
     """An ``engine serve`` subprocess with a private data dir and socket."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.directory = directory
+        # More `engine serve` options, such as ("--warm-pool", "24").
+        self.extra_args = extra_args
         self.data_dir = directory / "data"
         self.socket_path = directory / "engine.sock"
         self.log_path = directory / "daemon.log"
@@ -112,6 +118,7 @@ class Daemon:
             str(self.socket_path),
             "--log-level",
             DAEMON_LOG_LEVEL,
+            *self.extra_args,
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -242,14 +249,17 @@ class GrpcRuns:
         finally:
             terminate(self.client, sandbox_id)
 
-    def throughput(self, clients: int, cycles: int) -> Sample:
+    def throughput(self, clients: int, cycles: int, refill: float = 0.0) -> Sample:
         """Run ``cycles`` Create+Terminate pairs on each of ``clients`` channels.
 
-        Every client starts at the same moment, on its own channel.
+        Every client starts at the same moment, on its own channel, after an
+        untimed sleep of ``refill`` seconds that lets the daemon's warm pool
+        fill up again.
 
         Returns sandboxes per second over the wall time from the common start
         to the last Terminate reply, with each pair's seconds as details.
         """
+        time.sleep(refill)
         while len(self._clients) < clients:
             self._clients.append(Client(self.address))
         if self._executor is None or self._executor_size < clients:

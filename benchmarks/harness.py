@@ -25,6 +25,7 @@ import psutil
 from benchmarks import runtimes
 from benchmarks.engines import (
     CGROUP_LIMITS,
+    WARM_POOL_SIZE,
     Daemon,
     EmbeddedRuns,
     GrpcRuns,
@@ -61,6 +62,8 @@ class Options:
     iterations: int = 30
     warmup: int = 3
     throughput_cycles: int = 5
+    sustained_cycles: int = 25
+    refill: float = 2.0
     concurrency: tuple[int, ...] = (1, 4)
     pause: float = 0.02
     seed: int = 1
@@ -126,7 +129,7 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
     reason = requires_root_reason()
     runs: GrpcRuns | None = None
     if not reason:
-        daemon = Daemon(run.work / "grpc")
+        daemon = Daemon(run.work / "grpc", ("--warm-pool", str(WARM_POOL_SIZE)))
 
         def stop_daemon() -> None:
             status = daemon.stop()
@@ -179,7 +182,9 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
     for clients in options.concurrency:
         sample = None
         if runs is not None:
-            sample = threaded(runs.throughput, clients, options.throughput_cycles)
+            sample = threaded(
+                runs.throughput, clients, options.throughput_cycles, options.refill
+            )
         run.add(
             THROUGHPUT,
             throughput_system(clients),
@@ -188,6 +193,19 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
             reason,
             unit=PER_SECOND,
         )
+    clients = max(options.concurrency)
+    sustained = None
+    if runs is not None:
+        sustained = threaded(runs.throughput, clients, options.sustained_cycles)
+    run.add(
+        THROUGHPUT,
+        throughput_system(clients, sustained=True),
+        f"{clients} clients, sustained: {options.sustained_cycles} pairs each,"
+        " no refill pause",
+        sustained,
+        reason,
+        unit=PER_SECOND,
+    )
 
 
 async def _set_up_embedded(run: _Run, options: Options) -> None:

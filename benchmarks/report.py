@@ -296,9 +296,20 @@ def targets(cases: list[Case]) -> list[dict[str, Any]]:
     clients = THROUGHPUT_TARGET_CLIENTS
     results.append(
         _target(
-            f"median create plus terminate throughput with {clients} clients ≥"
-            f" {THROUGHPUT_TARGET_PER_SECOND:g} sandboxes/s",
+            f"median create plus terminate throughput with {clients} clients,"
+            f" after a refill pause, ≥ {THROUGHPUT_TARGET_PER_SECOND:g} sandboxes/s",
             _median(cases, THROUGHPUT, throughput_system(clients)),
+            THROUGHPUT_TARGET_PER_SECOND,
+            "sandboxes/s",
+            at_most=False,
+        )
+    )
+    results.append(
+        _target(
+            f"median create plus terminate throughput with {clients} clients,"
+            f" sustained with no pause, ≥ {THROUGHPUT_TARGET_PER_SECOND:g}"
+            " sandboxes/s",
+            _median(cases, THROUGHPUT, throughput_system(clients, sustained=True)),
             THROUGHPUT_TARGET_PER_SECOND,
             "sandboxes/s",
             at_most=False,

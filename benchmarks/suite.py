@@ -37,9 +37,9 @@ class Sample:
     details: dict[str, list[float]] = field(default_factory=dict)
 
 
-def throughput_system(clients: int) -> str:
+def throughput_system(clients: int, *, sustained: bool = False) -> str:
     """Return the system key of the gRPC throughput case with ``clients`` clients."""
-    return f"engine-grpc-{clients}-clients"
+    return f"engine-grpc-{clients}-clients" + ("-sustained" if sustained else "")
 
 
 @dataclass

@@ -46,6 +46,7 @@ EXPECTED_ROWS = {
     ("exec_burst", "subprocess"),
     ("throughput", "engine-grpc-1-clients"),
     ("throughput", "engine-grpc-4-clients"),
+    ("throughput", "engine-grpc-4-clients-sustained"),
 }
 DOCS_TEMPLATE = """# Benchmarks
 
@@ -91,6 +92,10 @@ def smoke_run() -> Iterator[dict]:
         "0",
         "--throughput-cycles",
         "1",
+        "--sustained-cycles",
+        "2",
+        "--refill",
+        "0.1",
         "--burst",
         "2",
         "--pause",
@@ -229,7 +234,7 @@ def test_report_lists_machine_and_targets(smoke_run: dict) -> None:
     assert "cgroup v1" in markdown or "cgroup v2" in markdown
     assert "One-minute load average: " in markdown
     assert "### Targets" in markdown
-    assert len(data["targets"]) == 5
+    assert len(data["targets"]) == 6
     assert all(target["met"] is not None for target in data["targets"])
 
 
