@@ -241,6 +241,11 @@ class GrpcRuns:
         run_to_exit(self.client, self.exec_sandbox, TRUE_ARGV)
         return time.perf_counter() - start
 
+    def exec_burst(self, count: int) -> Sample:
+        """Time ``count`` exec round trips in a row; the sample is their mean."""
+        values = [self.exec_round_trip() for _ in range(count)]
+        return Sample(sum(values) / count, {"each_seconds": values})
+
     def probe(self, argv: list[str], block_network: bool = True) -> str:
         """Run ``argv`` in a new sandbox and return its stdout."""
         sandbox_id = create(self.client, spec_proto(block_network))

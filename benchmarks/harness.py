@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import shutil
@@ -23,12 +24,12 @@ from typing import Any
 import psutil
 
 from benchmarks import runtimes
+from benchmarks.clientprocess import ClientProcess
 from benchmarks.engines import (
     CGROUP_LIMITS,
     WARM_POOL_SIZE,
     Daemon,
     EmbeddedRuns,
-    GrpcRuns,
     requires_root_reason,
 )
 from benchmarks.isolation import PROBE_ARGV, Layers, parse_probe
@@ -127,7 +128,7 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
     system = "engine-grpc"
     run.labels[system] = "engine, gRPC (daemon subprocess)"
     reason = requires_root_reason()
-    runs: GrpcRuns | None = None
+    runs: ClientProcess | None = None
     if not reason:
         daemon = Daemon(run.work / "grpc", ("--warm-pool", str(WARM_POOL_SIZE)))
 
@@ -143,7 +144,9 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
         run.cleanup("stopping the engine daemon", stop_daemon)
         try:
             await asyncio.to_thread(daemon.start)
-            runs = GrpcRuns(daemon.address)
+            # A client process of its own, so that the embedded engine's work
+            # in this process does not hold up the timed gRPC calls.
+            runs = ClientProcess(daemon.address)
             run.cleanup("closing the gRPC clients", runs.close)
             # The first sandbox of a data dir also builds the host image.
             await asyncio.to_thread(runs.start_exec_sandbox)
@@ -168,7 +171,7 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
             run.add(measurement, system, label, None, reason)
         run.add(COLD_START, GRPC_NETWORK_SYSTEM, network_label, None, reason)
     else:
-        exec_burst = back_to_back(runs.exec_round_trip, options.burst)
+        exec_burst = functools.partial(runs.exec_burst, options.burst)
         run.add(COLD_START, system, label, threaded(runs.cold_start), reason)
         run.add(
             COLD_START,
