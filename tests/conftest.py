@@ -255,9 +255,17 @@ class EngineRunner:
         return pids | {sandbox.init.pid for sandbox in self.warm_sandboxes()}
 
     def sandbox_dirs(self) -> set[str]:
-        """Return the layer dirs of the sandboxes, without the warm pool's."""
+        """Return the layer dirs of the sandboxes, without the warm pool's.
+
+        The layer file system is mounted in the zygote's namespace only, so
+        it is listed through the zygote's root; none is left once that
+        namespace is gone.
+        """
         warm = {sandbox.info.sandbox_id for sandbox in self.warm_sandboxes()}
-        return set(os.listdir(self.engine.config.sandboxes_dir)) - warm
+        try:
+            return set(os.listdir(self.engine.layers.path)) - warm
+        except FileNotFoundError:
+            return set()
 
     def cgroup_name(self, sandbox_id: str) -> str:
         group = self.engine.sandboxes[sandbox_id].cgroup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -315,7 +316,9 @@ class Engine:
             init_path = await loop.run_in_executor(
                 None, initbin.build, self.config.data_dir / "bin"
             )
-            await self.spawner.start(str(init_path))
+            await self.spawner.start(str(init_path), str(self.layers.mount_point))
+            assert self.spawner.process is not None
+            self.layers.hand_off(self.spawner.process.pid)
         except BaseException:
             self.layers.close()
             raise
@@ -511,7 +514,7 @@ class Engine:
         try:
             if not warm:
                 await self._set_up(sandbox, image)
-            self._apply_request(sandbox)
+            await self._apply_request(sandbox)
         except BaseException as error:
             log.error("sandbox %s failed to start: %s", sandbox_id, error)
             await self._release(sandbox)
@@ -628,6 +631,8 @@ class Engine:
         for name in ("root", "upper", "work"):
             (directory / name).mkdir(mode=0o755)
             os.chown(directory / name, uid, uid)
+        # The supervisor names the same directory by its own mount point.
+        directory = self.layers.real_path(sandbox.info.sandbox_id)
         memory_bytes = spec.memory_mib * 1024 * 1024 if spec.memory_mib else None
         tmp, shm = rootfs.tmpfs_limits(memory_bytes)
         runtime_spec = {
@@ -659,7 +664,15 @@ class Engine:
             # The chain exists before anything runs. A warm sandbox gets the
             # policy of its shape, which is what most requests ask for.
             policy = NetworkPolicy(spec.block_network, spec.allow_list)
-            self.network.apply(sandbox.info.sandbox_id, sandbox.attachment, policy)
+            # An nftables transaction takes milliseconds; the loop serves
+            # requests meanwhile.
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                self.network.apply,
+                sandbox.info.sandbox_id,
+                sandbox.attachment,
+                policy,
+            )
             sandbox.policy = policy
         sandbox.init = InitClient(
             slot.control, lambda pid, status: self._on_exit(sandbox, pid, status)
@@ -669,7 +682,7 @@ class Engine:
         self.spawner.forget_reap(slot.pid)
         await sandbox.init.start(runtime_spec)
 
-    def _apply_request(self, sandbox: _Sandbox) -> None:
+    async def _apply_request(self, sandbox: _Sandbox) -> None:
         """Apply what the request adds to a set-up sandbox: limits and policy."""
         assert sandbox.cgroup is not None and self.network is not None
         spec = sandbox.info.spec
@@ -687,11 +700,15 @@ class Engine:
         policy = NetworkPolicy(spec.block_network, spec.allow_list)
         if sandbox.attachment is not None and policy != sandbox.policy:
             # Nothing has run in the sandbox, so it has no connections to cut.
-            self.network.update(
-                sandbox.info.sandbox_id,
-                sandbox.attachment,
-                policy,
-                cut_connections=False,
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    self.network.update,
+                    sandbox.info.sandbox_id,
+                    sandbox.attachment,
+                    policy,
+                    cut_connections=False,
+                ),
             )
             sandbox.policy = policy
 
@@ -1089,7 +1106,7 @@ class Engine:
                 sandbox.info.sandbox_id,
                 error,
             )
-        remove_tree(sandbox.directory)
+        remove_tree(self.layers.path / sandbox.info.sandbox_id)
 
     async def _reap_expired(self) -> None:
         while True:

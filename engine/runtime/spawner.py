@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait for a new supervisor to report that its sandbox is ready.
 READY_TIMEOUT = 30.0
+# Seconds to wait for a new zygote to import its modules and report ready.
+ZYGOTE_START_TIMEOUT = 60.0
 # Reaps that no caller asked for are kept for a later reaped_future call.
 # Past this many, the oldest are dropped.
 MAX_UNCLAIMED_REAPS = 4096
@@ -136,8 +138,12 @@ class Spawner:
         # a PID 1, and file workers.
         self._forgotten: set[int] = set()
 
-    async def start(self, init_path: str) -> None:
-        """Start the zygote; ``init_path`` is the compiled engine-init."""
+    async def start(self, init_path: str, layers: str) -> None:
+        """Start the zygote and wait until it is in its own mount namespace.
+
+        ``init_path`` is the compiled engine-init and ``layers`` the mount
+        point of the layer file system, which the zygote keeps mounted.
+        """
         ours, theirs = protocol.socketpair()
         os.set_inheritable(theirs.fileno(), True)
         try:
@@ -148,6 +154,7 @@ class Spawner:
                     "engine.runtime.zygote",
                     str(theirs.fileno()),
                     init_path,
+                    layers,
                 ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
@@ -155,12 +162,24 @@ class Spawner:
             )
         finally:
             theirs.close()
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.channel = _Channel(ours, self._event)
+        self.channel.closed.add_done_callback(self._zygote_closed)
+        async with asyncio.timeout(ZYGOTE_START_TIMEOUT):
+            await asyncio.shield(self._ready)
+        if self.channel.closed.done():
+            raise OSError(0, "the zygote exited during its start; see its log")
         log.info("zygote started, pid %d", self.process.pid)
+
+    def _zygote_closed(self, _: asyncio.Future[None]) -> None:
+        if not self._ready.done():
+            self._ready.set_result(None)
 
     def _event(self, message: protocol.Message, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
+        if message.get("op") == "ready" and not self._ready.done():
+            self._ready.set_result(None)
         if message.get("op") != "reaped":
             return
         pid = message["pid"]

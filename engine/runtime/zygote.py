@@ -1,10 +1,13 @@
 """The zygote: a single-threaded, pre-imported process that forks sandbox helpers.
 
-The Engine starts it once with ``python -m engine.runtime.zygote FD INIT``,
-where FD is one end of a SOCK_SEQPACKET pair and INIT the path of the
-compiled engine-init. Forking from here, not from the multi-threaded daemon,
-is what makes fork safe, and the imports done once here are why no
-interpreter starts on the sandbox creation path. Messages:
+The Engine starts it once with ``python -m engine.runtime.zygote FD INIT
+LAYERS``, where FD is one end of a SOCK_SEQPACKET pair, INIT the path of the
+compiled engine-init and LAYERS the mount point of the engine's layer file
+system. The zygote first moves into a mount namespace of its own (see
+``isolate_mounts``) and sends {"op": "ready"}. Forking from here, not from
+the multi-threaded daemon, is what makes fork safe, and the imports done
+once here are why no interpreter starts on the sandbox creation path.
+Messages:
 
     {"op": "prefork", "id", "uid_base", "uid_count"}
         + fds [cgroup.procs of every hierarchy]
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 SPAWN_TIMEOUT = 10.0
 # prctl(2) option from <linux/prctl.h>.
 PR_SET_CHILD_SUBREAPER = 36
+# Name of the directory, below each engine's data dir, where its layer file
+# system is mounted.
+LAYERS_DIR_NAME = "sandboxes"
 
 
 class Zygote:
@@ -233,7 +239,47 @@ def main() -> None:
     # The zygote must not die from the terminal's Ctrl-C before the Engine
     # has terminated its sandboxes; it exits when the Engine's socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    isolate_mounts(sys.argv[3])
+    protocol.send(engine, {"op": "ready"})
     Zygote(engine, sys.argv[2]).serve()
+
+
+def isolate_mounts(layers: str) -> None:
+    """Move into a mount namespace that keeps the engine's layer file system.
+
+    Every supervisor starts from a copy of this namespace. Mounts stay slaves
+    of the host's, so the FUSE mounts the daemon makes later reach them, but
+    the layer file system is private here: the Engine unmounts it from the
+    host's namespace once the zygote is ready, and then only this engine's
+    processes hold it. Another engine's supervisors, which copy the host's
+    namespace, therefore never keep it mounted, and it goes with the last of
+    this engine's processes. Layer file systems of other engines that were in
+    the host's namespace when this one started are detached here, for the
+    same reason.
+    """
+    namespaces.unshare(libc.CLONE_NEWNS)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
+    libc.mount(None, layers, None, libc.MS_PRIVATE)
+    for target in _foreign_layer_mounts(layers):
+        with contextlib.suppress(OSError):
+            libc.umount2(target, libc.MNT_DETACH)
+
+
+def _foreign_layer_mounts(own: str) -> list[str]:
+    """Return the mount points of other engines' layer file systems."""
+    found = []
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            target = fields[4].replace("\\040", " ")
+            fstype = fields[fields.index("-") + 1]
+            if (
+                fstype == "btrfs"
+                and os.path.basename(target) == LAYERS_DIR_NAME
+                and target != own
+            ):
+                found.append(target)
+    return found
 
 
 if __name__ == "__main__":

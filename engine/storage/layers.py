@@ -67,7 +67,11 @@ class LayerStore:
         self, data_dir: Path, mount_point: Path, size_bytes: int | None = None
     ) -> None:
         self.image_path = data_dir / IMAGE_NAME
+        # Where the file system is mounted, in the namespace of the processes
+        # that build sandboxes.
         self.mount_point = mount_point
+        # The path through which this process reaches it; see hand_off.
+        self.path = mount_point
         self.size_bytes = size_bytes
         self._fs_id: str | None = None
         # Sandbox id -> subvolume id, for the sandboxes whose layer exists.
@@ -129,6 +133,29 @@ class LayerStore:
         log.info(
             "layer file system of %d MiB mounted on %s", size >> 20, self.mount_point
         )
+
+    def hand_off(self, holder_pid: int) -> None:
+        """Leave the file system to the mount namespace of ``holder_pid``.
+
+        The holder (the zygote) keeps a private copy of the mount. This
+        process unmounts its own and reaches the file system through
+        /proc/PID/root from then on, so no later copy of the host's mount
+        namespace, such as another engine's supervisor, keeps the loop
+        device attached.
+        """
+        self.path = Path(f"/proc/{holder_pid}/root{self.mount_point}")
+        if not self.path.is_dir():
+            raise Unavailable(
+                f"the layer file system is not mounted in pid {holder_pid}"
+            )
+        libc.umount2(str(self.mount_point), libc.MNT_DETACH)
+        log.info(
+            "layer file system handed to the mount namespace of pid %d", holder_pid
+        )
+
+    def real_path(self, sandbox_id: str) -> Path:
+        """Return the sandbox's layer dir as the holder's namespace names it."""
+        return self.mount_point / sandbox_id
 
     def _attach_and_mount(self) -> None:
         try:
@@ -195,7 +222,7 @@ class LayerStore:
         """Create the directory of a sandbox's layer, limited to ``disk_mib`` MiB."""
         if not self.mounted:
             raise Unavailable("the layer file system is not mounted; start the engine")
-        parent = str(self.mount_point)
+        parent = str(self.path)
         subvolume = btrfs.create_subvolume(parent, sandbox_id)
         self._subvolumes[sandbox_id] = subvolume
         try:
@@ -203,14 +230,14 @@ class LayerStore:
         except OSError:
             self.remove(sandbox_id)
             raise
-        return self.mount_point / sandbox_id
+        return self.path / sandbox_id
 
     def limit(self, sandbox_id: str, disk_mib: int) -> None:
         """Change the disk limit of a sandbox's layer to ``disk_mib`` MiB."""
         subvolume = self._subvolumes.get(sandbox_id)
         if subvolume is None:
             raise FailedPrecondition(f"sandbox {sandbox_id} has no writable layer")
-        btrfs.limit_referenced(str(self.mount_point), subvolume, disk_mib << 20)
+        btrfs.limit_referenced(str(self.path), subvolume, disk_mib << 20)
 
     def remove(self, sandbox_id: str) -> None:
         """Delete a sandbox's layer with its files and quota group, if it exists.
@@ -221,7 +248,7 @@ class LayerStore:
         subvolume = self._subvolumes.pop(sandbox_id, None)
         if subvolume is None:
             return
-        parent = str(self.mount_point)
+        parent = str(self.path)
         with contextlib.suppress(FileNotFoundError):
             btrfs.delete_subvolume(parent, sandbox_id)
         # The quota group stays until the kernel's cleaner has freed the
@@ -256,6 +283,7 @@ class LayerStore:
     def _unmount(self) -> None:
         self._fs_id = None
         self._subvolumes.clear()
+        self.path = self.mount_point
         try:
             libc.umount2(str(self.mount_point), libc.MNT_DETACH)
         except OSError as error:

@@ -8,6 +8,7 @@ with status 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -60,6 +61,22 @@ class Daemon:
             return psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def zygote_pid(self) -> int:
+        """Return the pid of the daemon's zygote, its one child of that name."""
+        for child in psutil.Process(self.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if "engine.runtime.zygote" in " ".join(child.cmdline()):
+                    return child.pid
+        raise AssertionError(f"daemon {self.pid} has no zygote")
+
+    def layers_dir(self) -> Path:
+        """Return the layer file system's root as this process reaches it.
+
+        It is mounted in the zygote's mount namespace only.
+        """
+        inside = str(self.data_dir / "sandboxes").lstrip("/")
+        return Path(f"/proc/{self.zygote_pid()}/root") / inside
 
     def stop(self) -> int:
         """Send SIGTERM and return the exit status."""

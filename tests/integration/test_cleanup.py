@@ -8,9 +8,9 @@ process, and the data dir's sandboxes/ directory.
 Other programs on the machine may mount file systems while a test runs, so the
 mount checks consider only mounts that name this test's data dir or one of its
 sandbox ids. Every mount of a sandbox is below the data dir on the host, or
-would be if it leaked. The one mount a running engine has on the host is its
-layer file system on the data dir's sandboxes/ directory; the checks made
-while the engine runs pass ``engine_running`` to allow it.
+would be if it leaked. A running engine mounts its layer file system in the
+zygote's mount namespace only, so none of its mounts is on the host but the
+bind of fuse/mnt.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import psutil
 from engine.core.engine import FUSE_CGROUP
 from engine.core.models import SandboxState, TerminationReason
 from engine.errors import EngineError
+from engine.storage.layers import is_mount_point
 
 if TYPE_CHECKING:
     from conftest import EngineRunner
@@ -40,32 +41,23 @@ def _host_mounts() -> set[str]:
 
 
 def _leaked_mounts(
-    before: set[str],
-    data_dir: Path,
-    sandbox_ids: Iterable[str],
-    *,
-    engine_running: bool = False,
+    before: set[str], data_dir: Path, sandbox_ids: Iterable[str]
 ) -> list[str]:
     """Return new host mounts that name ``data_dir`` or a sandbox id.
 
     The running engine's shared bind of ``fuse/mnt`` on itself, below which
     FUSE servers mount, is not a leak, and the bucket mount tests check that
-    it goes when the engine stops. With ``engine_running``, the engine's layer
-    file system is not counted either.
+    it goes when the engine stops. The layer file system is mounted in the
+    zygote's namespace only, so it counts as a leak here.
     """
     names = [str(data_dir), *sandbox_ids]
     engine_mount = str(data_dir / "fuse" / "mnt")
-    layers = str(data_dir / "sandboxes")
     leaked = []
     for line in _host_mounts() - before:
         if not any(name in line for name in names):
             continue
-        mount_point = line.split(" ")[4]
-        if mount_point == engine_mount:
-            continue
-        if engine_running and mount_point == layers:
-            continue
-        leaked.append(line)
+        if line.split(" ")[4] != engine_mount:
+            leaked.append(line)
     return sorted(leaked)
 
 
@@ -170,18 +162,14 @@ def test_terminate_leaves_nothing(
     # The sandboxes' mounts exist, but only in their own mount namespaces.
     sleeper = max(host_pids[sandbox_ids[0]])
     assert _own_mount_namespace_root(sleeper) == "overlay"
-    assert (
-        _leaked_mounts(mounts_before, data_dir, sandbox_ids, engine_running=True) == []
-    )
+    assert _leaked_mounts(mounts_before, data_dir, sandbox_ids) == []
     assert runner.sandbox_dirs() == set(sandbox_ids)
     assert all(os.path.isdir(d) for dirs in group_dirs.values() for d in dirs)
 
     for sandbox_id in sandbox_ids:
         runner.terminate(sandbox_id)
 
-    assert (
-        _leaked_mounts(mounts_before, data_dir, sandbox_ids, engine_running=True) == []
-    )
+    assert _leaked_mounts(mounts_before, data_dir, sandbox_ids) == []
     for sandbox_id in sandbox_ids:
         assert [d for d in group_dirs[sandbox_id] if os.path.exists(d)] == []
         assert [p for p in host_pids[sandbox_id] if runner.pid_alive(p)] == []
@@ -366,10 +354,12 @@ def test_restart_sweeps_unclean_stop(
         timeout=5,
     )
     assert _new_processes(processes_before) == set()
-    # The crash left the sandboxes' directories and cgroups behind, and
-    # those of the warm pool.
-    assert set(sandbox_ids) <= crashed.sandbox_dirs()
+    # The crash left the sandboxes' cgroups behind. Their layer dirs went
+    # with the layer file system, which was mounted only in the namespace of
+    # the engine's processes, and no mount of it is left on the host.
     assert all(os.path.isdir(d) for d in group_dirs)
+    assert crashed.sandbox_dirs() == set()
+    assert not is_mount_point(crashed.data_dir / "sandboxes")
 
     restarted = engine_factory(crashed.data_dir)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -173,13 +174,21 @@ def test_run_embedded_sigterm_cleans_up(data_dir: Path) -> None:
         text=True,
     )
     try:
+        # The embedded engine mounts its layer file system in its zygote's
+        # mount namespace only, so the sandbox's layer is found through it.
         sandboxes = data_dir / "sandboxes"
+        layers = Path("/nonexistent")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if sandboxes.is_dir() and any(sandboxes.iterdir()):
-                break
+            for child in psutil.Process(process.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if "engine.runtime.zygote" in " ".join(child.cmdline()):
+                        layers = Path(f"/proc/{child.pid}/root{sandboxes}")
+            with contextlib.suppress(OSError):
+                if any(layers.iterdir()):
+                    break
             time.sleep(0.05)
-        assert any(sandboxes.iterdir())
+        assert any(layers.iterdir())
         below = psutil.Process(process.pid).children(recursive=True)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)

@@ -135,7 +135,8 @@ def test_sigterm_terminates_sandboxes(daemon_factory: Callable[..., Daemon]) -> 
         sb = Sandbox(address=started.address).create()
         sb.process.exec("sleep", "300")
         created.append(sb)
-    sandbox_dirs = [started.data_dir / "sandboxes" / sb.sandbox_id for sb in created]
+    layers = started.layers_dir()
+    sandbox_dirs = [layers / sb.sandbox_id for sb in created]
     assert all(path.exists() for path in sandbox_dirs)
     below = started.descendants()
     assert len(below) >= 2
@@ -155,7 +156,8 @@ def test_sigterm_terminates_sandboxes(daemon_factory: Callable[..., Daemon]) -> 
 def test_sigint_stops_cleanly(daemon_factory: Callable[..., Daemon]) -> None:
     started = daemon_factory()
     sb = Sandbox(address=started.address).create()
-    sandbox_dir = started.data_dir / "sandboxes" / sb.sandbox_id
+    sandbox_dir = started.layers_dir() / sb.sandbox_id
+    assert sandbox_dir.exists()
     sb.close()
     started.process.send_signal(signal.SIGINT)
     assert started.process.wait(60) == 0

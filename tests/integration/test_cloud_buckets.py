@@ -113,11 +113,13 @@ def fuse_mounts(data_dir: Path) -> list[str]:
 
 
 def fuse_servers(daemon: Daemon) -> list[int]:
-    return [
-        process.pid
-        for process in daemon.descendants()
-        if "engine.storage.fuse" in " ".join(process.cmdline())
-    ]
+    servers = []
+    for process in daemon.descendants():
+        # Zombies and processes that exited meanwhile have no command line.
+        with contextlib.suppress(psutil.Error):
+            if "engine.storage.fuse" in " ".join(process.cmdline()):
+                servers.append(process.pid)
+    return servers
 
 
 def wait_fuse_released(daemon: Daemon, timeout: float = 10.0) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psutil
 import pytest
 
 from engine import Sandbox, SandboxInstance, errors
@@ -316,13 +317,13 @@ def test_cli_run_disk_limit(cli: CliRunner) -> None:
 
 @pytest.mark.parametrize("value", [0, -1, 8, 1 << 31, "12Ki", "lots", True, 1.5])
 def test_bad_disk_rejected(daemon: Daemon, value: object) -> None:
-    before = set(os.listdir(daemon.data_dir / "sandboxes"))
+    before = set(os.listdir(daemon.layers_dir()))
 
     with pytest.raises(errors.InvalidArgument, match="disk") as caught:
         Sandbox(disk=value, address=daemon.address).create()  # type: ignore[arg-type]
 
     assert "MiB" in str(caught.value)
-    assert set(os.listdir(daemon.data_dir / "sandboxes")) == before
+    assert set(os.listdir(daemon.layers_dir())) == before
 
 
 def test_bad_disk_mib_status(stub: sandbox_pb2_grpc.SandboxServiceStub) -> None:
@@ -361,9 +362,10 @@ def _stale_devices(data_dir: Path) -> list[str]:
     return loop.devices_backed_by(f"{data_dir / IMAGE_NAME} (deleted)")
 
 
-def _mounts_at(path: Path) -> int:
+def _mounts_at(path: Path, pid: int | str = "self") -> int:
+    """Return how many mounts are at ``path`` in the mount namespace of ``pid``."""
     target = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as file:
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8") as file:
         return sum(1 for line in file if line.split(" ")[4] == target)
 
 
@@ -373,13 +375,17 @@ def test_close_releases_layers(
     runner = engine_factory()
     data_dir = runner.data_dir
     sandbox_id = runner.create(disk_mib=32)
-    layer = data_dir / "sandboxes" / sandbox_id
-    assert layer.is_dir()
+    # The file system is mounted in the zygote's namespace only, and the
+    # engine reaches it through the zygote's root.
+    zygote = runner.zygote_pid
+    layer = runner.engine.layers.path
+    assert (layer / sandbox_id).is_dir()
     assert len(_loop_devices(data_dir)) == 1
-    assert is_mount_point(data_dir / "sandboxes")
+    assert not is_mount_point(data_dir / "sandboxes")
+    assert _mounts_at(data_dir / "sandboxes", zygote) == 1
 
     runner.terminate(sandbox_id)
-    assert not layer.exists()
+    assert not (layer / sandbox_id).exists()
     runner.close()
 
     assert _wait_detached(data_dir) == []
@@ -396,18 +402,25 @@ def test_crash_leftovers_swept(
     sandbox = Sandbox(address=crashed.address).create()
     sandbox.close()
     assert len(_loop_devices(data_dir)) == 1
+    children = crashed.descendants()
     crashed.process.kill()
     crashed.process.wait()
-    assert _mounts_at(data_dir / "sandboxes") == 1
+    # The file system was mounted only in the namespace of the engine's
+    # processes, so the crash leaves no mount in the host's namespace.
+    assert _mounts_at(data_dir / "sandboxes") == 0
+    psutil.wait_procs(children, timeout=30)
 
     # No warm sandboxes, so that the only layer is the new sandbox's.
     restarted = daemon_factory("--warm-pool", "0", data_dir=data_dir)
+    zygote = restarted.zygote_pid()
+    layers = restarted.layers_dir()
     with Sandbox(disk=32, address=restarted.address).create() as fresh:
         result = run_python(fresh, FILL, "/root/fill")
 
         assert result["errno"] == errno.EDQUOT
-        assert _mounts_at(data_dir / "sandboxes") == 1
-        assert sorted(os.listdir(data_dir / "sandboxes")) == [fresh.sandbox_id]
+        assert _mounts_at(data_dir / "sandboxes") == 0
+        assert _mounts_at(data_dir / "sandboxes", zygote) == 1
+        assert sorted(os.listdir(layers)) == [fresh.sandbox_id]
         # The new start unlinked the old image, and its loop device detached
         # once the crashed engine's sandboxes were gone. The kernel may give
         # the new image the same device.

@@ -36,7 +36,8 @@ def test_embedded_stop_cleans_up(data_dir: Path) -> None:
     try:
         socket_dir = Path(embedded.address.removeprefix("unix:")).parent
         sb = Sandbox(address=embedded.address).create()
-        sandbox_dir = data_dir / "sandboxes" / sb.sandbox_id
+        # The layer file system is mounted in the zygote's namespace only.
+        sandbox_dir = embedded.engine.layers.path / sb.sandbox_id
         assert sandbox_dir.exists()
         sb.close()
         embedded.stop()
