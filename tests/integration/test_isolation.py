@@ -609,3 +609,11 @@ async def _first_line(engine: Engine, sandbox_id: str, pid: int) -> str:
         if b"\n" in data or chunk.eof:
             break
     return data.decode()
+
+
+def test_init_cmdline_names_no_host_path(engine: EngineRunner, sandbox_id: str) -> None:
+    result = engine.run(sandbox_id, ["cat", "/proc/1/cmdline"])
+    assert result.exit_code == 0, result.stderr
+    argv = result.stdout.split(b"\0")
+    assert argv[0] == b"init"
+    assert not any(b"/" in argument for argument in argv)
