@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     measurement.add_argument(
         "--pause",
         type=float,
-        default=0.02,
+        default=0.25,
         metavar="SECONDS",
-        help="sleep after each sample, so one sample's background work does not"
-        " land in the next (default: 0.02)",
+        help="sleep after each sample, so one sample's background work, such as"
+        " the warm pool's refill that starts 0.1 s after a create, does not land"
+        " in the next (default: 0.25)",
     )
 
     measurement.add_argument(

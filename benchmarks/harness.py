@@ -66,7 +66,7 @@ class Options:
     sustained_cycles: int = 25
     refill: float = 2.0
     concurrency: tuple[int, ...] = (1, 4)
-    pause: float = 0.02
+    pause: float = 0.25
     seed: int = 1
     burst: int = 10
     install: bool = True

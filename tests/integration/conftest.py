@@ -78,6 +78,20 @@ class Daemon:
         inside = str(self.data_dir / "sandboxes").lstrip("/")
         return Path(f"/proc/{self.zygote_pid()}/root") / inside
 
+    def settled_layers(self, timeout: float = 15.0) -> set[str]:
+        """Return the layer dirs once the warm pool has stopped changing them.
+
+        The listing counts as settled when three readings 0.2 s apart agree.
+        """
+        deadline = time.monotonic() + timeout
+        readings: list[set[str]] = []
+        while time.monotonic() < deadline:
+            readings.append(set(os.listdir(self.layers_dir())))
+            if len(readings) >= 3 and readings[-1] == readings[-2] == readings[-3]:
+                break
+            time.sleep(0.2)
+        return readings[-1]
+
     def stop(self) -> int:
         """Send SIGTERM and return the exit status."""
         if self.process.poll() is None:

@@ -317,13 +317,13 @@ def test_cli_run_disk_limit(cli: CliRunner) -> None:
 
 @pytest.mark.parametrize("value", [0, -1, 8, 1 << 31, "12Ki", "lots", True, 1.5])
 def test_bad_disk_rejected(daemon: Daemon, value: object) -> None:
-    before = set(os.listdir(daemon.layers_dir()))
+    before = daemon.settled_layers()
 
     with pytest.raises(errors.InvalidArgument, match="disk") as caught:
         Sandbox(disk=value, address=daemon.address).create()  # type: ignore[arg-type]
 
     assert "MiB" in str(caught.value)
-    assert set(os.listdir(daemon.layers_dir())) == before
+    assert daemon.settled_layers() == before
 
 
 def test_bad_disk_mib_status(stub: sandbox_pb2_grpc.SandboxServiceStub) -> None:

@@ -200,11 +200,11 @@ def test_sandbox_unknown_secret_leaves_nothing(
     known, _ = secret
     missing = unique_name("MISSING")
     before = Sandbox.list(address=address)
-    directories = set(os.listdir(daemon.layers_dir()))
+    directories = daemon.settled_layers()
     with pytest.raises(NotFound, match=missing):
         Sandbox(address=address, secrets=[known, missing]).create()
     assert len(Sandbox.list(address=address)) == len(before)
-    assert set(os.listdir(daemon.layers_dir())) == directories
+    assert daemon.settled_layers() == directories
 
 
 def test_sandbox_invalid_secret_name(address: str) -> None:
