@@ -10,6 +10,7 @@ call the ``Engine`` object directly on the harness's event loop.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 
 from benchmarks.suite import Sample
 from engine.config import Config
@@ -97,6 +99,19 @@ class Daemon:
     @property
     def address(self) -> str:
         return f"unix:{self.socket_path}"
+
+    def layers_dir(self) -> Path:
+        """Return the layer file system's root, reached through the zygote.
+
+        The engine mounts it in its zygote's mount namespace only.
+        """
+        assert self.process is not None
+        for child in psutil.Process(self.process.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if "engine.runtime.zygote" in " ".join(child.cmdline()):
+                    inside = str(self.data_dir / "sandboxes").lstrip("/")
+                    return Path(f"/proc/{child.pid}/root") / inside
+        raise RuntimeError(f"engine daemon {self.process.pid} has no zygote")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

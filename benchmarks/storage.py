@@ -154,7 +154,7 @@ def _write_random_file(path: Path, size: int) -> None:
 
 def _host_path(daemon: Daemon, sandbox: SandboxInstance, path: str) -> Path:
     """Return the host path of ``path`` in the sandbox's overlay upper dir."""
-    upper = daemon.data_dir / "sandboxes" / sandbox.sandbox_id / "upper"
+    upper = daemon.layers_dir() / sandbox.sandbox_id / "upper"
     return upper / path.lstrip("/")
 
 

@@ -392,7 +392,7 @@ def test_daemon_healthy_after_fuzzing(
     target.ensure_running()
     _terminate_new(target.stub, {target.sandbox_id})
     assert _running_ids(target.stub) == {target.sandbox_id}
-    sandbox_dirs = os.listdir(fuzz_daemon.data_dir / "sandboxes")
+    sandbox_dirs = os.listdir(fuzz_daemon.layers_dir())
     assert sandbox_dirs == [target.sandbox_id]
     reply = target.stub.Get(
         sandbox_pb2.GetRequest(sandbox_id=target.sandbox_id), timeout=CALL_DEADLINE

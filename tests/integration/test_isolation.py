@@ -228,7 +228,7 @@ def test_root_writes_stay_in_sandbox(engine: EngineRunner, sandbox_id: str) -> N
     )
     assert result.exit_code == 0, result.stderr
     image = engine.engine.images.resolve("host").path
-    upper = engine.engine.config.sandboxes_dir / sandbox_id / "upper"
+    upper = engine.engine.layers.path / sandbox_id / "upper"
     assert not os.path.exists(f"/{name}")
     assert not os.path.exists(f"/etc/{name}")
     assert not (image / name).exists()
