@@ -194,6 +194,8 @@ class _Sandbox:
     # The sandbox's network namespace, kept open for exposed ports.
     netns_fd: int | None = None
     forwarders: dict[int, PortForwarder] = field(default_factory=dict)
+    # Host pids of the file workers whose result nobody has read yet.
+    file_workers: set[int] = field(default_factory=set)
 
 
 class Engine:
@@ -879,6 +881,11 @@ class Engine:
         ]
         if init is not None:
             await self._kill_all(sandbox, init)
+        # File workers are outside the sandbox's PID namespace, out of PID 1's
+        # reach, and a search may run for as long as its pattern backtracks.
+        for pid in sandbox.file_workers:
+            with contextlib.suppress(ConnectionError, OSError):
+                self.spawner.kill(pid)
         now = time.time()
         for process in sandbox.processes.values():
             if process.stdin_fd is not None:

@@ -51,9 +51,29 @@ PIPE_BYTES = CHUNK_BYTES
 FRAME_HEADER = struct.Struct("<Q")
 # Seconds to wait for a killed worker to exit before giving up on it.
 WORKER_EXIT_TIMEOUT = 10.0
-# Actions whose workers write file data and therefore join the sandbox's
-# cgroups, so that the pages count against its memory limit.
-WRITING_ACTIONS = frozenset({"write_file", "replace_in_files"})
+# Actions whose workers join the sandbox's cgroups. Writes do, so that the
+# tmpfs pages they make count against the sandbox's memory limit. Searches and
+# listings do too, because their memory and CPU time grow with what sandbox
+# code controls. A line of a sparse file can be gigabytes long, a directory
+# can have millions of entries, and a pattern can backtrack for hours.
+CHARGED_ACTIONS = frozenset(
+    {"write_file", "replace_in_files", "find_in_files", "list_files"}
+)
+# Advice in the error of a worker of these actions that reached the sandbox's
+# memory limit.
+OOM_ADVICE = {
+    "find_in_files": "find_in_files reads each line of a file into memory; search"
+    " files with shorter lines or create the sandbox with more memory",
+    "replace_in_files": "replace_in_files reads each whole file into memory;"
+    " pass smaller files or create the sandbox with more memory",
+    "list_files": "list_files reads every entry of a directory into memory; list"
+    " a smaller directory or create the sandbox with more memory",
+}
+# The advice for writes, whose tmpfs pages count against the memory limit.
+WRITE_OOM_ADVICE = (
+    "Files in /tmp count against that limit, because /tmp is a tmpfs; write to"
+    " another directory or create the sandbox with more memory"
+)
 
 
 @dataclass(frozen=True)
@@ -148,6 +168,7 @@ class _Worker:
     """A running file operation worker and the read end of its result pipe."""
 
     sandbox: _Sandbox
+    action: str
     pid: int
     fd: int
     reader: asyncio.StreamReader
@@ -156,6 +177,7 @@ class _Worker:
     oom_kills: int | None
 
     def close(self) -> None:
+        self.sandbox.file_workers.discard(self.pid)
         _close_reader(self.reader, self.fd)
 
 
@@ -197,7 +219,7 @@ class SandboxFiles:
         result_read, result_write = os.pipe2(os.O_CLOEXEC)
         fds = [result_write] if data_fd is None else [result_write, data_fd]
         try:
-            if action in WRITING_ACTIONS:
+            if action in CHARGED_ACTIONS:
                 for path in sandbox.cgroup.procs_files():
                     cgroup_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
             pid = await self.engine.spawner.file(
@@ -219,16 +241,27 @@ class SandboxFiles:
         except BaseException:
             os.close(result_read)
             raise
-        return _Worker(sandbox, pid, result_read, reader, oom_kills)
+        sandbox.file_workers.add(pid)
+        return _Worker(sandbox, action, pid, result_read, reader, oom_kills)
 
     async def _call(
         self, sandbox_id: str, action: str, args: dict[str, Any], path: str
     ) -> dict[str, Any]:
         worker = await self._start(sandbox_id, action, args)
+        line = b""
         try:
-            return self._checked(worker, await worker.reader.readline(), path)
+            line = await worker.reader.readline()
+            return self._checked(worker, line, path)
         finally:
+            if not line:
+                # The call was cancelled, or reading the result failed. The
+                # worker's result is lost, so it is killed, not left running.
+                self._kill(worker)
             worker.close()
+
+    def _kill(self, worker: _Worker) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            self.engine.spawner.kill(worker.pid)
 
     def _checked(self, worker: _Worker, line: bytes, path: str) -> dict[str, Any]:
         """Parse a worker's result line, raising its error as an EngineError."""
@@ -253,11 +286,10 @@ class SandboxFiles:
         if oom_killed:
             memory = sandbox.info.spec.memory_mib
             limit = f"{memory} MiB" if memory is not None else "no limit set"
+            advice = OOM_ADVICE.get(worker.action, WRITE_OOM_ADVICE)
             return ResourceExhausted(
                 f"{path!r}: the file operation reached the memory limit of"
-                f" sandbox {sandbox_id} ({limit}) and was killed. Files in /tmp"
-                " count against that limit, because /tmp is a tmpfs; write to"
-                " another directory or create the sandbox with more memory"
+                f" sandbox {sandbox_id} ({limit}) and was killed. {advice}"
             )
         return InternalError(
             f"{path!r}: the file worker of sandbox {sandbox_id} exited without a result"
@@ -270,8 +302,7 @@ class SandboxFiles:
         ``result``.
         """
         if not result.done():
-            with contextlib.suppress(ConnectionError, OSError):
-                self.engine.spawner.kill(worker.pid)
+            self._kill(worker)
         try:
             async with asyncio.timeout(WORKER_EXIT_TIMEOUT):
                 await asyncio.shield(result)

@@ -10,13 +10,18 @@ the seccomp filter. Paths therefore resolve exactly as the sandbox sees them,
 and the worker can write only what sandbox code could write (see files.py).
 
 The worker stays outside the sandbox's PID namespace, so sandbox processes
-cannot see, signal or ptrace it, and it is non-dumpable. Workers that write
-files join the sandbox's cgroups first, because tmpfs pages stay charged to
-the memory cgroup of the process that wrote them: a file written to /tmp
-counts against the sandbox's memory limit, as it would if sandbox code wrote
-it. The first move into a v1 cgroup after an idle while waits for an RCU
-grace period (about 12 ms measured on Linux 6.18), so workers that only
-read, list or change metadata stay in the zygote's cgroup.
+cannot see, signal or ptrace it, and it is non-dumpable. Workers that write,
+search or list files join the sandbox's cgroups first (the Engine passes
+their cgroup.procs files). tmpfs pages stay charged to the memory cgroup of
+the process that wrote them, so a file written to /tmp counts against the
+sandbox's memory limit, as it would if sandbox code wrote it. A search or a
+listing can take memory and CPU time without bound (a sparse file read as one
+line, a huge directory, a backtracking pattern), which the sandbox's limits
+then bound. The first move into a v1 cgroup after an idle while waits for an
+RCU grace period (about 12 ms measured on Linux 6.18), so workers that only
+read one file or change metadata stay in the zygote's cgroup. The Engine
+kills a worker whose call was cancelled, and every worker of a sandbox at
+terminate.
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ JOINED_NAMESPACES = libc.CLONE_NEWUSER | libc.CLONE_NEWNS
 
 
 # The OOM killer picks the process with the highest oom_score_adj (-1000 to
-# 1000) first, so a writing worker that reaches the sandbox's memory limit, for
-# example by filling /tmp, is killed before PID 1 (0) and before sandbox
-# processes (500).
+# 1000) first, so a worker in the sandbox's cgroups that reaches its memory
+# limit, for example by filling /tmp or reading a huge line, is killed before
+# PID 1 (0) and before sandbox processes (500).
 WORKER_OOM_SCORE_ADJ = 1000
 
 
