@@ -1,9 +1,9 @@
 """A file operation worker: forked by the zygote, run in a sandbox's namespaces.
 
 The zygote forks one worker per file operation and passes it a pidfd of the
-sandbox's PID 1. The worker joins the user and mount namespaces of PID 1
-with one setns(2) on that pidfd, which also makes the sandbox's root its root
-and its working directory. It then takes the same identity and limits as
+sandbox's PID 1. The worker joins every namespace of PID 1 but the PID
+namespace with one setns(2) on that pidfd, which also makes the sandbox's
+root its root and its working directory. It then takes the same identity and limits as
 sandbox code: uid and gid 0 of the sandbox's user namespace with no extra
 groups, the sandbox's capability bounding and kept sets, no_new_privs and
 the seccomp filter. Paths therefore resolve exactly as the sandbox sees them,
@@ -34,8 +34,19 @@ from typing import Any
 from engine.runtime import capabilities, files, libc, namespaces, seccomp
 
 # The namespaces a worker joins: the user namespace for the sandbox's ids and
-# capabilities, and the mount namespace for its root and mounts.
-JOINED_NAMESPACES = libc.CLONE_NEWUSER | libc.CLONE_NEWNS
+# capabilities, the mount namespace for its root and mounts, and the others
+# because /proc shows the reader's. Without them /proc/sys/kernel/hostname,
+# /proc/sysvipc/*, /proc/sys/net/* and the paths in /proc/PID/cgroup would
+# show the host's. The PID namespace cannot be joined by the worker itself,
+# only by its children, so /proc/self does not exist for it.
+JOINED_NAMESPACES = (
+    libc.CLONE_NEWUSER
+    | libc.CLONE_NEWNS
+    | libc.CLONE_NEWUTS
+    | libc.CLONE_NEWIPC
+    | libc.CLONE_NEWNET
+    | libc.CLONE_NEWCGROUP
+)
 
 
 # The OOM killer picks the process with the highest oom_score_adj (-1000 to
