@@ -164,6 +164,10 @@ class _Sandbox:
     init: InitClient | None = None
     # The image's directory and the disk limit that the layer was set up with.
     image_path: str = ""
+    # Device, inode and ctime of the image's directory at set-up, or None if
+    # it was missing. A rebuilt image has the same path but a new directory,
+    # whose inode number the file system may have reused.
+    image_identity: tuple[int, int, int] | None = None
     disk_mib: int = 0
     # Stops of the sandbox's bucket FUSE servers, started at terminate.
     fuse_stops: list[asyncio.Future[None]] = field(default_factory=list)
@@ -575,6 +579,7 @@ class Engine:
             info=info,
             directory=self.config.sandboxes_dir / sandbox_id,
             image_path=str(image.path),
+            image_identity=_directory_identity(image.path),
             disk_mib=spec.disk_mib,
         )
 
@@ -584,8 +589,12 @@ class Engine:
         if shape is None or self.warm is None:
             return None
         sandbox = await self.warm.take(shape)
-        if sandbox is not None and sandbox.image_path != str(image.path):
-            # The image was built again since this sandbox was set up.
+        if sandbox is not None and (
+            sandbox.image_path != str(image.path)
+            or sandbox.image_identity != _directory_identity(image.path)
+        ):
+            # The image was built again or removed since this sandbox was set
+            # up, so the sandbox's root shows the old image's files, or none.
             await self._release(sandbox)
             return None
         return sandbox
@@ -1826,6 +1835,15 @@ async def _closed(process: _Process) -> None:
         async for chunk in buffer.follow(buffer.end):
             if chunk.eof:
                 break
+
+
+def _directory_identity(path: Path) -> tuple[int, int, int] | None:
+    """Return the device, inode and ctime of ``path``, or None if it is missing."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_ctime_ns
 
 
 def _os_message(error: OSError) -> str:
