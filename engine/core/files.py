@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.core.models import SandboxState
 from engine.errors import (
     AlreadyExists,
     EngineError,
@@ -485,24 +486,43 @@ class SandboxFiles:
             raise
         finally:
             os.close(data_write)
+        line = b""
         try:
-            result = self._checked(worker, await worker.reader.readline(), path)
+            line = await worker.reader.readline()
+            result = self._checked(worker, line, path)
         except BaseException:
             os.close(data_read)
-            raise
-        finally:
+            if not line:
+                self._kill(worker)
             worker.close()
+            raise
+        # The worker sends the file's bytes after its result line, and a
+        # caller that stops reading blocks it. So it stays in file_workers
+        # until the pipe closes, and terminate kills it. Otherwise its mount
+        # namespace would keep the terminated sandbox's layer in use.
+        _close_reader(worker.reader, worker.fd)
         size = int(result["size"])
         sandbox = worker.sandbox
 
         def check_size(received: int) -> None:
-            if received < size:
-                raise InternalError(
-                    f"{path!r} in sandbox {sandbox_id} shrank from {size} to"
-                    f" {received} bytes while it was read"
+            if received >= size:
+                return
+            if sandbox.info.state == SandboxState.TERMINATED:
+                raise FailedPrecondition(
+                    f"sandbox {sandbox_id} was terminated while {path!r} was"
+                    f" read, after {received} of {size} bytes"
                 )
+            raise InternalError(
+                f"{path!r} in sandbox {sandbox_id} shrank from {size} to"
+                f" {received} bytes while it was read"
+            )
 
-        chunks = _PipeChunks(data_read, lambda: self.engine._touch(sandbox), check_size)
+        chunks = _PipeChunks(
+            data_read,
+            lambda: self.engine._touch(sandbox),
+            check_size,
+            lambda: sandbox.file_workers.discard(worker.pid),
+        )
         return FileContent(size=size, mode=int(result["mode"]), chunks=chunks)
 
 
@@ -653,11 +673,16 @@ class _PipeChunks:
     """
 
     def __init__(
-        self, fd: int, touch: Callable[[], None], at_end: Callable[[int], None]
+        self,
+        fd: int,
+        touch: Callable[[], None],
+        at_end: Callable[[int], None],
+        on_close: Callable[[], None],
     ) -> None:
         self._fd = fd
         self._touch = touch
         self._at_end = at_end
+        self._on_close = on_close
         self._received = 0
         os.set_blocking(fd, False)
 
@@ -696,3 +721,4 @@ class _PipeChunks:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._on_close()

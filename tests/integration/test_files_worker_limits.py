@@ -17,7 +17,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from engine.errors import InternalError, ResourceExhausted
+from engine.errors import FailedPrecondition, InternalError, ResourceExhausted
 from tests.conftest import EngineRunner
 
 # A line of 42 "a"s against this pattern backtracks about 2**42 times.
@@ -118,3 +118,31 @@ def test_terminate_kills_search_worker(
     )
     with pytest.raises(InternalError, match="exited without a result"):
         future.result(WORKER_EXIT_SECONDS)
+
+
+def test_terminate_kills_stalled_download_worker(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = new_sandbox()
+    # Larger than the data pipe, so the worker blocks until the caller reads.
+    result = engine.run(
+        sandbox_id, ["sh", "-c", "head -c 8388608 /dev/zero > /root/big"]
+    )
+    assert result.exit_code == 0
+    mount_ns = _mount_ns(engine, sandbox_id)
+    content = engine.call(engine.engine.files.read_file(sandbox_id, "/root/big"))
+    workers = _file_workers(engine, sandbox_id, mount_ns)
+    assert len(workers) == 1
+    engine.terminate(sandbox_id)
+    engine.wait_until(
+        lambda: not engine.pid_alive(workers[0]),
+        "the stalled download's worker to exit after terminate",
+        timeout=WORKER_EXIT_SECONDS,
+    )
+
+    async def drain() -> None:
+        async for _ in content.chunks:
+            pass
+
+    with pytest.raises(FailedPrecondition, match="was terminated while"):
+        engine.call(drain())
