@@ -198,8 +198,10 @@ class _Sandbox:
     # The sandbox's network namespace, kept open for exposed ports.
     netns_fd: int | None = None
     forwarders: dict[int, PortForwarder] = field(default_factory=dict)
-    # Host pids of the file workers whose result nobody has read yet.
+    # Host pids of the file workers that have not finished reporting, and the
+    # number of workers being forked.
     file_workers: set[int] = field(default_factory=set)
+    file_workers_starting: int = 0
 
 
 class Engine:

@@ -52,6 +52,12 @@ PIPE_BYTES = CHUNK_BYTES
 FRAME_HEADER = struct.Struct("<Q")
 # Seconds to wait for a killed worker to exit before giving up on it.
 WORKER_EXIT_TIMEOUT = 10.0
+# File operations that may run at once in one sandbox. Each is a host process
+# of about 11 MiB (the change in `free` with 150 stalled downloads, Linux 6.18,
+# CPython 3.11), and a download's worker lives while its stream is open.
+# NOTE: 32 is a judgment (four times the load benchmark's 8 clients), not a
+# measured need.
+MAX_FILE_WORKERS = 32
 # Actions whose workers join the sandbox's cgroups. Writes do, so that the
 # tmpfs pages they make count against the sandbox's memory limit. Searches and
 # listings do too, because their memory and CPU time grow with what sandbox
@@ -215,6 +221,29 @@ class SandboxFiles:
         init = sandbox.init
         if init is None or init.pidfd is None or sandbox.cgroup is None:
             raise FailedPrecondition(f"sandbox {sandbox_id} is not running")
+        running = len(sandbox.file_workers) + sandbox.file_workers_starting
+        if running >= MAX_FILE_WORKERS:
+            raise ResourceExhausted(
+                f"sandbox {sandbox_id} has {running} file operations running, and"
+                f" the maximum is {MAX_FILE_WORKERS}; wait for one to finish, or"
+                " read or cancel the downloads that are open"
+            )
+        sandbox.file_workers_starting += 1
+        try:
+            return await self._fork_worker(sandbox, init.pidfd, action, args, data_fd)
+        finally:
+            sandbox.file_workers_starting -= 1
+
+    async def _fork_worker(
+        self,
+        sandbox: _Sandbox,
+        init_pidfd: int,
+        action: str,
+        args: dict[str, Any],
+        data_fd: int | None,
+    ) -> _Worker:
+        assert sandbox.cgroup is not None
+        sandbox_id = sandbox.info.sandbox_id
         oom_kills = _oom_kills(sandbox)
         cgroup_fds = []
         result_read, result_write = os.pipe2(os.O_CLOEXEC)
@@ -224,7 +253,7 @@ class SandboxFiles:
                 for path in sandbox.cgroup.procs_files():
                     cgroup_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
             pid = await self.engine.spawner.file(
-                init.pidfd, action, args, fds, cgroup_fds
+                init_pidfd, action, args, fds, cgroup_fds
             )
         except (OSError, ConnectionError) as error:
             os.close(result_read)
@@ -237,12 +266,15 @@ class SandboxFiles:
                 os.close(fd)
         # The worker reports through its pipe; its reap matters to nobody.
         self.engine.spawner.forget_reap(pid)
+        sandbox.file_workers.add(pid)
         try:
             reader = await _reader(result_read)
         except BaseException:
             os.close(result_read)
+            sandbox.file_workers.discard(pid)
+            with contextlib.suppress(ConnectionError, OSError):
+                self.engine.spawner.kill(pid)
             raise
-        sandbox.file_workers.add(pid)
         return _Worker(sandbox, action, pid, result_read, reader, oom_kills)
 
     async def _call(

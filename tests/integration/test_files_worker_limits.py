@@ -17,6 +17,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
+from engine.core.files import MAX_FILE_WORKERS
 from engine.errors import FailedPrecondition, InternalError, ResourceExhausted
 from tests.conftest import EngineRunner
 
@@ -146,3 +147,25 @@ def test_terminate_kills_stalled_download_worker(
 
     with pytest.raises(FailedPrecondition, match="was terminated while"):
         engine.call(drain())
+
+
+def test_file_workers_per_sandbox_capped(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = new_sandbox()
+    result = engine.run(
+        sandbox_id, ["sh", "-c", "head -c 8388608 /dev/zero > /root/big"]
+    )
+    assert result.exit_code == 0
+    files = engine.engine.files
+    # Downloads that nobody reads keep their workers alive.
+    open_downloads = [
+        engine.call(files.read_file(sandbox_id, "/root/big"))
+        for _ in range(MAX_FILE_WORKERS)
+    ]
+    with pytest.raises(ResourceExhausted, match="file operations running"):
+        engine.call(files.stat_file(sandbox_id, "/root/big"))
+    engine.call(open_downloads.pop().chunks.aclose())
+    assert engine.call(files.stat_file(sandbox_id, "/root/big")).size == 8388608
+    for content in open_downloads:
+        engine.call(content.chunks.aclose())
