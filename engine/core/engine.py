@@ -1461,7 +1461,7 @@ class Engine:
                 if fd is not None:
                     os.close(fd)
             if isinstance(error, OSError | ConnectionError):
-                raise _exec_error(sandbox_id, argv, cwd, error) from error
+                raise _exec_error(sandbox_id, argv, spec.pids, error) from error
             raise
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):
@@ -1898,7 +1898,7 @@ _ERRNO_MESSAGE = re.compile(r"^\[Errno \d+\] ")
 
 
 def _exec_error(
-    sandbox_id: str, argv: list[str], cwd: str, error: BaseException
+    sandbox_id: str, argv: list[str], pids: int, error: BaseException
 ) -> EngineError:
     if isinstance(error, ConnectionError):
         return FailedPrecondition(
@@ -1910,7 +1910,13 @@ def _exec_error(
     )
     if code in (2, 20):  # ENOENT, ENOTDIR
         return NotFound(message)
-    if code in (11, 12, 24):  # EAGAIN, ENOMEM, EMFILE
+    if code == 11:  # EAGAIN from clone: the pids cgroup is full
+        return ResourceExhausted(
+            f"cannot start {argv[0]!r} in sandbox {sandbox_id}: it runs its"
+            f" maximum of {pids} processes; wait for some to exit, kill them,"
+            " or create the sandbox with a larger pids limit"
+        )
+    if code in (12, 24):  # ENOMEM, EMFILE
         return ResourceExhausted(
             f"cannot start {argv[0]!r} in sandbox {sandbox_id}: {message}"
         )
