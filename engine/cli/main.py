@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         if error.name != "engine.cli.image":
             raise
     else:
-        image.register(subparsers)
+        image.register(subparsers, common)
     return parser
 
 

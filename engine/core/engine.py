@@ -164,6 +164,10 @@ class _Sandbox:
     init: InitClient | None = None
     # The image's directory and the disk limit that the layer was set up with.
     image_path: str = ""
+    # Device, inode and ctime of the image's directory at set-up, or None if
+    # it was missing. A rebuilt image has the same path but a new directory,
+    # whose inode number the file system may have reused.
+    image_identity: tuple[int, int, int] | None = None
     disk_mib: int = 0
     # Stops of the sandbox's bucket FUSE servers, started at terminate.
     fuse_stops: list[asyncio.Future[None]] = field(default_factory=list)
@@ -194,6 +198,10 @@ class _Sandbox:
     # The sandbox's network namespace, kept open for exposed ports.
     netns_fd: int | None = None
     forwarders: dict[int, PortForwarder] = field(default_factory=dict)
+    # Host pids of the file workers that have not finished reporting, and the
+    # number of workers being forked.
+    file_workers: set[int] = field(default_factory=set)
+    file_workers_starting: int = 0
 
 
 class Engine:
@@ -573,6 +581,7 @@ class Engine:
             info=info,
             directory=self.config.sandboxes_dir / sandbox_id,
             image_path=str(image.path),
+            image_identity=_directory_identity(image.path),
             disk_mib=spec.disk_mib,
         )
 
@@ -582,8 +591,12 @@ class Engine:
         if shape is None or self.warm is None:
             return None
         sandbox = await self.warm.take(shape)
-        if sandbox is not None and sandbox.image_path != str(image.path):
-            # The image was built again since this sandbox was set up.
+        if sandbox is not None and (
+            sandbox.image_path != str(image.path)
+            or sandbox.image_identity != _directory_identity(image.path)
+        ):
+            # The image was built again or removed since this sandbox was set
+            # up, so the sandbox's root shows the old image's files, or none.
             await self._release(sandbox)
             return None
         return sandbox
@@ -879,6 +892,11 @@ class Engine:
         ]
         if init is not None:
             await self._kill_all(sandbox, init)
+        # File workers are outside the sandbox's PID namespace, out of PID 1's
+        # reach, and a search may run for as long as its pattern backtracks.
+        for pid in sandbox.file_workers:
+            with contextlib.suppress(ConnectionError, OSError):
+                self.spawner.kill(pid)
         now = time.time()
         for process in sandbox.processes.values():
             if process.stdin_fd is not None:
@@ -1443,7 +1461,7 @@ class Engine:
                 if fd is not None:
                     os.close(fd)
             if isinstance(error, OSError | ConnectionError):
-                raise _exec_error(sandbox_id, argv, cwd, error) from error
+                raise _exec_error(sandbox_id, argv, spec.pids, error) from error
             raise
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):
@@ -1821,6 +1839,15 @@ async def _closed(process: _Process) -> None:
                 break
 
 
+def _directory_identity(path: Path) -> tuple[int, int, int] | None:
+    """Return the device, inode and ctime of ``path``, or None if it is missing."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_ctime_ns
+
+
 def _os_message(error: OSError) -> str:
     """Return an OSError's text without the "[Errno N]" prefix."""
     if error.strerror:
@@ -1871,7 +1898,7 @@ _ERRNO_MESSAGE = re.compile(r"^\[Errno \d+\] ")
 
 
 def _exec_error(
-    sandbox_id: str, argv: list[str], cwd: str, error: BaseException
+    sandbox_id: str, argv: list[str], pids: int, error: BaseException
 ) -> EngineError:
     if isinstance(error, ConnectionError):
         return FailedPrecondition(
@@ -1883,7 +1910,13 @@ def _exec_error(
     )
     if code in (2, 20):  # ENOENT, ENOTDIR
         return NotFound(message)
-    if code in (11, 12, 24):  # EAGAIN, ENOMEM, EMFILE
+    if code == 11:  # EAGAIN from clone: the pids cgroup is full
+        return ResourceExhausted(
+            f"cannot start {argv[0]!r} in sandbox {sandbox_id}: it runs its"
+            f" maximum of {pids} processes; wait for some to exit, kill them,"
+            " or create the sandbox with a larger pids limit"
+        )
+    if code in (12, 24):  # ENOMEM, EMFILE
         return ResourceExhausted(
             f"cannot start {argv[0]!r} in sandbox {sandbox_id}: {message}"
         )

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.core.models import SandboxState
 from engine.errors import (
     AlreadyExists,
     EngineError,
@@ -51,9 +52,35 @@ PIPE_BYTES = CHUNK_BYTES
 FRAME_HEADER = struct.Struct("<Q")
 # Seconds to wait for a killed worker to exit before giving up on it.
 WORKER_EXIT_TIMEOUT = 10.0
-# Actions whose workers write file data and therefore join the sandbox's
-# cgroups, so that the pages count against its memory limit.
-WRITING_ACTIONS = frozenset({"write_file", "replace_in_files"})
+# File operations that may run at once in one sandbox. Each is a host process
+# of about 11 MiB (the change in `free` with 150 stalled downloads, Linux 6.18,
+# CPython 3.11), and a download's worker lives while its stream is open.
+# NOTE: 32 is a judgment (four times the load benchmark's 8 clients), not a
+# measured need.
+MAX_FILE_WORKERS = 32
+# Actions whose workers join the sandbox's cgroups. Writes do, so that the
+# tmpfs pages they make count against the sandbox's memory limit. Searches and
+# listings do too, because their memory and CPU time grow with what sandbox
+# code controls. A line of a sparse file can be gigabytes long, a directory
+# can have millions of entries, and a pattern can backtrack for hours.
+CHARGED_ACTIONS = frozenset(
+    {"write_file", "replace_in_files", "find_in_files", "list_files"}
+)
+# Advice in the error of a worker of these actions that reached the sandbox's
+# memory limit.
+OOM_ADVICE = {
+    "find_in_files": "find_in_files reads each line of a file into memory; search"
+    " files with shorter lines or create the sandbox with more memory",
+    "replace_in_files": "replace_in_files reads each whole file into memory;"
+    " pass smaller files or create the sandbox with more memory",
+    "list_files": "list_files reads every entry of a directory into memory; list"
+    " a smaller directory or create the sandbox with more memory",
+}
+# The advice for writes, whose tmpfs pages count against the memory limit.
+WRITE_OOM_ADVICE = (
+    "Files in /tmp count against that limit, because /tmp is a tmpfs; write to"
+    " another directory or create the sandbox with more memory"
+)
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,7 @@ class _Worker:
     """A running file operation worker and the read end of its result pipe."""
 
     sandbox: _Sandbox
+    action: str
     pid: int
     fd: int
     reader: asyncio.StreamReader
@@ -156,6 +184,7 @@ class _Worker:
     oom_kills: int | None
 
     def close(self) -> None:
+        self.sandbox.file_workers.discard(self.pid)
         _close_reader(self.reader, self.fd)
 
 
@@ -192,16 +221,39 @@ class SandboxFiles:
         init = sandbox.init
         if init is None or init.pidfd is None or sandbox.cgroup is None:
             raise FailedPrecondition(f"sandbox {sandbox_id} is not running")
+        running = len(sandbox.file_workers) + sandbox.file_workers_starting
+        if running >= MAX_FILE_WORKERS:
+            raise ResourceExhausted(
+                f"sandbox {sandbox_id} has {running} file operations running, and"
+                f" the maximum is {MAX_FILE_WORKERS}; wait for one to finish, or"
+                " read or cancel the downloads that are open"
+            )
+        sandbox.file_workers_starting += 1
+        try:
+            return await self._fork_worker(sandbox, init.pidfd, action, args, data_fd)
+        finally:
+            sandbox.file_workers_starting -= 1
+
+    async def _fork_worker(
+        self,
+        sandbox: _Sandbox,
+        init_pidfd: int,
+        action: str,
+        args: dict[str, Any],
+        data_fd: int | None,
+    ) -> _Worker:
+        assert sandbox.cgroup is not None
+        sandbox_id = sandbox.info.sandbox_id
         oom_kills = _oom_kills(sandbox)
         cgroup_fds = []
         result_read, result_write = os.pipe2(os.O_CLOEXEC)
         fds = [result_write] if data_fd is None else [result_write, data_fd]
         try:
-            if action in WRITING_ACTIONS:
+            if action in CHARGED_ACTIONS:
                 for path in sandbox.cgroup.procs_files():
                     cgroup_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
             pid = await self.engine.spawner.file(
-                init.pidfd, action, args, fds, cgroup_fds
+                init_pidfd, action, args, fds, cgroup_fds
             )
         except (OSError, ConnectionError) as error:
             os.close(result_read)
@@ -214,21 +266,35 @@ class SandboxFiles:
                 os.close(fd)
         # The worker reports through its pipe; its reap matters to nobody.
         self.engine.spawner.forget_reap(pid)
+        sandbox.file_workers.add(pid)
         try:
             reader = await _reader(result_read)
         except BaseException:
             os.close(result_read)
+            sandbox.file_workers.discard(pid)
+            with contextlib.suppress(ConnectionError, OSError):
+                self.engine.spawner.kill(pid)
             raise
-        return _Worker(sandbox, pid, result_read, reader, oom_kills)
+        return _Worker(sandbox, action, pid, result_read, reader, oom_kills)
 
     async def _call(
         self, sandbox_id: str, action: str, args: dict[str, Any], path: str
     ) -> dict[str, Any]:
         worker = await self._start(sandbox_id, action, args)
+        line = b""
         try:
-            return self._checked(worker, await worker.reader.readline(), path)
+            line = await worker.reader.readline()
+            return self._checked(worker, line, path)
         finally:
+            if not line:
+                # The call was cancelled, or reading the result failed. The
+                # worker's result is lost, so it is killed, not left running.
+                self._kill(worker)
             worker.close()
+
+    def _kill(self, worker: _Worker) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            self.engine.spawner.kill(worker.pid)
 
     def _checked(self, worker: _Worker, line: bytes, path: str) -> dict[str, Any]:
         """Parse a worker's result line, raising its error as an EngineError."""
@@ -253,11 +319,10 @@ class SandboxFiles:
         if oom_killed:
             memory = sandbox.info.spec.memory_mib
             limit = f"{memory} MiB" if memory is not None else "no limit set"
+            advice = OOM_ADVICE.get(worker.action, WRITE_OOM_ADVICE)
             return ResourceExhausted(
                 f"{path!r}: the file operation reached the memory limit of"
-                f" sandbox {sandbox_id} ({limit}) and was killed. Files in /tmp"
-                " count against that limit, because /tmp is a tmpfs; write to"
-                " another directory or create the sandbox with more memory"
+                f" sandbox {sandbox_id} ({limit}) and was killed. {advice}"
             )
         return InternalError(
             f"{path!r}: the file worker of sandbox {sandbox_id} exited without a result"
@@ -270,8 +335,7 @@ class SandboxFiles:
         ``result``.
         """
         if not result.done():
-            with contextlib.suppress(ConnectionError, OSError):
-                self.engine.spawner.kill(worker.pid)
+            self._kill(worker)
         try:
             async with asyncio.timeout(WORKER_EXIT_TIMEOUT):
                 await asyncio.shield(result)
@@ -454,24 +518,43 @@ class SandboxFiles:
             raise
         finally:
             os.close(data_write)
+        line = b""
         try:
-            result = self._checked(worker, await worker.reader.readline(), path)
+            line = await worker.reader.readline()
+            result = self._checked(worker, line, path)
         except BaseException:
             os.close(data_read)
-            raise
-        finally:
+            if not line:
+                self._kill(worker)
             worker.close()
+            raise
+        # The worker sends the file's bytes after its result line, and a
+        # caller that stops reading blocks it. So it stays in file_workers
+        # until the pipe closes, and terminate kills it. Otherwise its mount
+        # namespace would keep the terminated sandbox's layer in use.
+        _close_reader(worker.reader, worker.fd)
         size = int(result["size"])
         sandbox = worker.sandbox
 
         def check_size(received: int) -> None:
-            if received < size:
-                raise InternalError(
-                    f"{path!r} in sandbox {sandbox_id} shrank from {size} to"
-                    f" {received} bytes while it was read"
+            if received >= size:
+                return
+            if sandbox.info.state == SandboxState.TERMINATED:
+                raise FailedPrecondition(
+                    f"sandbox {sandbox_id} was terminated while {path!r} was"
+                    f" read, after {received} of {size} bytes"
                 )
+            raise InternalError(
+                f"{path!r} in sandbox {sandbox_id} shrank from {size} to"
+                f" {received} bytes while it was read"
+            )
 
-        chunks = _PipeChunks(data_read, lambda: self.engine._touch(sandbox), check_size)
+        chunks = _PipeChunks(
+            data_read,
+            lambda: self.engine._touch(sandbox),
+            check_size,
+            lambda: sandbox.file_workers.discard(worker.pid),
+        )
         return FileContent(size=size, mode=int(result["mode"]), chunks=chunks)
 
 
@@ -622,11 +705,16 @@ class _PipeChunks:
     """
 
     def __init__(
-        self, fd: int, touch: Callable[[], None], at_end: Callable[[int], None]
+        self,
+        fd: int,
+        touch: Callable[[], None],
+        at_end: Callable[[int], None],
+        on_close: Callable[[], None],
     ) -> None:
         self._fd = fd
         self._touch = touch
         self._at_end = at_end
+        self._on_close = on_close
         self._received = 0
         os.set_blocking(fd, False)
 
@@ -665,3 +753,4 @@ class _PipeChunks:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._on_close()

@@ -1,22 +1,27 @@
 """A file operation worker: forked by the zygote, run in a sandbox's namespaces.
 
 The zygote forks one worker per file operation and passes it a pidfd of the
-sandbox's PID 1. The worker joins the user and mount namespaces of PID 1
-with one setns(2) on that pidfd, which also makes the sandbox's root its root
-and its working directory. It then takes the same identity and limits as
+sandbox's PID 1. The worker joins every namespace of PID 1 but the PID
+namespace with one setns(2) on that pidfd, which also makes the sandbox's
+root its root and its working directory. It then takes the same identity and limits as
 sandbox code: uid and gid 0 of the sandbox's user namespace with no extra
 groups, the sandbox's capability bounding and kept sets, no_new_privs and
 the seccomp filter. Paths therefore resolve exactly as the sandbox sees them,
 and the worker can write only what sandbox code could write (see files.py).
 
 The worker stays outside the sandbox's PID namespace, so sandbox processes
-cannot see, signal or ptrace it, and it is non-dumpable. Workers that write
-files join the sandbox's cgroups first, because tmpfs pages stay charged to
-the memory cgroup of the process that wrote them: a file written to /tmp
-counts against the sandbox's memory limit, as it would if sandbox code wrote
-it. The first move into a v1 cgroup after an idle while waits for an RCU
-grace period (about 12 ms measured on Linux 6.18), so workers that only
-read, list or change metadata stay in the zygote's cgroup.
+cannot see, signal or ptrace it, and it is non-dumpable. Workers that write,
+search or list files join the sandbox's cgroups first (the Engine passes
+their cgroup.procs files). tmpfs pages stay charged to the memory cgroup of
+the process that wrote them, so a file written to /tmp counts against the
+sandbox's memory limit, as it would if sandbox code wrote it. A search or a
+listing can take memory and CPU time without bound (a sparse file read as one
+line, a huge directory, a backtracking pattern), which the sandbox's limits
+then bound. The first move into a v1 cgroup after an idle while waits for an
+RCU grace period (about 12 ms measured on Linux 6.18), so workers that only
+read one file or change metadata stay in the zygote's cgroup. The Engine
+kills a worker whose call was cancelled, and every worker of a sandbox at
+terminate.
 """
 
 from __future__ import annotations
@@ -29,14 +34,25 @@ from typing import Any
 from engine.runtime import capabilities, files, libc, namespaces, seccomp
 
 # The namespaces a worker joins: the user namespace for the sandbox's ids and
-# capabilities, and the mount namespace for its root and mounts.
-JOINED_NAMESPACES = libc.CLONE_NEWUSER | libc.CLONE_NEWNS
+# capabilities, the mount namespace for its root and mounts, and the others
+# because /proc shows the reader's. Without them /proc/sys/kernel/hostname,
+# /proc/sysvipc/*, /proc/sys/net/* and the paths in /proc/PID/cgroup would
+# show the host's. The PID namespace cannot be joined by the worker itself,
+# only by its children, so /proc/self does not exist for it.
+JOINED_NAMESPACES = (
+    libc.CLONE_NEWUSER
+    | libc.CLONE_NEWNS
+    | libc.CLONE_NEWUTS
+    | libc.CLONE_NEWIPC
+    | libc.CLONE_NEWNET
+    | libc.CLONE_NEWCGROUP
+)
 
 
 # The OOM killer picks the process with the highest oom_score_adj (-1000 to
-# 1000) first, so a writing worker that reaches the sandbox's memory limit, for
-# example by filling /tmp, is killed before PID 1 (0) and before sandbox
-# processes (500).
+# 1000) first, so a worker in the sandbox's cgroups that reaches its memory
+# limit, for example by filling /tmp or reading a huge line, is killed before
+# PID 1 (0) and before sandbox processes (500).
 WORKER_OOM_SCORE_ADJ = 1000
 
 

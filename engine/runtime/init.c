@@ -223,17 +223,21 @@ failed:
 	_exit(127);
 }
 
-static int is_executable_file(const char *path)
+/* `path` is relative to the directory `cwd`, as the child's execve will
+ * resolve it after its fchdir. */
+static int is_executable_file(int cwd, const char *path)
 {
 	struct stat info;
 
-	return stat(path, &info) == 0 && S_ISREG(info.st_mode) && access(path, X_OK) == 0;
+	return fstatat(cwd, path, &info, 0) == 0 && S_ISREG(info.st_mode) &&
+	       faccessat(cwd, path, X_OK, 0) == 0;
 }
 
 /* Return the file to execute for argv[0], searching PATH as execvp does, in
- * `buffer`; NULL when no directory has it. */
-static const char *find_program(const char *name, const char *path, char *buffer,
-				size_t size)
+ * `buffer`; NULL when no directory has it. Relative entries of PATH, the
+ * empty one included, name directories below the exec's cwd. */
+static const char *find_program(const char *name, const char *path, int cwd,
+				char *buffer, size_t size)
 {
 	if (strchr(name, '/') != NULL)
 		return name;
@@ -245,7 +249,7 @@ static const char *find_program(const char *name, const char *path, char *buffer
 
 		if ((size_t)snprintf(buffer, size, "%.*s/%s", directory_length, directory,
 				     name) < size &&
-		    is_executable_file(buffer))
+		    is_executable_file(cwd, buffer))
 			return buffer;
 		path = end ? end + 1 : NULL;
 	}
@@ -374,7 +378,8 @@ static void handle_exec(uint32_t id, char *body, size_t length, int *fds, int nf
 	spawn.cwd = open_cwd(id, cwd[0]);
 	if (spawn.cwd < 0)
 		goto done;
-	program = find_program(argv[0], path, program_buffer, sizeof(program_buffer));
+	program = find_program(argv[0], path, spawn.cwd, program_buffer,
+			       sizeof(program_buffer));
 	if (program == NULL) {
 		describe_exec_error(id, ENOENT, argv[0]);
 		close(spawn.cwd);

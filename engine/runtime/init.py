@@ -11,7 +11,9 @@ PID 1 runs engine code, not sandbox code. The memfd is owned by host root and
 not readable, so after execve the kernel keeps PID 1 non-dumpable with its
 memory in the host's user namespace: sandbox code can neither ptrace it nor
 open its /proc/1/mem or /proc/1/exe. The kernel drops every signal sent to it
-from inside the namespace, because it handles none.
+from inside the namespace, because it handles none, except SIGCHLD, which it
+blocks and reads from a signalfd. A SIGCHLD from sandbox code only makes it
+look for children to reap.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import DEFAULT_UID_BASE, DEFAULT_UID_COUNT
+from engine.config import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, default_data_dir
 from engine.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -431,8 +431,12 @@ class ImageStore:
 
     def _not_found_message(self, name: str) -> str:
         if name in _RECIPES:
+            command = f"engine image build {name}"
+            if self.data_dir != default_data_dir():
+                command += f" --data-dir {self.data_dir}"
             return (
-                f"image {name!r} not found; build it with `engine image build {name}`"
+                f"image {name!r} not found in {self.images_dir}; build it with"
+                f" `{command}`"
             )
         names = [HOST_IMAGE]
         with contextlib.suppress(FileNotFoundError):

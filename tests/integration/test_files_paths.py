@@ -279,3 +279,23 @@ def test_deep_parents_created(sandbox: SandboxInstance) -> None:
     directory = "/tmp/" + "b/" * 1000 + "end"
     sandbox.fs.create_directory(directory, parents=True)
     assert sandbox.fs.stat_file(directory).is_dir
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/proc/sys/kernel/hostname",
+        "/proc/sys/net/ipv4/ip_local_port_range",
+        "/proc/1/cgroup",
+        "/proc/sysvipc/shm",
+    ],
+)
+def test_proc_reads_match_sandbox_view(sandbox: SandboxInstance, path: str) -> None:
+    # These files show the namespaces of the process that reads them, so a
+    # worker outside the sandbox's UTS, IPC, network or cgroup namespace would
+    # return the host's hostname, IPC objects, sysctls or cgroup paths.
+    inside = sandbox.process.exec("cat", path)
+    assert inside.wait() == 0
+    expected = [line for line in inside.stdout.read().splitlines() if line]
+    found = [match.text for match in sandbox.fs.find_in_files(path, ".+")]
+    assert found == expected

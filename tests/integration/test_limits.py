@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from engine.core.engine import HELPER_PIDS
 from engine.core.models import ExitReason, SandboxSpec, SandboxState, SandboxStats
+from engine.errors import ResourceExhausted
 
 if TYPE_CHECKING:
     from conftest import EngineRunner
@@ -115,6 +116,17 @@ def test_memory_below_limit_succeeds(
 
 # Pids.
 
+FORK_FOREVER = """
+import os, time
+while True:
+    try:
+        if os.fork() == 0:
+            time.sleep(600)
+            os._exit(0)
+    except OSError:
+        time.sleep(0.001)
+"""
+
 
 def test_fork_loop_hits_pids_limit(
     engine: EngineRunner, new_sandbox: Callable[..., str]
@@ -130,6 +142,27 @@ def test_fork_loop_hits_pids_limit(
     assert after.exit_code == 0
     assert after.stdout == b"alive\n"
     assert _host_healthy()
+
+
+def test_exec_at_pids_limit_names_limit(
+    engine: EngineRunner, new_sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = new_sandbox(pids=20)
+    # Keeps every pid of the sandbox in use, retrying each failed fork.
+    engine.exec(sandbox_id, ["python3", "-c", FORK_FOREVER])
+
+    def full() -> bool:
+        try:
+            engine.exec(sandbox_id, ["true"])
+        except ResourceExhausted as error:
+            errors.append(str(error))
+            return True
+        return False
+
+    errors: list[str] = []
+    engine.wait_until(full, "the sandbox's pids to be used up")
+    assert "maximum of 20 processes" in errors[0]
+    assert "larger pids limit" in errors[0]
 
 
 def test_fork_bomb_contained_and_cleaned(

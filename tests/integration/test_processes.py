@@ -390,3 +390,21 @@ def test_terminated_sandbox_rejects_exec(
     killed = engine.wait(sandbox_id, process.pid, timeout=5)
     assert killed.state == ProcessState.EXITED
     assert killed.exit_code == 137
+
+
+def test_exec_relative_path_entry_uses_cwd(
+    engine: EngineRunner, sandbox_id: str
+) -> None:
+    # execvp resolves a relative PATH entry against the cwd of the new process.
+    script = (
+        "printf '#!/bin/sh\\necho from-root\\n' > /root/hello; chmod +x /root/hello"
+    )
+    assert engine.run(sandbox_id, ["sh", "-c", script]).exit_code == 0
+    result = engine.run(sandbox_id, ["hello"], cwd="/root", env={"PATH": ".:/bin"})
+    assert result.text == "from-root\n"
+    result = engine.run(
+        sandbox_id, ["sh", "-c", "echo $0"], cwd="/", env={"PATH": "bin"}
+    )
+    assert result.text == "sh\n"
+    with pytest.raises(NotFound, match="'sh' not found in PATH"):
+        engine.exec(sandbox_id, ["sh", "-c", "true"], cwd="/tmp", env={"PATH": "bin"})

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from engine.core import engine as engine_module
 from engine.core.engine import HELPER_PIDS
 from engine.core.models import VolumeMount
 from engine.core.warm import Shape
 from engine.runtime.cgroupsv1 import CgroupV1
+from engine.storage.images import shift_ownership
 from tests.conftest import EngineRunner
+from tests.integration.test_escapes import BUSYBOX
 
 MIB = 1024 * 1024
 
@@ -142,3 +147,32 @@ def test_volume_spec_never_warm(runner: EngineRunner) -> None:
     assert all(sandbox.info.spec.volumes == () for sandbox in runner.warm_sandboxes())
     second = runner.create(volumes=mount)
     assert runner.run(second, ["ls", "/data"]).exit_code == 0
+
+
+def _write_busybox_image(runner: EngineRunner, name: str, marker: str) -> None:
+    """Write image ``name``: a static busybox and a /marker file with ``marker``."""
+    root = runner.engine.images.images_dir / name
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "cat"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "marker").write_text(marker)
+    config = runner.engine.config
+    shift_ownership(root, config.uid_base, config.uid_count)
+
+
+def test_rebuilt_image_not_taken_warm(
+    runner: EngineRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Resolve the image again on every create, as after the cache expires.
+    monkeypatch.setattr(engine_module, "IMAGE_CACHE_SECONDS", 0.0)
+    name = f"rebuilt-{secrets.token_hex(4)}"
+    _write_busybox_image(runner, name, "first build")
+    shape = Shape(name, 128, "/", False)
+    ready = _warm(runner, shape)
+    # A rebuild removes the image and renames a new one to the same path.
+    runner.engine.images.remove(name)
+    _write_busybox_image(runner, name, "second build")
+    sandbox_id = runner.create(image=name, memory_mib=128, block_network=True)
+    assert sandbox_id not in ready
+    assert runner.run(sandbox_id, ["cat", "/marker"]).text == "second build"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import image as image_cli
+from engine.cli.main import build_parser, parse_arguments
 from engine.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -218,7 +219,19 @@ def test_resolve_unbuilt_debian(store: ImageStore) -> None:
     with pytest.raises(NotFound) as caught:
         store.resolve("debian")
     assert "image 'debian' not found" in str(caught.value)
-    assert "`engine image build debian`" in str(caught.value)
+    # The store is not in the default data dir, so the command must name it.
+    command = f"`engine image build debian --data-dir {store.data_dir}`"
+    assert command in str(caught.value)
+
+
+def test_image_commands_take_data_dir() -> None:
+    parser = build_parser()
+    for command in ("ls", "rm", "build"):
+        argv = ["image", command, "--data-dir", "/tmp/engine-x"]
+        if command != "ls":
+            argv.append("debian")
+        args = parse_arguments(parser, argv)
+        assert args.data_dir == "/tmp/engine-x"
 
 
 def test_resolve_unknown_lists_images(store: ImageStore) -> None:
