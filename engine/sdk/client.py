@@ -206,10 +206,14 @@ def error_from_rpc(error: grpc.RpcError, address: str) -> errors.EngineError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     if code == grpc.StatusCode.UNAVAILABLE and not _is_engine_status(error):
+        hint = (
+            "check that a daemon listens there (ENGINE_ADDRESS is set)"
+            if os.environ.get("ENGINE_ADDRESS")
+            else "set ENGINE_ADDRESS to the address of a running daemon"
+        )
         return errors.Unavailable(
             f"cannot connect to the engine daemon at {address}: {details}. Start one"
-            " with `engine serve`, or set ENGINE_ADDRESS to the address of a"
-            " running daemon"
+            f" with `engine serve`, or {hint}"
         )
     if code == grpc.StatusCode.CANCELLED and not _is_engine_status(error):
         return errors.Unavailable(

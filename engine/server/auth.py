@@ -61,8 +61,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if _is_unix_peer(context):
                 return DEFAULT_WORKSPACE, True
             raise Unauthenticated(
-                "missing bearer token: send 'authorization: Bearer <token>'"
-                " metadata, with a token from `engine token create`"
+                "missing bearer token: set ENGINE_TOKEN for the SDK and the CLI,"
+                " or send 'authorization: Bearer <token>' metadata, with a token"
+                " from `engine token create`"
             )
         workspace = self._lookup(token)
         if workspace is None:
