@@ -6,8 +6,9 @@ working directory and whether it has a network interface. A warm sandbox has
 all of that done: its writable layer, its cgroup, its namespaces, its
 mounted root and a ready PID 1. Creating a sandbox of that shape then only
 applies what the request adds (cgroup limits, the disk limit and the
-network policy) and records it. Nothing of the request runs in a warm
-sandbox before it is taken, and each is taken at most once.
+network policy) and records it. A warm sandbox runs no code of any request
+before a create takes it, and ``take`` removes it from the pool, so no two
+creates get the same one (tests/unit/test_warm_pool.py).
 
 The pool keeps up to ``size`` sandboxes of each of the ``MAX_SHAPES`` shapes
 that were set up on request last, and refills a shape in the background once

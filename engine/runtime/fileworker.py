@@ -3,11 +3,12 @@
 The zygote forks one worker per file operation and passes it a pidfd of the
 sandbox's PID 1. The worker joins every namespace of PID 1 but the PID
 namespace with one setns(2) on that pidfd, which also makes the sandbox's
-root its root and its working directory. It then takes the same identity and limits as
-sandbox code: uid and gid 0 of the sandbox's user namespace with no extra
-groups, the sandbox's capability bounding and kept sets, no_new_privs and
-the seccomp filter. Paths therefore resolve exactly as the sandbox sees them,
-and the worker can write only what sandbox code could write (see files.py).
+root its root and its working directory. It then takes the same identity
+and limits as sandbox code: uid and gid 0 of the sandbox's user namespace
+with no extra groups, the sandbox's capability bounding and kept sets,
+no_new_privs and the seccomp filter. Paths therefore resolve exactly as they
+do for sandbox code, and the worker can write only what sandbox code could
+write (see files.py).
 
 The worker stays outside the sandbox's PID namespace, so sandbox processes
 cannot see, signal or ptrace it, and it is non-dumpable. Workers that write,

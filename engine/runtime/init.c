@@ -5,7 +5,7 @@
  * Python and then executes this program from a sealed memfd that the zygote
  * made. The memfd belongs to host root and has mode 0111, so the kernel
  * executes it but marks the process non-dumpable and keeps its memory in the
- * host's user namespace: ptrace, /proc/1/mem and /proc/1/exe need
+ * host's user namespace. Then ptrace, /proc/1/mem and /proc/1/exe need
  * CAP_SYS_PTRACE on the host, which sandbox code never has.
  *
  * Usage: engine-init CONTROL_FD SUPERVISOR_PIDFD ZYGOTE_PIDFD. It serves the
