@@ -1495,15 +1495,19 @@ class Engine:
             loop = asyncio.get_running_loop()
             process.timer = loop.call_later(timeout, self._on_timeout, sandbox, process)
         assert self.store is not None
-        self.store.put_process(sandbox_id, process.info())
+        info = process.info()
+        self.store.put_process(sandbox_id, info)
         self._schedule_flush()
-        log.info(
-            "sandbox %s: started pid %d: %s",
-            sandbox_id,
-            pid,
-            validation.shorten(" ".join(argv)),
-        )
-        return process.info()
+        # Only when the line is written: joining and shortening a long argv
+        # costs more than the rest of the log call.
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "sandbox %s: started pid %d: %s",
+                sandbox_id,
+                pid,
+                validation.shorten(" ".join(argv)),
+            )
+        return info
 
     def _attach_reader(self, sandbox: _Sandbox, fd: int, buffer: OutputBuffer) -> None:
         """Read ``fd`` into ``buffer`` until EOF, at most at the output rate."""

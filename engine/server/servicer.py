@@ -146,12 +146,13 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             stdin=arguments.stdin,
             secrets=arguments.secrets,
         )
-        logger.debug(
-            "started pid %d in sandbox %s: %s",
-            info.pid,
-            arguments.sandbox_id,
-            validation.show(" ".join(arguments.argv)),
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "started pid %d in sandbox %s: %s",
+                info.pid,
+                arguments.sandbox_id,
+                validation.show(" ".join(arguments.argv)),
+            )
         yield pb.ExecEvent(started=pb.ExecStarted(pid=info.pid))
 
         # A cancelled stream ends here without touching the process: it keeps
