@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import secrets
 import socket
 from pathlib import Path
 
@@ -80,15 +81,33 @@ def ipv4_addresses() -> list[ipaddress.IPv4Interface]:
         ]
 
 
+def local_mac() -> str:
+    """Return a random unicast MAC address from the locally administered range."""
+    octets = bytearray(secrets.token_bytes(6))
+    # Bit 1 of the first octet set means locally administered, and bit 0 clear
+    # means unicast.
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
 def create_bridge(name: str, address: ipaddress.IPv4Interface) -> int:
     """Create bridge ``name`` with ``address``, bring it up and return its index.
 
     Spanning tree stays off, so a new port forwards at once. The bridge gets
-    no IPv6 address: IPv6 is disabled on it.
+    no IPv6 address: IPv6 is disabled on it. Its MAC address is set when it
+    is created: a bridge without one takes the lowest MAC of its ports, so
+    it would change whenever a veth with a lower MAC joins, and sandboxes
+    would keep sending to the gateway's old MAC, which no port owns.
     """
     with IPRoute() as ipr:
         try:
-            ipr.link("add", ifname=name, kind="bridge", br_stp_state=0)
+            ipr.link(
+                "add",
+                ifname=name,
+                kind="bridge",
+                br_stp_state=0,
+                address=local_mac(),
+            )
         except NetlinkError as error:
             raise _error(error, f"create bridge {name}") from error
         index = ipr.link_lookup(ifname=name)[0]
