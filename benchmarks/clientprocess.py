@@ -92,6 +92,12 @@ class ClientProcess:
     def exec_burst(self, count: int) -> Any:
         return self._call("exec_burst", count)
 
+    def run_round_trip(self) -> float:
+        return self._call("run_round_trip")
+
+    def run_burst(self, count: int) -> Any:
+        return self._call("run_burst", count)
+
     def probe(self, argv: list[str], block_network: bool = True) -> str:
         return self._call("probe", argv, block_network)
 

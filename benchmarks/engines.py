@@ -261,6 +261,25 @@ class GrpcRuns:
         values = [self.exec_round_trip() for _ in range(count)]
         return Sample(sum(values) / count, {"each_seconds": values})
 
+    def run_round_trip(self) -> float:
+        """Time one Run RPC of `true` in the running sandbox; it returns at the exit."""
+        assert self.exec_sandbox is not None
+        request = pb.RunRequest(sandbox_id=self.exec_sandbox, argv=TRUE_ARGV)
+        start = time.perf_counter()
+        reply = self.client.call("Run", request, timeout=CALL_TIMEOUT)
+        elapsed = time.perf_counter() - start
+        if reply.exit.exit_code != 0:
+            raise RuntimeError(
+                f"true in sandbox {self.exec_sandbox} exited with"
+                f" {reply.exit.exit_code}"
+            )
+        return elapsed
+
+    def run_burst(self, count: int) -> Sample:
+        """Time ``count`` Run round trips in a row; the sample is their mean."""
+        values = [self.run_round_trip() for _ in range(count)]
+        return Sample(sum(values) / count, {"each_seconds": values})
+
     def probe(self, argv: list[str], block_network: bool = True) -> str:
         """Run ``argv`` in a new sandbox and return its stdout."""
         sandbox_id = create(self.client, spec_proto(block_network))

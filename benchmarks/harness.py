@@ -34,7 +34,12 @@ from benchmarks.engines import (
 )
 from benchmarks.isolation import PROBE_ARGV, Layers, parse_probe
 from benchmarks.machine import describe_machine
-from benchmarks.report import FORK_EXEC_SYSTEM, GRPC_NETWORK_SYSTEM, targets
+from benchmarks.report import (
+    FORK_EXEC_SYSTEM,
+    GRPC_NETWORK_SYSTEM,
+    GRPC_RUN_SYSTEM,
+    targets,
+)
 from benchmarks.suite import (
     COLD_START,
     EXEC,
@@ -165,13 +170,21 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
             lambda: asyncio.to_thread(runs.probe, PROBE_ARGV, False),
             CGROUP_LIMITS,
         )
+    run_label = "engine, gRPC Run RPC (daemon subprocess)"
+    run.labels[GRPC_RUN_SYSTEM] = run_label
+    # The Run rows use the same daemon and sandbox as the Exec rows.
+    if system in run.layers:
+        run.layers[GRPC_RUN_SYSTEM] = run.layers[system]
     label = run.labels[system]
     if runs is None:
         for measurement in (COLD_START, EXEC, EXEC_BURST):
             run.add(measurement, system, label, None, reason)
+        for measurement in (EXEC, EXEC_BURST):
+            run.add(measurement, GRPC_RUN_SYSTEM, run_label, None, reason)
         run.add(COLD_START, GRPC_NETWORK_SYSTEM, network_label, None, reason)
     else:
         exec_burst = functools.partial(runs.exec_burst, options.burst)
+        run_burst = functools.partial(runs.run_burst, options.burst)
         run.add(COLD_START, system, label, threaded(runs.cold_start), reason)
         run.add(
             COLD_START,
@@ -182,6 +195,8 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
         )
         run.add(EXEC, system, label, threaded(runs.exec_round_trip), reason)
         run.add(EXEC_BURST, system, label, threaded(exec_burst), reason)
+        run.add(EXEC, GRPC_RUN_SYSTEM, run_label, threaded(runs.run_round_trip), reason)
+        run.add(EXEC_BURST, GRPC_RUN_SYSTEM, run_label, threaded(run_burst), reason)
     for clients in options.concurrency:
         sample = None
         if runs is not None:

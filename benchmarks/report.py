@@ -38,6 +38,7 @@ BWRAP_SYSTEM = "bwrap"
 RUNC_SYSTEM = "runc"
 GRPC_SYSTEM = "engine-grpc"
 GRPC_NETWORK_SYSTEM = "engine-grpc-net"
+GRPC_RUN_SYSTEM = "engine-grpc-run"
 EMBEDDED_SYSTEM = "engine-embedded"
 TITLES = {
     COLD_START: "Cold start: create a sandbox and run `true` to its exit"
@@ -282,7 +283,11 @@ def targets(cases: list[Case]) -> list[dict[str, Any]]:
             at_most=True,
         ),
     ]
-    for system, name in ((GRPC_SYSTEM, "gRPC"), (EMBEDDED_SYSTEM, "embedded")):
+    for system, name in (
+        (GRPC_SYSTEM, "gRPC Exec stream"),
+        (GRPC_RUN_SYSTEM, "gRPC Run RPC"),
+        (EMBEDDED_SYSTEM, "embedded"),
+    ):
         results.append(
             _target(
                 f"median exec round trip ({name}) ≤ {EXEC_TARGET_RATIO:g}x the"

@@ -1678,6 +1678,32 @@ class Engine:
             await process.exited.wait()
         yield process.info()
 
+    async def finish_process(
+        self, sandbox_id: str, pid: int
+    ) -> tuple[ProcessInfo, OutputBuffer, OutputBuffer]:
+        """Wait until the process has exited and its output has ended.
+
+        The output ends as in ``follow_process``: at both EOFs, or at most
+        OUTPUT_GRACE_SECONDS after the exit. Returns the ProcessInfo and the
+        stdout and stderr buffers.
+        """
+        _, process = self._process(sandbox_id, pid)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            open_buffers = [b for b in (process.stdout, process.stderr) if not b.closed]
+            remaining = None
+            if process.exited.is_set():
+                if not open_buffers:
+                    break
+                if deadline is None:
+                    deadline = loop.time() + OUTPUT_GRACE_SECONDS
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+            await _next_change(loop, process, open_buffers, remaining)
+        return process.info(), process.stdout, process.stderr
+
     async def write_stdin(self, sandbox_id: str, pid: int, data: bytes) -> None:
         sandbox, process = self._process(sandbox_id, pid)
         self._touch(sandbox)

@@ -41,8 +41,10 @@ from engine.sdk.sandbox import (
     ProcessStatus,
     Sandbox,
     SandboxProcessResponse,
+    _argv,
     _secret_names,
     network_request,
+    run_request,
 )
 from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
@@ -139,6 +141,12 @@ class AsyncSandboxProcessStream:
                     self._eof = True
                 if chunk.data:
                     yield chunk.data
+
+    def resume_after(self, chunk: pb.OutputChunk) -> None:
+        """Continue this reader after ``chunk``, which the caller already has."""
+        self.dropped += chunk.dropped
+        self._offset = chunk.offset + len(chunk.data)
+        self._eof = chunk.eof
 
     async def read_bytes(self) -> bytes:
         """Return every byte from this reader's offset up to the end of the stream."""
@@ -257,13 +265,9 @@ class AsyncSandboxProcessManager:
         secrets: list[str] | None = None,
     ) -> AsyncSandboxProcess:
         """Start ``args`` and return once it runs, like SandboxProcessManager.exec."""
-        if len(args) == 1 and isinstance(args[0], list | tuple):
-            argv = list(args[0])
-        else:
-            argv = list(args)
         request = pb.ExecRequest(
             sandbox_id=self._sandbox_id,
-            argv=argv,
+            argv=_argv(args),
             cwd=cwd or "",
             env=env or {},
             stdin=stdin,
@@ -288,13 +292,31 @@ class AsyncSandboxProcessManager:
         timeout: float | None = None,
         env: dict[str, str] | None = None,
     ) -> SandboxProcessResponse:
-        process = await self.exec("python3", "-c", code, timeout=timeout, env=env)
-        exit_code = await process.wait()
+        return await self.run("python3", "-c", code, timeout=timeout, env=env)
+
+    async def run(
+        self,
+        *args: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        secrets: list[str] | None = None,
+    ) -> SandboxProcessResponse:
+        """Run ``args`` to its exit and return its output; see SandboxProcessManager."""
+        request = run_request(
+            self._sandbox_id, args, cwd=cwd, env=env, timeout=timeout, secrets=secrets
+        )
+        reply = await self._client.call("Run", request)
+        process = AsyncSandboxProcess(self._client, self._sandbox_id, reply.pid)
+        process.stdout.resume_after(reply.stdout)
+        process.stderr.resume_after(reply.stderr)
+        stdout = reply.stdout.data + await process.stdout.read_bytes()
+        stderr = reply.stderr.data + await process.stderr.read_bytes()
         return SandboxProcessResponse(
-            pid=process.pid,
-            exit_code=exit_code,
-            stdout=await process.stdout.read(),
-            stderr=await process.stderr.read(),
+            pid=reply.pid,
+            exit_code=reply.exit.exit_code,
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
         )
 
     async def get_process(self, pid: int) -> AsyncSandboxProcess:

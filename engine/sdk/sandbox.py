@@ -86,6 +86,35 @@ def parse_mib(value: int | str | None, field: str) -> int | None:
     return int(mib)
 
 
+def _argv(args: tuple[Any, ...]) -> list[str]:
+    """Return the argv of ``exec(*args)``: the arguments, or the one list given."""
+    if len(args) == 1 and isinstance(args[0], list | tuple):
+        return list(args[0])
+    return list(args)
+
+
+def run_request(
+    sandbox_id: str,
+    args: tuple[Any, ...],
+    *,
+    cwd: str | None,
+    env: dict[str, str] | None,
+    timeout: float | None,
+    secrets: list[str] | None,
+) -> pb.RunRequest:
+    """Return the Run request of ``run(*args, ...)``."""
+    request = pb.RunRequest(
+        sandbox_id=sandbox_id,
+        argv=_argv(args),
+        cwd=cwd or "",
+        env=env or {},
+        secrets=_secret_names(secrets),
+    )
+    if timeout is not None:
+        request.timeout_seconds = timeout
+    return request
+
+
 def _secret_names(names: list[str] | tuple[str, ...] | None) -> list[str]:
     """Return secret names as a list, rejecting a bare string early."""
     if names is None:
@@ -142,7 +171,10 @@ class ProcessStatus:
 
 @dataclass(frozen=True)
 class SandboxProcessResponse:
-    """Result of ``run_code``: the exit code and the whole output, decoded as UTF-8."""
+    """Result of ``run`` and ``run_code``: the exit code and the whole output.
+
+    The output is decoded as UTF-8, with invalid bytes replaced.
+    """
 
     pid: int
     exit_code: int
@@ -202,6 +234,12 @@ class SandboxProcessStream:
                     self._eof = True
                 if chunk.data:
                     yield chunk.data
+
+    def resume_after(self, chunk: pb.OutputChunk) -> None:
+        """Continue this reader after ``chunk``, which the caller already has."""
+        self.dropped += chunk.dropped
+        self._offset = chunk.offset + len(chunk.data)
+        self._eof = chunk.eof
 
     def read_bytes(self) -> bytes:
         """Return every byte from this reader's offset up to the end of the stream.
@@ -351,13 +389,9 @@ class SandboxProcessManager:
         the process reads /dev/null. ``secrets`` names secrets that become
         environment variables of this process only.
         """
-        if len(args) == 1 and isinstance(args[0], list | tuple):
-            argv = list(args[0])
-        else:
-            argv = list(args)
         request = pb.ExecRequest(
             sandbox_id=self._sandbox_id,
-            argv=argv,
+            argv=_argv(args),
             cwd=cwd or "",
             env=env or {},
             stdin=stdin,
@@ -384,13 +418,36 @@ class SandboxProcessManager:
         env: dict[str, str] | None = None,
     ) -> SandboxProcessResponse:
         """Run ``code`` with ``python3 -c``, wait for it and return its output."""
-        process = self.exec("python3", "-c", code, timeout=timeout, env=env)
-        exit_code = process.wait()
+        return self.run("python3", "-c", code, timeout=timeout, env=env)
+
+    def run(
+        self,
+        *args: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        secrets: list[str] | None = None,
+    ) -> SandboxProcessResponse:
+        """Run ``args`` to its exit and return its exit code and whole output.
+
+        One Run RPC starts the process, waits and returns the first MiB of each
+        stream; only longer output takes more calls. The options mean what
+        they mean in ``exec``, and stdin is /dev/null.
+        """
+        request = run_request(
+            self._sandbox_id, args, cwd=cwd, env=env, timeout=timeout, secrets=secrets
+        )
+        reply = self._client.call("Run", request)
+        process = SandboxProcess(self._client, self._sandbox_id, reply.pid)
+        process.stdout.resume_after(reply.stdout)
+        process.stderr.resume_after(reply.stderr)
+        stdout = reply.stdout.data + process.stdout.read_bytes()
+        stderr = reply.stderr.data + process.stderr.read_bytes()
         return SandboxProcessResponse(
-            pid=process.pid,
-            exit_code=exit_code,
-            stdout=process.stdout.read(),
-            stderr=process.stderr.read(),
+            pid=reply.pid,
+            exit_code=reply.exit.exit_code,
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
         )
 
     def get_process(self, pid: int) -> SandboxProcess:

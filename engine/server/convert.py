@@ -171,6 +171,15 @@ def process_to_proto(info: ProcessInfo) -> pb.Process:
     return message
 
 
+def exit_to_proto(info: ProcessInfo) -> pb.ExecExited:
+    """Return how an exited process ended; -1 stands for an unknown exit code."""
+    return pb.ExecExited(
+        exit_code=info.exit_code if info.exit_code is not None else -1,
+        signal=info.signal,
+        reason=EXIT_REASONS[info.reason],
+    )
+
+
 def chunk_to_proto(chunk: OutputChunk) -> pb.OutputChunk:
     return pb.OutputChunk(
         stream=STREAMS[chunk.stream],

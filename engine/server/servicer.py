@@ -164,12 +164,28 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             else:
                 final = item
         assert final is not None
-        yield pb.ExecEvent(
-            exit=pb.ExecExited(
-                exit_code=final.exit_code if final.exit_code is not None else -1,
-                signal=final.signal,
-                reason=convert.EXIT_REASONS[final.reason],
-            )
+        yield pb.ExecEvent(exit=convert.exit_to_proto(final))
+
+    async def Run(
+        self, request: pb.RunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunResponse:
+        arguments, limit = validation.run_from_request(request)
+        info = await self._engine.exec(
+            arguments.sandbox_id,
+            arguments.argv,
+            cwd=arguments.cwd,
+            env=arguments.env,
+            timeout=arguments.timeout,
+            secrets=arguments.secrets,
+        )
+        final, stdout, stderr = await self._engine.finish_process(
+            arguments.sandbox_id, info.pid
+        )
+        return pb.RunResponse(
+            pid=info.pid,
+            exit=convert.exit_to_proto(final),
+            stdout=convert.chunk_to_proto(stdout.read(0, limit)),
+            stderr=convert.chunk_to_proto(stderr.read(0, limit)),
         )
 
     async def _exec_output(

@@ -29,6 +29,8 @@ MAX_ARG_BYTES = 32 * 4096
 MAX_SHOWN_CHARS = 64
 # The memory limit in bytes must fit a signed 64-bit cgroup value.
 MAX_MEMORY_MIB = (2**63 - 1) >> 20
+# Max output bytes per stream in a Run response.
+MAX_RUN_OUTPUT_BYTES = 1024 * 1024
 
 
 def show(value: object) -> str:
@@ -196,6 +198,25 @@ class ExecArguments:
 
 
 def exec_from_request(request: pb.ExecRequest) -> ExecArguments:
+    return _exec_arguments(request, stdin=request.stdin)
+
+
+def run_from_request(request: pb.RunRequest) -> tuple[ExecArguments, int]:
+    """Return the process to start and the output bytes per stream to return."""
+    limit = MAX_RUN_OUTPUT_BYTES
+    if request.HasField("max_output_bytes"):
+        limit = request.max_output_bytes
+        if limit > MAX_RUN_OUTPUT_BYTES:
+            raise InvalidArgument(
+                f"invalid max_output_bytes {limit}: expected 0 to"
+                f" {MAX_RUN_OUTPUT_BYTES}; read the rest with ReadOutput"
+            )
+    return _exec_arguments(request, stdin=False), limit
+
+
+def _exec_arguments(
+    request: pb.ExecRequest | pb.RunRequest, *, stdin: bool
+) -> ExecArguments:
     check_sandbox_id(request.sandbox_id)
     argv = list(request.argv)
     if not argv:
@@ -221,7 +242,7 @@ def exec_from_request(request: pb.ExecRequest) -> ExecArguments:
         cwd=request.cwd or None,
         env=check_env("env", dict(request.env)),
         timeout=timeout,
-        stdin=request.stdin,
+        stdin=stdin,
         secrets=check_secret_names("secrets", request.secrets),
     )
 

@@ -389,6 +389,43 @@ class ExecExited(_message.Message):
     reason: ExitReason
     def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., reason: _Optional[_Union[ExitReason, str]] = ...) -> None: ...
 
+class RunRequest(_message.Message):
+    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "secrets", "max_output_bytes")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    env: _containers.ScalarMap[str, str]
+    timeout_seconds: float
+    secrets: _containers.RepeatedScalarFieldContainer[str]
+    max_output_bytes: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., secrets: _Optional[_Iterable[str]] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
+
+class RunResponse(_message.Message):
+    __slots__ = ("pid", "exit", "stdout", "stderr")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    exit: ExecExited
+    stdout: OutputChunk
+    stderr: OutputChunk
+    def __init__(self, pid: _Optional[int] = ..., exit: _Optional[_Union[ExecExited, _Mapping]] = ..., stdout: _Optional[_Union[OutputChunk, _Mapping]] = ..., stderr: _Optional[_Union[OutputChunk, _Mapping]] = ...) -> None: ...
+
 class ExecEvent(_message.Message):
     __slots__ = ("started", "output", "exit")
     STARTED_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class SandboxServiceStub:
                 request_serializer=engine_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_unary(
+                '/engine.v1.SandboxService/Run',
+                request_serializer=engine_dot_v1_dot_sandbox__pb2.RunRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_sandbox__pb2.RunResponse.FromString,
+                _registered_method=True)
         self.WriteStdin = channel.unary_unary(
                 '/engine.v1.SandboxService/WriteStdin',
                 request_serializer=engine_dot_v1_dot_sandbox__pb2.WriteStdinRequest.SerializeToString,
@@ -162,6 +167,17 @@ class SandboxServiceServicer:
         pid, then stdout and stderr chunks as they arrive, then one `exit` event.
         Cancelling the stream does not kill the process, and the RPC deadline is
         not the command's timeout (that is ExecRequest.timeout_seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Run(self, request, context):
+        """Starts a process, waits for its exit and returns it with its output, in
+        one round trip. The response contains at most `max_output_bytes` of each
+        stream; the rest stays readable through ReadOutput. The process reads
+        /dev/null as stdin. As for Exec, the RPC deadline does not end the
+        process, but the call returns only after the process exits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +289,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=engine_dot_v1_dot_sandbox__pb2.ExecRequest.FromString,
                     response_serializer=engine_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
+            ),
+            'Run': grpc.unary_unary_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=engine_dot_v1_dot_sandbox__pb2.RunRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_sandbox__pb2.RunResponse.SerializeToString,
             ),
             'WriteStdin': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteStdin,
@@ -488,6 +509,33 @@ class SandboxService:
             '/engine.v1.SandboxService/Exec',
             engine_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
             engine_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.SandboxService/Run',
+            engine_dot_v1_dot_sandbox__pb2.RunRequest.SerializeToString,
+            engine_dot_v1_dot_sandbox__pb2.RunResponse.FromString,
             options,
             channel_credentials,
             insecure,

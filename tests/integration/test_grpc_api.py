@@ -113,6 +113,61 @@ def test_exec_event_order(
     assert events[-1].exit.signal == ""
 
 
+def test_run_returns_exit_and_output(
+    stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
+) -> None:
+    request = pb.RunRequest(
+        sandbox_id=sandbox_id,
+        argv=["sh", "-c", "echo out; echo err >&2; kill -TERM $$"],
+    )
+    reply = stub.Run(request, timeout=60)
+    assert reply.pid > 0
+    assert reply.exit.exit_code == 143
+    assert reply.exit.signal == "SIGTERM"
+    assert reply.exit.reason == pb.EXIT_REASON_SIGNALED
+    assert reply.stdout.data == b"out\n"
+    assert reply.stdout.eof
+    assert reply.stdout.stream == pb.STREAM_STDOUT
+    assert reply.stderr.data == b"err\n"
+    assert reply.stderr.eof
+
+
+def test_run_caps_output_per_stream(
+    stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
+) -> None:
+    request = pb.RunRequest(
+        sandbox_id=sandbox_id,
+        argv=["sh", "-c", "head -c 5000 /dev/zero"],
+        max_output_bytes=1000,
+    )
+    reply = stub.Run(request, timeout=60)
+    assert reply.stdout.data == bytes(1000)
+    assert not reply.stdout.eof
+    rest = stub.ReadOutput(
+        pb.ReadOutputRequest(
+            sandbox_id=sandbox_id,
+            pid=reply.pid,
+            stream=pb.STREAM_STDOUT,
+            offset=1000,
+            follow=True,
+        ),
+        timeout=60,
+    )
+    assert b"".join(chunk.data for chunk in rest) == bytes(4000)
+
+
+def test_run_rejects_oversized_output_limit(
+    stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
+) -> None:
+    request = pb.RunRequest(
+        sandbox_id=sandbox_id, argv=["true"], max_output_bytes=2 * 1024 * 1024
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Run(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_output_bytes 2097152" in raised.value.details()
+
+
 def test_exec_output_offsets_contiguous(
     stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
 ) -> None:

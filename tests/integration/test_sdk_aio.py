@@ -45,6 +45,10 @@ def test_aio_lines_stdin_kill(address: str) -> None:
 
             result = await sb.process.run_code("print(6*7)")
             assert result.stdout == "42\n"
+            ran = await sb.process.run("sh", "-c", "echo e >&2; exit 5", cwd="/tmp")
+            assert ran.exit_code == 5
+            assert ran.stderr == "e\n"
+            assert ran.stdout == ""
             processes = await sb.process.list_processes()
             assert processes[sleeper.pid].signal == "SIGKILL"
 

@@ -180,6 +180,45 @@ def test_run_code(sandbox: SandboxInstance) -> None:
     assert failed.exit_code == 4
 
 
+def test_run_output_and_exit(sandbox: SandboxInstance) -> None:
+    result = sandbox.process.run(
+        "sh", "-c", 'echo "$A" "$PWD"; echo err >&2; exit 3', cwd="/tmp", env={"A": "b"}
+    )
+    assert result.exit_code == 3
+    assert result.stdout == "b /tmp\n"
+    assert result.stderr == "err\n"
+    assert result.pid > 0
+
+
+def test_run_output_past_first_mib(sandbox: SandboxInstance) -> None:
+    # 3 MiB on stdout: the Run response contains the first MiB, ReadOutput the rest.
+    pattern = "0123456789abcdef"
+    count = 3 * 1024 * 1024 // len(pattern)
+    script = f"import sys; sys.stdout.write({pattern!r} * {count})"
+    result = sandbox.process.run("python3", "-c", script)
+    expected = (pattern * count).encode()
+    assert result.exit_code == 0
+    assert len(result.stdout) == len(expected)
+    assert (
+        hashlib.sha256(result.stdout.encode()).digest()
+        == hashlib.sha256(expected).digest()
+    )
+
+
+def test_run_timeout_kills(sandbox: SandboxInstance) -> None:
+    started = time.monotonic()
+    result = sandbox.process.run("sleep", "30", timeout=0.5)
+    assert result.exit_code == 137
+    assert time.monotonic() - started < 20
+    status = sandbox.process.get_process(result.pid).status()
+    assert status.reason == ExitReason.TIMEOUT
+
+
+def test_run_missing_command(sandbox: SandboxInstance) -> None:
+    with pytest.raises(errors.NotFound, match="'no-such-command-here' not found"):
+        sandbox.process.run("no-such-command-here")
+
+
 def test_list_processes_includes_exited(sandbox: SandboxInstance) -> None:
     done = sandbox.process.exec("true")
     done.wait()

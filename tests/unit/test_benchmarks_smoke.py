@@ -33,12 +33,14 @@ EXPECTED_ROWS = {
     ("cold_start", "fork-exec"),
     ("cold_start", "subprocess"),
     ("exec", "engine-grpc"),
+    ("exec", "engine-grpc-run"),
     ("exec", "engine-embedded"),
     ("exec", "runc"),
     ("exec", "posix-spawn"),
     ("exec", "fork-exec"),
     ("exec", "subprocess"),
     ("exec_burst", "engine-grpc"),
+    ("exec_burst", "engine-grpc-run"),
     ("exec_burst", "engine-embedded"),
     ("exec_burst", "runc"),
     ("exec_burst", "posix-spawn"),
@@ -191,7 +193,7 @@ def test_throughput_records_each_cycle(smoke_run: dict) -> None:
 def test_engine_rows_probe_every_layer(smoke_run: dict) -> None:
     data = smoke_run["data"]
     assert data is not None, smoke_run["stderr"]
-    for system in ("engine-grpc", "engine-embedded"):
+    for system in ("engine-grpc", "engine-grpc-run", "engine-embedded"):
         layers = data["layers"][system]
         assert "error" not in layers, layers
         assert all(layers["namespaces"].values()), (system, layers["namespaces"])
@@ -234,7 +236,7 @@ def test_report_lists_machine_and_targets(smoke_run: dict) -> None:
     assert "cgroup v1" in markdown or "cgroup v2" in markdown
     assert "One-minute load average: " in markdown
     assert "### Targets" in markdown
-    assert len(data["targets"]) == 6
+    assert len(data["targets"]) == 7
     assert all(target["met"] is not None for target in data["targets"])
 
 
