@@ -419,24 +419,38 @@ class Network:
             self._used.discard(int(address.ip) - int(self.subnet.network_address))
 
     def attach(self, pid: int) -> Attachment:
-        """Create a veth pair into the network namespace of ``pid``.
+        """Create a veth pair into the network namespace of ``pid`` and configure it.
 
-        The sandbox's end, ``eth0``, has no address until the supervisor runs
-        ``netlink.configure_inside`` with the returned attachment.
+        The sandbox's end, ``eth0``, gets its address and default route from a
+        thread of this process inside that namespace, before any sandbox code
+        runs there.
         """
         assert self.gateway is not None
+        gateway = self.gateway
         address = self._allocate()
         number = int(address.ip) - int(address.network.network_address)
         host_ifname = f"{self.veth_prefix}{number:04x}"
+        created = False
         try:
             bridge = netlink.link_index(self.bridge)
             if bridge is None:
                 raise OSError(0, f"bridge {self.bridge} is missing")
             netlink.create_veth(host_ifname, SANDBOX_IFNAME, pid, bridge)
+            created = True
+            netns_fd = open_netns(pid)
+            try:
+                _run_in_netns(
+                    netns_fd,
+                    lambda: netlink.configure_inside(SANDBOX_IFNAME, address, gateway),
+                )
+            finally:
+                os.close(netns_fd)
         except BaseException:
+            if created:
+                netlink.delete_link(host_ifname)
             self._release_address(address)
             raise
-        return Attachment(address, self.gateway, host_ifname)
+        return Attachment(address, gateway, host_ifname)
 
     def detach(self, attachment: Attachment) -> None:
         """Delete the veth pair and free the address."""

@@ -21,7 +21,7 @@ import socket
 from collections import deque
 from dataclasses import dataclass
 
-from engine.core.network import SANDBOX_IFNAME, Attachment, Network
+from engine.core.network import Attachment, Network
 from engine.errors import EngineError, FailedPrecondition
 from engine.runtime import cgroups, protocol
 from engine.runtime.spawner import Spawner
@@ -33,8 +33,6 @@ DEFAULT_POOL_SIZE = 8
 # sandboxes ahead of demand never slows the requests of running ones; the
 # Engine gives a group the default weight when a request takes it.
 POOLED_LIMITS = cgroups.CgroupLimits(cpu_weight=1)
-# Seconds a supervisor gets to configure its end of a veth pair.
-NETWORK_SETUP_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -168,17 +166,6 @@ class SupervisorPool:
         slot.attachment = await loop.run_in_executor(
             None, self.network.attach, slot.pid
         )
-        request = {
-            "op": "network",
-            "ifname": SANDBOX_IFNAME,
-            "address": str(slot.attachment.address),
-            "gateway": str(slot.attachment.gateway),
-        }
-        reply = await loop.run_in_executor(None, _request, slot.control, request)
-        if reply.get("op") != "network_ready":
-            raise OSError(
-                0, f"sandbox network setup failed: {reply.get('message', reply)}"
-            )
 
     def schedule_refill(self, network: bool = False) -> None:
         """Refill one kind of slot in a burst once it is half empty.
@@ -280,17 +267,3 @@ def _alive(slot: Slot) -> bool:
         except OSError:
             return False
     return True
-
-
-def _request(control: socket.socket, message: protocol.Message) -> protocol.Message:
-    """Send one message to a pooled supervisor and wait for its reply."""
-    protocol.send(control, message)
-    if not protocol.wait_readable(control, NETWORK_SETUP_TIMEOUT):
-        raise OSError(0, f"no reply from the supervisor in {NETWORK_SETUP_TIMEOUT} s")
-    received = protocol.recv(control)
-    if received is None:
-        raise ConnectionError("the supervisor exited during network setup")
-    reply, fds = received
-    for fd in fds:
-        os.close(fd)
-    return reply

@@ -6,11 +6,11 @@ control socket for a spec:
 
     {"op": "start", "spec": {...}}
 
-The pool may send one {"op": "network", "ifname", "address", "gateway"}
-first, answered with {"op": "network_ready"}: the supervisor configures the
-sandbox's end of its veth pair, in the network namespace it already has.
+The Engine configures a networked sandbox's end of its veth pair itself,
+from a thread inside the supervisor's network namespace, so this process
+tree never imports pyroute2 and the zygote stays small to fork.
 
-It then builds the sandbox's root and forks PID 1, sends
+The supervisor then builds the sandbox's root and forks PID 1, sends
 {"op": "init", "pid"} with a pidfd of PID 1 attached, and exits. The zygote,
 a child subreaper, becomes PID 1's parent, so PID 1's parent stays outside
 the sandbox's PID namespace where sandbox code cannot see or signal it. PID 1
@@ -20,14 +20,13 @@ finishes isolation, executes engine-init (see init.py), and replies
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
 import socket
 import traceback
 
-from engine.runtime import init, isolation, libc, netlink, protocol, rootfs
+from engine.runtime import init, isolation, libc, protocol, rootfs
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,6 @@ def run(
         # Checked again by PID 1, which takes the zygote as its parent.
         zygote_pidfd = os.pidfd_open(zygote_pid)
         received = _receive(control)
-        if received is not None and received[0].get("op") == "network":
-            _configure_network(control, received[0])
-            received = _receive(control)
         if received is None:
             # The pool was closed before this supervisor was used.
             status = 0
@@ -113,20 +109,6 @@ def _receive(control: socket.socket) -> tuple[protocol.Message, list[int]] | Non
         return protocol.recv(control)
     except ConnectionResetError:
         return None
-
-
-def _configure_network(control: socket.socket, message: protocol.Message) -> None:
-    """Configure the sandbox's end of its veth pair, then reply on ``control``."""
-    try:
-        netlink.configure_inside(
-            message["ifname"],
-            ipaddress.IPv4Interface(message["address"]),
-            ipaddress.IPv4Address(message["gateway"]),
-        )
-    except OSError as error:
-        protocol.send(control, {"op": "failed", "message": str(error)})
-        raise
-    protocol.send(control, {"op": "network_ready"})
 
 
 def _run_init(
