@@ -16,6 +16,7 @@ import uuid
 _BTRFS_IOCTL_MAGIC = 0x94
 _IOC_WRITE = 1
 _IOC_READ = 2
+_IOC_NONE = 0
 
 BTRFS_PATH_NAME_MAX = 4087
 BTRFS_INO_LOOKUP_PATH_MAX = 4080
@@ -76,6 +77,7 @@ class FsInfoArgs(ctypes.Structure):
     ]
 
 
+BTRFS_IOC_SYNC = _ioc(_IOC_NONE, 8, 0)
 BTRFS_IOC_SUBVOL_CREATE = _ioc(_IOC_WRITE, 14, ctypes.sizeof(VolArgs))
 BTRFS_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, ctypes.sizeof(VolArgs))
 BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, ctypes.sizeof(InoLookupArgs))
@@ -221,6 +223,22 @@ def filesystem_id(mount_point: str) -> str:
     finally:
         os.close(fd)
     return str(uuid.UUID(bytes=bytes(args.fsid)))
+
+
+def commit(mount_point: str) -> None:
+    """Commit the running transaction of the file system at ``mount_point``.
+
+    Quota group counts change only at a commit.
+    """
+    fd = _open_dir(mount_point)
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_SYNC, 0)
+    except OSError as error:
+        raise OSError(
+            error.errno, f"BTRFS_IOC_SYNC of {mount_point} failed: {error.strerror}"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def referenced_bytes(fs_id: str, subvolume: int) -> int:

@@ -237,6 +237,25 @@ def test_root_writes_stay_in_sandbox(engine: EngineRunner, sandbox_id: str) -> N
     assert (upper / "etc" / name).read_text() == "inside\n"
 
 
+def test_root_overlay_is_volatile(engine: EngineRunner, sandbox_id: str) -> None:
+    # Field 5 of a mountinfo line is the mount point. After "-" come the file
+    # system type, the source and the super block options.
+    result = engine.run(sandbox_id, ["cat", "/proc/self/mountinfo"])
+    assert result.exit_code == 0, result.stderr
+    root = [
+        line.split()
+        for line in result.stdout.decode().splitlines()
+        if line.split()[4] == "/"
+    ]
+    assert len(root) == 1
+    fields = root[0]
+    after = fields[fields.index("-") + 1 :]
+    assert after[0] == "overlay"
+    options = after[2].split(",")
+    # Newer kernels show the option as fsync=volatile.
+    assert "volatile" in options or "fsync=volatile" in options
+
+
 # Network.
 
 
