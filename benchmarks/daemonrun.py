@@ -110,9 +110,11 @@ def check_root() -> None:
 
 @contextlib.contextmanager
 def running_daemon(
-    work_dir: Path, name: str = "daemon"
+    work_dir: Path, name: str = "daemon", extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[Daemon, Client]]:
     """Start a daemon on a new data dir in ``work_dir``; yield it and a client.
+
+    ``extra_args`` are more `engine serve` options, such as ("--warm-pool", "0").
 
     At exit the daemon gets SIGTERM, which terminates every sandbox still
     running. Any process still below this one is then killed by pid, the
@@ -123,7 +125,7 @@ def running_daemon(
     directory = Path(tempfile.mkdtemp(prefix="engine-bench-", dir=work_dir))
     # The sandboxes' mapped uids must traverse it to reach the data dir.
     directory.chmod(0o755)
-    daemon = Daemon(directory / "daemon")
+    daemon = Daemon(directory / "daemon", extra_args)
     client: Client | None = None
     problems = []
     try:

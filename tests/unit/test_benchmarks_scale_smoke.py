@@ -1,7 +1,7 @@
 """Smoke runs of the daemon-at-scale benchmarks with tiny counts, on the real kernel.
 
-Each of benchmarks.memory, .density, .load and .neighbours runs as a
-subprocess, the way docs/benchmarks.md shows, against a copy of the docs
+Each of benchmarks.memory, .density, .load, .neighbours and .profile runs as
+a subprocess, the way docs/benchmarks.md shows, against a copy of the docs
 page. The checks: exit status 0, the report's rows, only the text between the
 module's markers changed, and no process, work dir or engine cgroup of the
 run left behind (the modules check their engine cgroups
@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from benchmarks.pyspy import find_py_spy
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 180.0
 
@@ -39,7 +41,23 @@ RUNS = {
         "--ramp",
         "0.2",
     ],
+    # The zygote uses about 2.5 ms of CPU time per cycle, so 1000 Hz over 6
+    # cycles gives it an estimated 15 samples, enough for its row to appear.
+    "profile": [
+        "--cycles",
+        "6",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--warm-pool",
+        "0",
+        "--rate",
+        "1000",
+    ],
 }
+# Names of the markers around each module's section, where not start and end.
+MARKERS = {"profile": ("begin", "end")}
 
 EXPECTED = {
     "memory": [
@@ -68,6 +86,13 @@ EXPECTED = {
         r"\| 1 busy neighbours \| 3 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
         r"- p50 with busy neighbours ≤ 3x the idle p50: (met|\*\*missed\*\*)",
     ],
+    "profile": [
+        r"\| whole cycle, p50 \(ms\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+        r"\| CPU of py-spy \(ms\) \|  \| [\d.]+ \| [\d.]+ \|",
+        r"\| daemon \| py-spy on daemon and zygote \| \d+, 1 \|",
+        r"\| zygote \| py-spy on daemon and zygote \| \d+, 1 \|",
+        r"#### Pool 0: daemon, \d+ samples",
+    ],
 }
 
 
@@ -93,10 +118,16 @@ def scratch() -> Iterator[Path]:
 
 @pytest.mark.parametrize("module", sorted(RUNS))
 def test_scale_benchmark_smoke(module: str, scratch: Path) -> None:
+    if module == "profile":
+        try:
+            find_py_spy()
+        except SystemExit as error:
+            pytest.skip(str(error))
     work_dir = scratch / "work"
     work_dir.mkdir()
     docs = scratch / "benchmarks.md"
-    start, end = f"<!-- {module}:start -->", f"<!-- {module}:end -->"
+    opening, closing = MARKERS.get(module, ("start", "end"))
+    start, end = f"<!-- {module}:{opening} -->", f"<!-- {module}:{closing} -->"
     docs.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
 
     # The exit status is 1 when the daemon's processes, work dir or cgroups
