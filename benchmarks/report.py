@@ -298,6 +298,26 @@ def targets(cases: list[Case]) -> list[dict[str, Any]]:
                 at_most=True,
             )
         )
+    # The same comparison on the back-to-back table, where no exec follows a
+    # pause, so neither side pays for waking idle CPUs and processes.
+    burst_fork_exec = _median(cases, EXEC_BURST, FORK_EXEC_SYSTEM)
+    for system, name in (
+        (GRPC_SYSTEM, "gRPC Exec stream"),
+        (GRPC_RUN_SYSTEM, "gRPC Run RPC"),
+    ):
+        results.append(
+            _target(
+                f"median exec round trip back to back ({name}) ≤"
+                f" {EXEC_TARGET_RATIO:g}x the back-to-back median of os.fork +"
+                " os.execv + waitpid",
+                _median(cases, EXEC_BURST, system),
+                None
+                if burst_fork_exec is None
+                else EXEC_TARGET_RATIO * burst_fork_exec,
+                "ms",
+                at_most=True,
+            )
+        )
     clients = THROUGHPUT_TARGET_CLIENTS
     results.append(
         _target(

@@ -236,7 +236,7 @@ def test_report_lists_machine_and_targets(smoke_run: dict) -> None:
     assert "cgroup v1" in markdown or "cgroup v2" in markdown
     assert "One-minute load average: " in markdown
     assert "### Targets" in markdown
-    assert len(data["targets"]) == 7
+    assert len(data["targets"]) == 9
     assert all(target["met"] is not None for target in data["targets"])
 
 
