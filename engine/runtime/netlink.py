@@ -1,10 +1,9 @@
 """Links, addresses, routes and conntrack entries through pyroute2 (rtnetlink).
 
 The Engine calls these functions in the host's network namespace to manage
-its bridge and the host ends of the sandboxes' veth pairs. A sandbox's
-supervisor calls ``configure_inside`` in its own network namespace, where it
-is uid 0 of the user namespace that owns that namespace, so it has
-CAP_NET_ADMIN there and nowhere else.
+its bridge and the host ends of the sandboxes' veth pairs. It calls
+``configure_inside`` from a thread that joined a sandbox's network namespace
+with setns, before any sandbox code runs there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The loopback interface of a sandbox's network namespace.
 
 PID 1 brings ``lo`` up. A networked sandbox's ``eth0`` is configured earlier,
-by the supervisor (``netlink.configure_inside``).
+by the Engine (``netlink.configure_inside``).
 """
 
 from __future__ import annotations
