@@ -1183,16 +1183,12 @@ class Engine:
         sandbox = self._get_running(sandbox_id)
         assert sandbox.cgroup is not None
         usage = sandbox.cgroup.stats()
-        loop = asyncio.get_running_loop()
-        disk_bytes = await loop.run_in_executor(
-            None, self.layers.used_bytes, sandbox_id
-        )
         return SandboxStats(
             cpu_seconds=usage.cpu_seconds,
             memory_bytes=usage.memory_bytes,
             memory_peak_bytes=usage.memory_peak_bytes,
             pids=usage.pids,
-            disk_bytes=disk_bytes,
+            disk_bytes=self.layers.used_bytes(sandbox_id),
         )
 
     # Volumes.

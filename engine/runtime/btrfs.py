@@ -16,7 +16,6 @@ import uuid
 _BTRFS_IOCTL_MAGIC = 0x94
 _IOC_WRITE = 1
 _IOC_READ = 2
-_IOC_NONE = 0
 
 BTRFS_PATH_NAME_MAX = 4087
 BTRFS_INO_LOOKUP_PATH_MAX = 4080
@@ -77,7 +76,6 @@ class FsInfoArgs(ctypes.Structure):
     ]
 
 
-BTRFS_IOC_SYNC = _ioc(_IOC_NONE, 8, 0)
 BTRFS_IOC_SUBVOL_CREATE = _ioc(_IOC_WRITE, 14, ctypes.sizeof(VolArgs))
 BTRFS_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, ctypes.sizeof(VolArgs))
 BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, ctypes.sizeof(InoLookupArgs))
@@ -225,28 +223,16 @@ def filesystem_id(mount_point: str) -> str:
     return str(uuid.UUID(bytes=bytes(args.fsid)))
 
 
-def commit(mount_point: str) -> None:
-    """Commit the running transaction of the file system at ``mount_point``.
+def charged_bytes(fs_id: str, subvolume: int) -> int:
+    """Return the bytes a subvolume's quota group is charged, from sysfs.
 
-    Quota group counts change only at a commit.
+    That is its referenced bytes as of the last transaction commit plus the
+    data reserved since for writes not yet committed, the same sum that the
+    kernel checks against the group's limit.
     """
-    fd = _open_dir(mount_point)
-    try:
-        fcntl.ioctl(fd, BTRFS_IOC_SYNC, 0)
-    except OSError as error:
-        raise OSError(
-            error.errno, f"BTRFS_IOC_SYNC of {mount_point} failed: {error.strerror}"
-        ) from None
-    finally:
-        os.close(fd)
-
-
-def referenced_bytes(fs_id: str, subvolume: int) -> int:
-    """Return the bytes charged to a subvolume's quota group, from sysfs.
-
-    The kernel updates the count when it commits a transaction, so it lags
-    the latest writes by up to the mount's commit interval.
-    """
-    path = f"/sys/fs/btrfs/{fs_id}/qgroups/0_{subvolume}/referenced"
-    with open(path, encoding="ascii") as file:
-        return int(file.read())
+    directory = f"/sys/fs/btrfs/{fs_id}/qgroups/0_{subvolume}"
+    total = 0
+    for name in ("referenced", "rsv_data"):
+        with open(f"{directory}/{name}", encoding="ascii") as file:
+            total += int(file.read())
+    return total

@@ -297,6 +297,15 @@ Calls that were considered and are allowed:
 """
 
 
+# System calls that return 0 without running. sync(2) writes back the dirty
+# data of every file system on the host, and syncfs(2) that of the file system
+# of its argument, which for a volume is the host's own, so sandbox code could
+# slow the host's and other sandboxes' disk I/O with them. The root overlay is
+# volatile, so neither would make the sandbox's own files more durable; fsync
+# and fdatasync still act on one file.
+NO_OPS: tuple[str, ...] = ("sync", "syncfs")
+
+
 # x86_64 numbers of system calls newer than some libseccomp releases, from
 # the kernel's arch/x86/entry/syscalls/syscall_64.tbl; libseccomp 2.5.4 does
 # not know open_tree_attr (Linux 6.15).
@@ -305,7 +314,7 @@ NEWER_SYSCALLS = {"open_tree_attr": 467}
 
 @functools.cache
 def _resolved_policy() -> tuple[tuple[int, int, tuple[Comparisons, ...]], ...]:
-    """Resolve POLICY to (action, syscall number, comparison sets) once per process.
+    """Resolve POLICY and NO_OPS to (action, number, comparison sets), once per process.
 
     A name that libseccomp does not know for the native architecture is skipped
     with a warning, so an older libseccomp still builds a filter.
@@ -331,6 +340,10 @@ def _resolved_policy() -> tuple[tuple[int, int, tuple[Comparisons, ...]], ...]:
                 )
                 continue
             resolved.append((seccomp.ERRNO(rule.errno), number, comparison_sets))
+    for name in NO_OPS:
+        # An errno of 0 makes the kernel skip the call and return 0.
+        number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
+        resolved.append((seccomp.ERRNO(0), number, ((),)))
     return tuple(resolved)
 
 

@@ -258,19 +258,12 @@ class LayerStore:
             btrfs.remove_qgroup(parent, subvolume)
 
     def used_bytes(self, sandbox_id: str) -> int:
-        """Commit the file system, then return the bytes charged to a sandbox's layer.
-
-        The overlays on this file system are volatile, so a sync inside a
-        sandbox commits nothing, and the counts would otherwise lag by up to
-        the commit interval. The commit takes milliseconds; call this in a
-        worker thread.
-        """
+        """Return the bytes charged to a sandbox's layer, committed or not."""
         subvolume = self._subvolumes.get(sandbox_id)
         if subvolume is None or self._fs_id is None:
             raise FailedPrecondition(f"sandbox {sandbox_id} has no writable layer")
         try:
-            btrfs.commit(str(self.path))
-            return btrfs.referenced_bytes(self._fs_id, subvolume)
+            return btrfs.charged_bytes(self._fs_id, subvolume)
         except FileNotFoundError:
             # The sandbox is being terminated and its quota group is gone.
             raise FailedPrecondition(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from engine.core.models import SandboxState
 from tests.conftest import EngineRunner
 
 SAMPLES = 10
+MIB = 1024 * 1024
 SLOWDOWN_BOUND = 10.0
 # A floor for the bound, so that a 2 ms idle median does not turn scheduler
 # noise on this shared 2-core machine into a failure.
@@ -56,6 +58,37 @@ def test_attack_contained(
     assert after.stdout == b"alive\n"
     engine.settle_pool()
     assert engine.cgroup_names() - before - engine.pool_names() == set()
+
+
+def _dirty_bytes() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("Dirty:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("/proc/meminfo has no Dirty line")
+
+
+def test_sync_leaves_host_writeback_alone(
+    engine: EngineRunner, new_sandbox: Callable[..., str], tmp_path: Path
+) -> None:
+    # 256 MiB of dirty page cache on the host's own disk stays unwritten for
+    # the kernel's expiry time (30 s by default) unless someone syncs.
+    sandbox_id = new_sandbox()
+    dirty = tmp_path / "dirty"
+    with open(dirty, "wb") as file:
+        for _ in range(256):
+            file.write(bytes(MIB))
+    before = _dirty_bytes()
+    synced = engine.run(sandbox_id, ["sync"])
+    after_sync = _dirty_bytes()
+    synced_fs = engine.run(sandbox_id, ["sync", "-f", "/"])
+    after_syncfs = _dirty_bytes()
+    dirty.unlink()
+    assert before >= 200 * MIB
+    assert synced.exit_code == 0
+    assert synced_fs.exit_code == 0
+    assert after_sync >= 128 * MIB
+    assert after_syncfs >= 128 * MIB
 
 
 @pytest.mark.parametrize("name", ["fill /tmp", "inode exhaustion"])

@@ -546,6 +546,29 @@ def test_filter_allows_ordinary_calls(
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_filter_skips_syncfs(mode: str, program: bytes) -> None:
+    """syncfs on a closed descriptor fails with EBADF, unless the filter skips it."""
+    closed = os.open("/dev/null", os.O_RDONLY)
+    os.close(closed)
+    number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "syncfs")
+    unfiltered = _raw_syscall(number, closed)
+
+    def body() -> dict[str, int]:
+        _load(mode, program)
+        return _raw_syscall(number, closed)
+
+    outcome = _run_in_child(body)
+    assert unfiltered == {"result": -1, "errno": errno.EBADF}
+    assert outcome.killed_by is None
+    assert outcome.payload == {"result": 0, "errno": 0}
+
+
+def test_no_op_calls_known_to_libseccomp() -> None:
+    for name in seccomp.NO_OPS:
+        assert _number(name) >= 0, name
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_filter_allows_fork_threads_exec(mode: str, program: bytes) -> None:
     """fork uses clone(2) without namespace flags, and threads fall back to clone."""
 
