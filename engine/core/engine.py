@@ -1632,8 +1632,14 @@ class Engine:
             raise InvalidArgument(f"offset must be 0 or more, got {offset}")
         buffer = process.stdout if stream == Stream.STDOUT else process.stderr
         if not follow:
-            yield buffer.read(offset)
-            return
+            # Every byte buffered now, in chunks, and nothing written later.
+            end = buffer.end
+            while True:
+                chunk = buffer.read(offset)
+                yield chunk
+                offset = chunk.offset + len(chunk.data)
+                if chunk.eof or not chunk.data or offset >= end:
+                    return
         async for chunk in buffer.follow(offset):
             yield chunk
 
@@ -1802,6 +1808,26 @@ class Engine:
         sandbox.init.kill(pid, signal, group=True)
         log.info(
             "sandbox %s: sent signal %d to process group %d", sandbox_id, signal, pid
+        )
+
+    def kill_abandoned(self, sandbox_id: str, pid: int) -> None:
+        """SIGKILL the group of a process whose caller went away without its pid.
+
+        Does nothing if the process or its sandbox has already ended.
+        """
+        sandbox = self.sandboxes.get(sandbox_id)
+        process = sandbox.processes.get(pid) if sandbox is not None else None
+        if process is None or process.exited.is_set() or sandbox is None:
+            return
+        if sandbox.init is None or sandbox.info.state != SandboxState.RUNNING:
+            return
+        process.killed = True
+        with contextlib.suppress(ConnectionError, OSError):
+            sandbox.init.kill(pid, signals.SIGKILL, group=True)
+        log.info(
+            "sandbox %s: killed process group %d, whose Run call was cancelled",
+            sandbox_id,
+            pid,
         )
 
     async def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:

@@ -435,10 +435,18 @@ class Network:
             bridge = netlink.link_index(self.bridge)
             if bridge is None:
                 raise OSError(0, f"bridge {self.bridge} is missing")
-            netlink.create_veth(host_ifname, SANDBOX_IFNAME, pid, bridge)
-            created = True
             netns_fd = open_netns(pid)
             try:
+                # A supervisor always has a network namespace of its own, and
+                # a pid that names another process must not get the veth's end.
+                if os.fstat(netns_fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                    raise OSError(
+                        errno.EINVAL,
+                        f"process {pid} is in the host's network namespace,"
+                        " not a sandbox's",
+                    )
+                netlink.create_veth(host_ifname, SANDBOX_IFNAME, netns_fd, bridge)
+                created = True
                 _run_in_netns(
                     netns_fd,
                     lambda: netlink.configure_inside(SANDBOX_IFNAME, address, gateway),

@@ -170,8 +170,8 @@ def delete_link(ifname: str) -> bool:
     return True
 
 
-def create_veth(host_name: str, peer_name: str, pid: int, bridge: int) -> int:
-    """Create a veth pair whose peer is in the network namespace of ``pid``.
+def create_veth(host_name: str, peer_name: str, netns_fd: int, bridge: int) -> int:
+    """Create a veth pair whose peer is in the network namespace ``netns_fd``.
 
     The host end joins bridge index ``bridge`` as an isolated port: the kernel
     never forwards frames between two isolated ports, so sandboxes on one
@@ -183,7 +183,7 @@ def create_veth(host_name: str, peer_name: str, pid: int, bridge: int) -> int:
                 "add",
                 ifname=host_name,
                 kind="veth",
-                peer={"ifname": peer_name, "net_ns_pid": pid},
+                peer={"ifname": peer_name, "net_ns_fd": netns_fd},
             )
         except NetlinkError as error:
             raise _error(error, f"create veth {host_name}") from error

@@ -298,11 +298,11 @@ Calls that were considered and are allowed:
 
 
 # System calls that return 0 without running. sync(2) writes back the dirty
-# data of every file system on the host, and syncfs(2) that of the file system
-# of its argument, which for a volume is the host's own, so sandbox code could
-# slow the host's and other sandboxes' disk I/O with them. The root overlay is
-# volatile, so neither would make the sandbox's own files more durable; fsync
-# and fdatasync still act on one file.
+# data of every file system on the host. syncfs(2) does so for the file system
+# of its argument, which for a volume is the host's own. Sandbox code could
+# slow the host's and other sandboxes' disk I/O with either. The root overlay
+# is volatile, so neither would make the sandbox's own files more durable, and
+# fsync and fdatasync still act on one file.
 NO_OPS: tuple[str, ...] = ("sync", "syncfs")
 
 

@@ -127,24 +127,28 @@ class AsyncSandboxProcessStream:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 if chunk.dropped:
-                    self.dropped += chunk.dropped
-                    logger.warning(
-                        "%s of pid %d in sandbox %s: %d bytes were dropped from the"
-                        " daemon's output buffer before this reader got them",
-                        self._stream.value,
-                        self._process.pid,
-                        self._process.sandbox_id,
-                        chunk.dropped,
-                    )
+                    self._note_dropped(chunk.dropped)
                 self._offset = chunk.offset + len(chunk.data)
                 if chunk.eof:
                     self._eof = True
                 if chunk.data:
                     yield chunk.data
 
+    def _note_dropped(self, count: int) -> None:
+        self.dropped += count
+        logger.warning(
+            "%s of pid %d in sandbox %s: %d bytes were dropped from the"
+            " daemon's output buffer before this reader got them",
+            self._stream.value,
+            self._process.pid,
+            self._process.sandbox_id,
+            count,
+        )
+
     def resume_after(self, chunk: pb.OutputChunk) -> None:
         """Continue this reader after ``chunk``, which the caller already has."""
-        self.dropped += chunk.dropped
+        if chunk.dropped:
+            self._note_dropped(chunk.dropped)
         self._offset = chunk.offset + len(chunk.data)
         self._eof = chunk.eof
 
@@ -159,6 +163,15 @@ class AsyncSandboxProcessStream:
 
     async def read(self) -> str:
         return (await self.read_bytes()).decode("utf-8", errors="replace")
+
+    async def read_available(self) -> bytes:
+        """Return the bytes buffered now, without waiting for more."""
+        parts = [self._pending]
+        self._pending = b""
+        async with contextlib.aclosing(self.iter_bytes(follow=False)) as chunks:
+            async for data in chunks:
+                parts.append(data)
+        return b"".join(parts)
 
     async def iter_lines_bytes(self) -> AsyncIterator[bytes]:
         """Yield lines as bytes, as they arrive, each with its trailing newline."""
@@ -310,13 +323,17 @@ class AsyncSandboxProcessManager:
         process = AsyncSandboxProcess(self._client, self._sandbox_id, reply.pid)
         process.stdout.resume_after(reply.stdout)
         process.stderr.resume_after(reply.stderr)
-        stdout = reply.stdout.data + await process.stdout.read_bytes()
-        stderr = reply.stderr.data + await process.stderr.read_bytes()
+        # The process has exited: what is not buffered now never arrives in
+        # the response's time, so read without following.
+        stdout = reply.stdout.data + await process.stdout.read_available()
+        stderr = reply.stderr.data + await process.stderr.read_available()
         return SandboxProcessResponse(
             pid=reply.pid,
             exit_code=reply.exit.exit_code,
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
+            stdout_dropped=process.stdout.dropped,
+            stderr_dropped=process.stderr.dropped,
         )
 
     async def get_process(self, pid: int) -> AsyncSandboxProcess:

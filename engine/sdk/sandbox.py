@@ -180,6 +180,10 @@ class SandboxProcessResponse:
     exit_code: int
     stdout: str
     stderr: str
+    # Bytes of each stream that the daemon's bounded output buffer dropped
+    # before they were read: the output above misses them.
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
 
 
 class SandboxProcessStream:
@@ -220,24 +224,28 @@ class SandboxProcessStream:
         ) as chunks:
             for chunk in chunks:
                 if chunk.dropped:
-                    self.dropped += chunk.dropped
-                    logger.warning(
-                        "%s of pid %d in sandbox %s: %d bytes were dropped from the"
-                        " daemon's output buffer before this reader got them",
-                        self._stream.value,
-                        self._process.pid,
-                        self._process.sandbox_id,
-                        chunk.dropped,
-                    )
+                    self._note_dropped(chunk.dropped)
                 self._offset = chunk.offset + len(chunk.data)
                 if chunk.eof:
                     self._eof = True
                 if chunk.data:
                     yield chunk.data
 
+    def _note_dropped(self, count: int) -> None:
+        self.dropped += count
+        logger.warning(
+            "%s of pid %d in sandbox %s: %d bytes were dropped from the"
+            " daemon's output buffer before this reader got them",
+            self._stream.value,
+            self._process.pid,
+            self._process.sandbox_id,
+            count,
+        )
+
     def resume_after(self, chunk: pb.OutputChunk) -> None:
         """Continue this reader after ``chunk``, which the caller already has."""
-        self.dropped += chunk.dropped
+        if chunk.dropped:
+            self._note_dropped(chunk.dropped)
         self._offset = chunk.offset + len(chunk.data)
         self._eof = chunk.eof
 
@@ -441,13 +449,17 @@ class SandboxProcessManager:
         process = SandboxProcess(self._client, self._sandbox_id, reply.pid)
         process.stdout.resume_after(reply.stdout)
         process.stderr.resume_after(reply.stderr)
-        stdout = reply.stdout.data + process.stdout.read_bytes()
-        stderr = reply.stderr.data + process.stderr.read_bytes()
+        # The process has exited: what is not buffered now never arrives in
+        # the response's time, so read without following.
+        stdout = reply.stdout.data + process.stdout.read_available()
+        stderr = reply.stderr.data + process.stderr.read_available()
         return SandboxProcessResponse(
             pid=reply.pid,
             exit_code=reply.exit.exit_code,
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
+            stdout_dropped=process.stdout.dropped,
+            stderr_dropped=process.stderr.dropped,
         )
 
     def get_process(self, pid: int) -> SandboxProcess:

@@ -6,6 +6,7 @@ turns them into gRPC statuses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -178,9 +179,22 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             timeout=arguments.timeout,
             secrets=arguments.secrets,
         )
-        final, stdout, stderr = await self._engine.finish_process(
-            arguments.sandbox_id, info.pid
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "running pid %d in sandbox %s: %s",
+                info.pid,
+                arguments.sandbox_id,
+                validation.show(" ".join(arguments.argv)),
+            )
+        try:
+            final, stdout, stderr = await self._engine.finish_process(
+                arguments.sandbox_id, info.pid
+            )
+        except asyncio.CancelledError:
+            # The caller gave up (deadline or cancel) before it learnt the pid,
+            # so nothing could stop the process but its timeout.
+            self._engine.kill_abandoned(arguments.sandbox_id, info.pid)
+            raise
         return pb.RunResponse(
             pid=info.pid,
             exit=convert.exit_to_proto(final),

@@ -176,8 +176,9 @@ class SandboxServiceServicer:
         """Starts a process, waits for its exit and returns it with its output, in
         one round trip. The response contains at most `max_output_bytes` of each
         stream; the rest stays readable through ReadOutput. The process reads
-        /dev/null as stdin. As for Exec, the RPC deadline does not end the
-        process, but the call returns only after the process exits.
+        /dev/null as stdin. The call returns only after the process exits. A call
+        that ends first, by its deadline or by cancellation, kills the process's
+        group, because no caller has learnt its pid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -132,6 +132,57 @@ def test_run_returns_exit_and_output(
     assert reply.stderr.eof
 
 
+def test_run_deadline_kills_process(
+    stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
+) -> None:
+    request = pb.RunRequest(sandbox_id=sandbox_id, argv=["sleep", "1000"])
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Run(request, timeout=1)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    listing = pb.ListProcessesRequest(sandbox_id=sandbox_id)
+    sleepers = list(stub.ListProcesses(listing).processes)
+    while time.monotonic() < deadline and any(
+        p.state != pb.PROCESS_STATE_EXITED for p in sleepers
+    ):
+        time.sleep(0.05)
+        sleepers = list(stub.ListProcesses(listing).processes)
+    assert len(sleepers) == 1
+    assert sleepers[0].state == pb.PROCESS_STATE_EXITED
+    assert sleepers[0].signal == "SIGKILL"
+    assert sleepers[0].exit_reason == pb.EXIT_REASON_KILLED
+
+
+def test_read_output_without_follow_returns_all_buffered(
+    stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
+) -> None:
+    # 300 000 bytes is several of the daemon's internal chunks.
+    reply = stub.Run(
+        pb.RunRequest(
+            sandbox_id=sandbox_id,
+            argv=["head", "-c", "300000", "/dev/zero"],
+            max_output_bytes=0,
+        ),
+        timeout=60,
+    )
+    chunks = list(
+        stub.ReadOutput(
+            pb.ReadOutputRequest(
+                sandbox_id=sandbox_id,
+                pid=reply.pid,
+                stream=pb.STREAM_STDOUT,
+                offset=0,
+                follow=False,
+            ),
+            timeout=60,
+        )
+    )
+    assert reply.stdout.data == b""
+    assert not reply.stdout.eof
+    assert b"".join(chunk.data for chunk in chunks) == bytes(300000)
+    assert chunks[-1].eof
+
+
 def test_run_caps_output_per_stream(
     stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
 ) -> None:

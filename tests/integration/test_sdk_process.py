@@ -205,6 +205,26 @@ def test_run_output_past_first_mib(sandbox: SandboxInstance) -> None:
     )
 
 
+def test_run_reports_dropped_output(sandbox: SandboxInstance) -> None:
+    # More than the daemon's 8 MiB buffer per stream, so the oldest bytes go.
+    size = 12_000_000
+    result = sandbox.process.run("head", "-c", str(size), "/dev/zero")
+    assert result.exit_code == 0
+    assert result.stdout_dropped > 0
+    assert len(result.stdout) + result.stdout_dropped == size
+    assert result.stderr_dropped == 0
+
+
+def test_run_ends_with_background_writer(sandbox: SandboxInstance) -> None:
+    # The background sleep keeps stdout open after the shell exits.
+    started = time.monotonic()
+    result = sandbox.process.run("sh", "-c", "sleep 20 & echo x")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 0
+    assert result.stdout == "x\n"
+    assert elapsed < 10
+
+
 def test_run_timeout_kills(sandbox: SandboxInstance) -> None:
     started = time.monotonic()
     result = sandbox.process.run("sleep", "30", timeout=0.5)
