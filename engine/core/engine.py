@@ -9,6 +9,7 @@ PID 1 (engine-init) starts each process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import functools
@@ -213,6 +214,8 @@ class Engine:
         # token holders; see engine.core.outbound.
         self.outbound_allowed = parse_networks(config.outbound_allow)
         self.sandboxes: dict[str, _Sandbox] = {}
+        # Ids of terminated sandboxes in self.sandboxes, oldest first.
+        self._terminated: collections.deque[str] = collections.deque()
         self.images = ImageStore(config.data_dir, config.uid_base, config.uid_count)
         # File operations on running sandboxes: engine.files.stat_file(...) etc.
         self.files = SandboxFiles(self)
@@ -412,6 +415,7 @@ class Engine:
             sandbox = _Sandbox(info, self.config.sandboxes_dir / info.sandbox_id)
             sandbox.finished = self.store.processes(info.sandbox_id)
             self.sandboxes[info.sandbox_id] = sandbox
+            self._terminated.append(info.sandbox_id)
 
     async def close(self) -> None:
         """Terminate every sandbox, stop the zygote and release the data dir."""
@@ -739,7 +743,12 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     def _set_info(self, sandbox: _Sandbox, **changes: object) -> None:
+        terminated = sandbox.info.state != SandboxState.TERMINATED and (
+            changes.get("state") == SandboxState.TERMINATED
+        )
         sandbox.info = replace(sandbox.info, **changes)
+        if terminated:
+            self._terminated.append(sandbox.info.sandbox_id)
         if self.store is not None:
             self.store.put_sandbox(sandbox.info)
             self._schedule_flush()
@@ -859,13 +868,11 @@ class Engine:
 
     def _forget_old_sandboxes(self) -> None:
         """Keep at most MAX_REMEMBERED_SANDBOXES terminated sandboxes in memory."""
-        terminated = [
-            sandbox_id
-            for sandbox_id, sandbox in self.sandboxes.items()
-            if sandbox.info.state == SandboxState.TERMINATED
-        ]
-        for sandbox_id in terminated[:-MAX_REMEMBERED_SANDBOXES]:
-            del self.sandboxes[sandbox_id]
+        while len(self._terminated) > MAX_REMEMBERED_SANDBOXES:
+            sandbox_id = self._terminated.popleft()
+            sandbox = self.sandboxes.get(sandbox_id)
+            if sandbox is not None and sandbox.info.state == SandboxState.TERMINATED:
+                del self.sandboxes[sandbox_id]
 
     async def _release(self, sandbox: _Sandbox) -> None:
         """Kill every process of the sandbox and free everything it holds."""

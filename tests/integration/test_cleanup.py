@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
+import pytest
 
+from engine.core import engine as engine_module
 from engine.core.engine import FUSE_CGROUP
 from engine.core.models import SandboxState, TerminationReason
-from engine.errors import EngineError
+from engine.errors import EngineError, NotFound
 from engine.storage.layers import is_mount_point
 
 if TYPE_CHECKING:
@@ -445,3 +447,21 @@ def _dead_or_killed(pid: int) -> bool:
     sigkill = 1 << (signal.SIGKILL - 1)
     pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
     return bool(pending & sigkill)
+
+
+def test_oldest_terminated_sandboxes_forgotten(
+    engine_factory: Callable[[], EngineRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "MAX_REMEMBERED_SANDBOXES", 3)
+    runner = engine_factory()
+    sandbox_ids = []
+    for _ in range(5):
+        sandbox_id = runner.create()
+        runner.terminate(sandbox_id)
+        sandbox_ids.append(sandbox_id)
+    live = runner.create()
+    remembered = set(runner.engine.sandboxes)
+    assert remembered == {live, *sandbox_ids[2:]}
+    for forgotten in sandbox_ids[:2]:
+        with pytest.raises(NotFound):
+            runner.call(runner.engine.get_sandbox(forgotten))
