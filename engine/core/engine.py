@@ -98,6 +98,8 @@ TERMINATE_TIMEOUT = 10.0
 MAX_FINISHED_PROCESSES = 10_000
 # Terminated sandboxes of earlier engine runs loaded from the database at start.
 MAX_REMEMBERED_SANDBOXES = 1000
+# Exec failure messages from engine-init are cut to this many characters.
+MAX_EXEC_ERROR_CHARS = 300
 # The cgroup of the FUSE servers, outside every sandbox's, and its limits:
 # the servers parse the requests that sandbox code sends through its mounts,
 # so a flood of them costs at most this much of the host.
@@ -1971,6 +1973,8 @@ def _exec_error(
     message = _ERRNO_MESSAGE.sub(
         "", str(error.args[1] if len(error.args) > 1 else error)
     )
+    # engine-init quotes the path or program it failed on, which can be long.
+    message = validation.shorten(message, MAX_EXEC_ERROR_CHARS)
     if code in (2, 20):  # ENOENT, ENOTDIR
         return NotFound(message)
     if code == 11:  # EAGAIN from clone: the pids cgroup is full

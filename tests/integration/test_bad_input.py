@@ -16,7 +16,7 @@ import pytest
 
 from engine.core.models import SandboxSpec
 from engine.core.validation import MAX_EXEC_BYTES
-from engine.errors import InvalidArgument, NotFound
+from engine.errors import EngineError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from conftest import EngineRunner
@@ -144,6 +144,15 @@ def test_bad_exec_rejected(engine: EngineRunner, sandbox_id: str, case: str) -> 
     processes = engine.call(engine.engine.list_processes(sandbox_id))
     assert processes == []
     assert engine.host_pids(sandbox_id) == tasks
+
+
+def test_long_cwd_error_cut(engine: EngineRunner, sandbox_id: str) -> None:
+    cwd = "/" + "a" * 100_000
+    with pytest.raises(EngineError) as raised:
+        engine.exec(sandbox_id, ["true"], cwd=cwd)
+    message = str(raised.value)
+    assert len(message) <= 300
+    assert message.endswith("...")
 
 
 def test_bad_signal_rejected(engine: EngineRunner, sandbox_id: str) -> None:
