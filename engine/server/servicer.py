@@ -138,22 +138,7 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: pb.ExecRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExecEvent]:
         arguments = validation.exec_from_request(request)
-        info = await self._engine.exec(
-            arguments.sandbox_id,
-            arguments.argv,
-            cwd=arguments.cwd,
-            env=arguments.env,
-            timeout=arguments.timeout,
-            stdin=arguments.stdin,
-            secrets=arguments.secrets,
-        )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "started pid %d in sandbox %s: %s",
-                info.pid,
-                arguments.sandbox_id,
-                validation.show(" ".join(arguments.argv)),
-            )
+        info = await self._start(arguments)
         yield pb.ExecEvent(started=pb.ExecStarted(pid=info.pid))
 
         # A cancelled stream ends here without touching the process: it keeps
@@ -171,21 +156,7 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         self, request: pb.RunRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunResponse:
         arguments, limit = validation.run_from_request(request)
-        info = await self._engine.exec(
-            arguments.sandbox_id,
-            arguments.argv,
-            cwd=arguments.cwd,
-            env=arguments.env,
-            timeout=arguments.timeout,
-            secrets=arguments.secrets,
-        )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "running pid %d in sandbox %s: %s",
-                info.pid,
-                arguments.sandbox_id,
-                validation.show(" ".join(arguments.argv)),
-            )
+        info = await self._start(arguments)
         try:
             final, stdout, stderr = await self._engine.finish_process(
                 arguments.sandbox_id, info.pid
@@ -201,6 +172,26 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             stdout=convert.chunk_to_proto(stdout.read(0, limit)),
             stderr=convert.chunk_to_proto(stderr.read(0, limit)),
         )
+
+    async def _start(self, arguments: validation.ExecArguments) -> ProcessInfo:
+        """Start the process of an Exec or Run request and return its info."""
+        info = await self._engine.exec(
+            arguments.sandbox_id,
+            arguments.argv,
+            cwd=arguments.cwd,
+            env=arguments.env,
+            timeout=arguments.timeout,
+            stdin=arguments.stdin,
+            secrets=arguments.secrets,
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "started pid %d in sandbox %s: %s",
+                info.pid,
+                arguments.sandbox_id,
+                validation.show(" ".join(arguments.argv)),
+            )
+        return info
 
     async def _exec_output(
         self, sandbox_id: str, pid: int
