@@ -73,6 +73,9 @@ _DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 
 # Seconds to wait for the recipe's process group after SIGTERM, then SIGKILL.
 _STOP_GRACE_SECONDS = 10.0
+# Seconds to wait before each new attempt when the mirror does not serve its
+# Release file, which is the first thing a build downloads.
+DOWNLOAD_RETRY_SECONDS = (2.0, 5.0)
 
 # Bump when the skeleton's layout changes, so existing skeletons are rebuilt.
 _HOST_FORMAT = "1"
@@ -252,7 +255,29 @@ class ImageStore:
             )
             try:
                 os.chmod(build_dir, 0o755)
-                _run_recipe(unshare, recipe, suite, build_dir, mirror, progress)
+                for attempt, delay in enumerate((*DOWNLOAD_RETRY_SECONDS, None), 1):
+                    try:
+                        _run_recipe(unshare, recipe, suite, build_dir, mirror, progress)
+                        break
+                    except Unavailable as error:
+                        # The mirror did not serve the Release file, the
+                        # recipe's first download, so nothing was unpacked yet.
+                        if delay is None:
+                            raise
+                        logger.warning(
+                            "image %s, attempt %d: %s; trying again in %.0f s",
+                            name,
+                            attempt,
+                            error,
+                            delay,
+                        )
+                        if progress is not None:
+                            progress(
+                                f"Mirror did not answer; retrying in {delay:.0f} s"
+                            )
+                        _discard_tree(build_dir)
+                        build_dir.mkdir(mode=0o755)
+                        time.sleep(delay)
                 if progress is not None:
                     last_uid = self.uid_base + self.uid_count - 1
                     progress(f"Shifting ownership into uids {self.uid_base}-{last_uid}")

@@ -21,6 +21,7 @@ from engine.errors import (
     PermissionDenied,
     Unavailable,
 )
+from engine.storage import images as images_module
 from engine.storage.images import (
     DebootstrapProgress,
     ImageStore,
@@ -598,3 +599,49 @@ def test_cli_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--suite" in out
     assert "--mirror URL" in out
     assert "--json" in out
+
+
+def test_build_retries_unreachable_mirror(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mirror that fails once and then answers cannot be made on demand here,
+    # so this replaces the recipe run: the first call fails as debootstrap
+    # does without a Release file, the second writes a minimal tree.
+    found: list[list[str]] = []
+
+    def recipe(
+        unshare: str, script: Path, suite: str, build_dir: Path, *rest: object
+    ) -> None:
+        found.append(sorted(os.listdir(build_dir)))
+        (build_dir / "partial").write_text("left by an attempt")
+        if len(found) == 1:
+            raise Unavailable("failed to download the Release file from mirror")
+        (build_dir / "etc").mkdir()
+
+    monkeypatch.setattr(images_module, "_run_recipe", recipe)
+    monkeypatch.setattr(images_module, "DOWNLOAD_RETRY_SECONDS", (0.0, 0.0))
+    progress: list[str] = []
+    info = store.build("debian", progress.append, mirror="http://127.0.0.1:9/debian")
+    built = store.resolve("debian").path
+    assert found == [[], []]
+    assert info.name == "debian"
+    assert (built / "etc").is_dir()
+    assert any("retrying" in line for line in progress)
+    assert sorted(p.name for p in store.images_dir.iterdir()) == [".locks", "debian"]
+
+
+def test_build_gives_up_after_retries(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def recipe(unshare: str, script: Path, suite: str, *rest: object) -> None:
+        calls.append(suite)
+        raise Unavailable("failed to download the Release file from mirror")
+
+    monkeypatch.setattr(images_module, "_run_recipe", recipe)
+    monkeypatch.setattr(images_module, "DOWNLOAD_RETRY_SECONDS", (0.0, 0.0))
+    with pytest.raises(Unavailable, match="Release file"):
+        store.build("debian", mirror="http://127.0.0.1:9/debian")
+    assert len(calls) == 3
+    assert [p.name for p in store.images_dir.iterdir()] == [".locks"]
