@@ -604,7 +604,7 @@ def test_cli_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
 def test_build_retries_unreachable_mirror(
     store: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A mirror that fails once and then answers cannot be made on demand here,
+    # A mirror that fails once and then responds cannot be made on demand here,
     # so this replaces the recipe run: the first call fails as debootstrap
     # does without a Release file, the second writes a minimal tree.
     found: list[list[str]] = []
