@@ -1812,12 +1812,7 @@ class Engine:
         if process.exited.is_set():
             return
         self._get_running(sandbox_id)
-        process.killed = True
-        assert sandbox.init is not None
-        sandbox.init.kill(pid, signal, group=True)
-        log.info(
-            "sandbox %s: sent signal %d to process group %d", sandbox_id, signal, pid
-        )
+        _signal_group(sandbox, process, signal)
 
     def kill_abandoned(self, sandbox_id: str, pid: int) -> None:
         """SIGKILL the group of a process whose caller went away without its pid.
@@ -1830,14 +1825,8 @@ class Engine:
             return
         if sandbox.init is None or sandbox.info.state != SandboxState.RUNNING:
             return
-        process.killed = True
         with contextlib.suppress(ConnectionError, OSError):
-            sandbox.init.kill(pid, signals.SIGKILL, group=True)
-        log.info(
-            "sandbox %s: killed process group %d, whose Run call was cancelled",
-            sandbox_id,
-            pid,
-        )
+            _signal_group(sandbox, process, signals.SIGKILL)
 
     async def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
         sandbox = self._get(sandbox_id)
@@ -1845,6 +1834,19 @@ class Engine:
             process.info() for process in sandbox.processes.values()
         ]
         return sorted(infos, key=lambda info: info.started_at)
+
+
+def _signal_group(sandbox: _Sandbox, process: _Process, signal: int) -> None:
+    """Send ``signal`` to the process group of ``process`` and mark it killed."""
+    assert sandbox.init is not None
+    process.killed = True
+    sandbox.init.kill(process.pid, signal, group=True)
+    log.info(
+        "sandbox %s: sent signal %d to process group %d",
+        sandbox.info.sandbox_id,
+        signal,
+        process.pid,
+    )
 
 
 async def _next_change(

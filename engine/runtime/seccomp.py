@@ -325,10 +325,19 @@ def _resolved_policy() -> tuple[tuple[int, int, tuple[Comparisons, ...]], ...]:
             f"architecture {seccomp.system_arch():#x}; run the engine on x86_64"
         )
 
+    # An errno of 0 makes the kernel skip a NO_OPS call and return 0.
+    entries = [
+        (
+            rule.errno,
+            rule.syscalls,
+            rule.condition.comparisons() if rule.condition else ((),),
+        )
+        for rule in POLICY
+    ]
+    entries.append((0, NO_OPS, ((),)))
     resolved = []
-    for rule in POLICY:
-        comparison_sets = rule.condition.comparisons() if rule.condition else ((),)
-        for name in rule.syscalls:
+    for errno_value, names, comparison_sets in entries:
+        for name in names:
             number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
             if number < 0:
                 number = NEWER_SYSCALLS.get(name, -1)
@@ -339,11 +348,7 @@ def _resolved_policy() -> tuple[tuple[int, int, tuple[Comparisons, ...]], ...]:
                     name,
                 )
                 continue
-            resolved.append((seccomp.ERRNO(rule.errno), number, comparison_sets))
-    for name in NO_OPS:
-        # An errno of 0 makes the kernel skip the call and return 0.
-        number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
-        resolved.append((seccomp.ERRNO(0), number, ((),)))
+            resolved.append((seccomp.ERRNO(errno_value), number, comparison_sets))
     return tuple(resolved)
 
 

@@ -14,7 +14,6 @@ created it, so use an instance only on that loop.
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal as signal_module
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,6 +37,7 @@ from engine.sdk.client import (
 from engine.sdk.files import AsyncSandboxFileSystem
 from engine.sdk.sandbox import (
     STDIN_CHUNK_BYTES,
+    OutputCursor,
     ProcessStatus,
     Sandbox,
     SandboxProcessResponse,
@@ -49,8 +49,6 @@ from engine.sdk.sandbox import (
 from engine.server import convert
 from engine.v1 import sandbox_pb2 as pb
 from engine.v1 import sandbox_pb2_grpc
-
-logger = logging.getLogger(__name__)
 
 
 class AsyncClient:
@@ -96,21 +94,10 @@ class AsyncClient:
         await self._channel.close()
 
 
-class AsyncSandboxProcessStream:
+class AsyncSandboxProcessStream(OutputCursor):
     """One output stream of a process, read from this reader's own offset."""
 
-    def __init__(self, process: AsyncSandboxProcess, stream: Stream) -> None:
-        self._process = process
-        self._stream = stream
-        self._offset = 0
-        self._pending = b""
-        self._eof = False
-        # Bytes this reader missed because the daemon's bounded buffer dropped them.
-        self.dropped = 0
-
-    @property
-    def offset(self) -> int:
-        return self._offset
+    _process: AsyncSandboxProcess
 
     async def iter_bytes(self, follow: bool = True) -> AsyncIterator[bytes]:
         """Yield bytes as they arrive, or without ``follow`` only those buffered now."""
@@ -133,24 +120,6 @@ class AsyncSandboxProcessStream:
                     self._eof = True
                 if chunk.data:
                     yield chunk.data
-
-    def _note_dropped(self, count: int) -> None:
-        self.dropped += count
-        logger.warning(
-            "%s of pid %d in sandbox %s: %d bytes were dropped from the"
-            " daemon's output buffer before this reader got them",
-            self._stream.value,
-            self._process.pid,
-            self._process.sandbox_id,
-            count,
-        )
-
-    def resume_after(self, chunk: pb.OutputChunk) -> None:
-        """Continue this reader after ``chunk``, which the caller already has."""
-        if chunk.dropped:
-            self._note_dropped(chunk.dropped)
-        self._offset = chunk.offset + len(chunk.data)
-        self._eof = chunk.eof
 
     async def read_bytes(self) -> bytes:
         """Return every byte from this reader's offset up to the end of the stream."""

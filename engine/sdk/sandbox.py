@@ -20,7 +20,7 @@ import re
 import signal as signal_module
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from engine import errors
 from engine.core.models import (
@@ -186,15 +186,18 @@ class SandboxProcessResponse:
     stderr_dropped: int = 0
 
 
-class SandboxProcessStream:
-    """One output stream of a process, read with ReadOutput from this reader's offset.
+class _ProcessRef(Protocol):
+    sandbox_id: str
+    pid: int
 
-    Each reader keeps its own offset, so every reader of the same process receives
-    every byte that the daemon still buffers, however late it starts. Iterating
-    yields lines with their trailing newline, as file objects do.
+
+class OutputCursor:
+    """A reader's position in one output stream of a process.
+
+    The state and bookkeeping that the synchronous and asyncio readers share.
     """
 
-    def __init__(self, process: SandboxProcess, stream: Stream) -> None:
+    def __init__(self, process: _ProcessRef, stream: Stream) -> None:
         self._process = process
         self._stream = stream
         self._offset = 0
@@ -207,6 +210,35 @@ class SandboxProcessStream:
     def offset(self) -> int:
         """Offset of the next byte this reader receives from the daemon."""
         return self._offset
+
+    def _note_dropped(self, count: int) -> None:
+        self.dropped += count
+        logger.warning(
+            "%s of pid %d in sandbox %s: %d bytes were dropped from the"
+            " daemon's output buffer before this reader got them",
+            self._stream.value,
+            self._process.pid,
+            self._process.sandbox_id,
+            count,
+        )
+
+    def resume_after(self, chunk: pb.OutputChunk) -> None:
+        """Continue this reader after ``chunk``, which the caller already has."""
+        if chunk.dropped:
+            self._note_dropped(chunk.dropped)
+        self._offset = chunk.offset + len(chunk.data)
+        self._eof = chunk.eof
+
+
+class SandboxProcessStream(OutputCursor):
+    """One output stream of a process, read with ReadOutput from this reader's offset.
+
+    Each reader keeps its own offset, so every reader of the same process receives
+    every byte that the daemon still buffers, however late it starts. Iterating
+    yields lines with their trailing newline, as file objects do.
+    """
+
+    _process: SandboxProcess
 
     def iter_bytes(self, follow: bool = True) -> Iterator[bytes]:
         """Yield bytes as they arrive, or without ``follow`` only those buffered now."""
@@ -230,24 +262,6 @@ class SandboxProcessStream:
                     self._eof = True
                 if chunk.data:
                     yield chunk.data
-
-    def _note_dropped(self, count: int) -> None:
-        self.dropped += count
-        logger.warning(
-            "%s of pid %d in sandbox %s: %d bytes were dropped from the"
-            " daemon's output buffer before this reader got them",
-            self._stream.value,
-            self._process.pid,
-            self._process.sandbox_id,
-            count,
-        )
-
-    def resume_after(self, chunk: pb.OutputChunk) -> None:
-        """Continue this reader after ``chunk``, which the caller already has."""
-        if chunk.dropped:
-            self._note_dropped(chunk.dropped)
-        self._offset = chunk.offset + len(chunk.data)
-        self._eof = chunk.eof
 
     def read_bytes(self) -> bytes:
         """Return every byte from this reader's offset up to the end of the stream.

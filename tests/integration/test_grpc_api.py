@@ -153,7 +153,7 @@ def test_run_deadline_kills_process(
     assert sleepers[0].exit_reason == pb.EXIT_REASON_KILLED
 
 
-def test_read_output_without_follow_returns_all_buffered(
+def test_read_output_unfollowed_returns_all(
     stub: sandbox_pb2_grpc.SandboxServiceStub, sandbox_id: str
 ) -> None:
     # 300 000 bytes is several of the daemon's internal chunks.
