@@ -68,6 +68,7 @@ from engine.core.tenancy import DEFAULT_WORKSPACE, current_workspace
 from engine.core.tokens import TokenStore
 from engine.core.warm import Shape, WarmPool
 from engine.errors import (
+    DeadlineExceeded,
     EngineError,
     FailedPrecondition,
     InvalidArgument,
@@ -931,7 +932,6 @@ class Engine:
         A failure here must not keep the sandbox RUNNING: the sweep at the
         next start removes whatever is left.
         """
-        loop = asyncio.get_running_loop()
         if sandbox.init is not None:
             await self._end_init(sandbox, sandbox.init)
         fuse_stops, sandbox.fuse_stops = sandbox.fuse_stops, []
@@ -948,14 +948,34 @@ class Engine:
                     result,
                 )
         if sandbox.cgroup is not None:
-            try:
-                await loop.run_in_executor(None, sandbox.cgroup.destroy)
-            except EngineError as error:
-                log.error(
-                    "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
-                )
-        await loop.run_in_executor(None, self._remove_layer, sandbox)
+            await self._destroy_cgroup(sandbox, sandbox.cgroup)
+        await self._remove_layer(sandbox)
         await self._release_network(sandbox)
+
+    async def _destroy_cgroup(self, sandbox: _Sandbox, cgroup: cgroups.Cgroup) -> None:
+        """Remove a sandbox's cgroup, on the event loop unless a task is left in it.
+
+        PID 1 and so every process of the PID namespace have exited, so the
+        group is usually empty: a walk and one rmdir per hierarchy, 0.4 ms
+        median. In a thread the same removal cost the daemon about 0.3 ms
+        more CPU (thread wakeups and GIL handoffs), measured with 4 clients
+        of benchmarks.engines.GrpcRuns.throughput on a 2-core VM. A group
+        that still has a task, such as a file worker that is still exiting,
+        goes to a thread, where destroy signals the task and waits.
+
+        NOTE: rmdir waits for the kernel's cgroup_mutex. A move into a v1
+        memory cgroup can hold it across an RCU grace period, so this stalls
+        the loop for up to about 20 ms now and then (p99 10 ms in that run).
+        """
+        try:
+            try:
+                cgroup.destroy(timeout=0)
+            except DeadlineExceeded:
+                await asyncio.get_running_loop().run_in_executor(None, cgroup.destroy)
+        except (EngineError, OSError) as error:
+            log.error(
+                "sandbox %s: cgroup not removed: %s", sandbox.info.sandbox_id, error
+            )
 
     async def _kill_all(self, sandbox: _Sandbox, init: InitClient) -> None:
         """Wait until PID 1 has sent SIGKILL to every other process of the sandbox.
@@ -1124,16 +1144,24 @@ class Engine:
         """Return exposed port -> URL for the sandbox."""
         return dict(self._get(sandbox_id).info.urls)
 
-    def _remove_layer(self, sandbox: _Sandbox) -> None:
+    async def _remove_layer(self, sandbox: _Sandbox) -> None:
+        """Delete the sandbox's layer subvolume, or remove its files if that fails.
+
+        Deleting the subvolume is two ioctls, made on the event loop as
+        LayerStore.create's are. Only rm -rf, the fallback, runs in a thread.
+        """
+        sandbox_id = sandbox.info.sandbox_id
         try:
-            self.layers.remove(sandbox.info.sandbox_id)
+            self.layers.remove(sandbox_id)
         except OSError as error:
             log.error(
                 "sandbox %s: layer not deleted, removing its files instead: %s",
-                sandbox.info.sandbox_id,
+                sandbox_id,
                 error,
             )
-        remove_tree(self.layers.path / sandbox.info.sandbox_id)
+        path = self.layers.path / sandbox_id
+        if os.path.lexists(path):
+            await asyncio.get_running_loop().run_in_executor(None, remove_tree, path)
 
     async def _reap_expired(self) -> None:
         while True:

@@ -15,8 +15,10 @@ bind of fuse/mnt.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -427,6 +429,38 @@ def test_terminate_then_settle_frees(engine: EngineRunner) -> None:
     engine.call(engine.engine.settle())
     assert [pid for pid in host_pids if engine.pid_alive(pid)] == []
     assert [d for d in group_dirs if os.path.exists(d)] == []
+    assert sandbox_id not in engine.sandbox_dirs()
+
+
+def test_terminate_kills_task_left_in_cgroup(engine: EngineRunner) -> None:
+    """A task left in the cgroup at terminate is killed, and the group removed."""
+    sandbox_id = engine.create()
+    group_dirs = _group_dirs(engine, sandbox_id)
+    # A host process in the group is a stand-in for a file worker that is
+    # still exiting when the sandbox's own processes are gone.
+    straggler = subprocess.Popen(["sleep", "1000"])
+    try:
+        for directory in group_dirs:
+            Path(directory, "cgroup.procs").write_text(f"{straggler.pid}\n")
+        engine.terminate(sandbox_id)
+        assert straggler.wait(timeout=CLOSE_TIMEOUT) == -signal.SIGKILL
+    finally:
+        straggler.kill()
+        straggler.wait()
+    assert [d for d in group_dirs if os.path.exists(d)] == []
+
+
+def test_terminate_removes_layer_files_when_delete_fails(
+    engine: EngineRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox_id = engine.create()
+    assert sandbox_id in engine.sandbox_dirs()
+
+    def fail_remove(sandbox_id: str) -> None:
+        raise OSError(errno.EIO, "BTRFS_IOC_SNAP_DESTROY failed")
+
+    monkeypatch.setattr(engine.engine.layers, "remove", fail_remove)
+    engine.terminate(sandbox_id)
     assert sandbox_id not in engine.sandbox_dirs()
 
 
