@@ -11,14 +11,14 @@ token.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from engine.core.tenancy import DEFAULT_WORKSPACE, enter_workspace
 from engine.errors import Unauthenticated
-from engine.server.interceptor import ERROR_METADATA_KEY, SERVICE_PREFIX
+from engine.server.interceptor import ERROR_METADATA_KEY, MethodInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ def _is_unix_peer(context: grpc.aio.ServicerContext) -> bool:
     return (context.peer() or "").startswith("unix:")
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(MethodInterceptor):
     """Resolve each engine.v1 call's workspace from its token, or reject the call."""
 
     def __init__(self, lookup: TokenLookup) -> None:
+        super().__init__()
         self._lookup = lookup
 
     def workspace_of(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
@@ -84,18 +85,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             )
         enter_workspace(workspace, local_admin=local_admin)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        name = method.removeprefix(SERVICE_PREFIX).replace("/", ".")
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         authorize = self._authorize
         options = {
             "request_deserializer": handler.request_deserializer,

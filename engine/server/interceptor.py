@@ -187,11 +187,27 @@ def _wrap_client_stream(
     return wrapped
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Map the exceptions of every engine.v1 service method to gRPC statuses.
+class MethodInterceptor(grpc.aio.ServerInterceptor):
+    """Base of the interceptors that wrap the handler of every engine.v1 method.
 
     Methods of other services (health, reflection) pass through unchanged.
+    A handler is wrapped on its method's first call and the wrapper reused
+    while gRPC returns the same handler object, as it does for a registered
+    method, so an RPC builds no closures or handler tuples.
     """
+
+    def __init__(self) -> None:
+        # Method path -> (the handler gRPC returned, its wrapper).
+        self._wrappers: dict[
+            str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]
+        ] = {}
+
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """Return the handler that runs in place of ``handler`` for method ``name``.
+
+        ``name`` is the method without the package, such as "SandboxService.Create".
+        """
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -204,7 +220,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        name = method.removeprefix(SERVICE_PREFIX).replace("/", ".")
+        cached = self._wrappers.get(method)
+        if cached is None or cached[0] is not handler:
+            name = method.removeprefix(SERVICE_PREFIX).replace("/", ".")
+            cached = (handler, self.wrap(name, handler))
+            self._wrappers[method] = cached
+        return cached[1]
+
+
+class ErrorInterceptor(MethodInterceptor):
+    """Map the exceptions of every engine.v1 service method to gRPC statuses."""
+
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserializer = _wrap_deserializer(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
