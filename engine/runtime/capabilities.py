@@ -172,6 +172,10 @@ def _mask(keep: frozenset[str]) -> int:
     return mask
 
 
+KEPT_MASK = _mask(KEPT)
+"""``KEPT`` as a bit mask, as engine-init takes it."""
+
+
 def _label(number: int) -> str:
     return _KNOWN_NAMES[number] if number < len(_KNOWN_NAMES) else str(number)
 

@@ -56,3 +56,27 @@ def become_root() -> None:
     os.setresgid(0, 0, 0)
     os.setgroups([])
     os.setresuid(0, 0, 0)
+
+
+def can_own_user_namespace(uid: int) -> bool:
+    """Return True if host uid ``uid`` may create a user namespace here.
+
+    Some hosts restrict unprivileged user namespaces (the
+    kernel.apparmor_restrict_unprivileged_userns sysctl of Ubuntu, for
+    example). The probe runs in a forked child, so the caller stays root.
+    """
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            unshare(libc.CLONE_NEWUSER)
+            status = 0
+        except OSError:
+            pass
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

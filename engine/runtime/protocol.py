@@ -2,10 +2,10 @@
 
 Each message is one SOCK_SEQPACKET datagram, with up to ``MAX_FDS`` file
 descriptors attached as SCM_RIGHTS. Datagram boundaries keep every descriptor
-with the message it belongs to. The zygote and the supervisors speak JSON
-objects. The sandbox's PID 1 is a C program (init.c), which speaks fixed
-binary messages that start with the byte ``INIT_MAGIC``; ``recv`` turns them
-into the same dicts, so callers see one kind of message.
+with the message it belongs to. The zygote speaks JSON objects. Each
+sandbox's supervisor and PID 1 are engine-init, a C program (native/), which
+speaks fixed binary messages that start with the byte ``INIT_MAGIC``;
+``recv`` turns them into the same dicts, so callers see one kind of message.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def send(
 # The binary messages of init.c: a header of magic, op and request id.
 INIT_MAGIC = 0xE1
 INIT_HEADER = struct.Struct("<BBHI")
-INIT_EXEC, INIT_KILL, INIT_TERMINATE = 1, 2, 3
+INIT_EXEC, INIT_KILL, INIT_TERMINATE, INIT_START = 1, 2, 3, 4
 INIT_READY, INIT_STARTED, INIT_FAILED, INIT_EXIT = 0x81, 0x82, 0x83, 0x84
-INIT_KILLED = 0x85
+INIT_KILLED, INIT_FORKED, INIT_INVALID = 0x85, 0x86, 0x87
 _EXEC_FIELDS = struct.Struct("<III")
 _KILL_FIELDS = struct.Struct("<iiI")
 _INT32 = struct.Struct("<i")
@@ -92,6 +92,42 @@ def encode_exec(
     return data
 
 
+def encode_start(spec: Message) -> bytes:
+    """Encode a sandbox's spec for its supervisor, engine-init (native/setup.c).
+
+    The body is NUL-terminated "key=value" strings. Each bind and volume is
+    a "bind=", "volume_ro=" or "volume_rw=" string with the host source,
+    followed by its target path on its own.
+    """
+    root = spec["root"]
+    fields = [
+        ("hostname", spec["hostname"]),
+        ("root", root["root"]),
+        ("lower", root["lower"]),
+        ("upper", root["upper"]),
+        ("work", root["work"]),
+        ("workdir", spec["workdir"]),
+    ]
+    for name in ("tmp", "shm"):
+        for key, value in (spec.get(name) or {}).items():
+            if value is not None:
+                fields.append((f"{name}_{key}", str(int(value))))
+    for key in ("address", "resolv_conf"):
+        if spec.get(key) is not None:
+            fields.append((key, spec[key]))
+    strings = [f"{key}={value}" for key, value in fields]
+    for source, target in root["binds"]:
+        strings += [f"bind={source}", target]
+    for volume in spec.get("volumes", ()):
+        mode = "ro" if volume["read_only"] else "rw"
+        strings += [f"volume_{mode}={volume['source']}", volume["target"]]
+    for text in strings:
+        if "\0" in text:
+            raise ValueError(f"sandbox spec field {text[:80]!r} contains a NUL byte")
+    payload = b"".join(os.fsencode(text) + b"\0" for text in strings)
+    return INIT_HEADER.pack(INIT_MAGIC, INIT_START, 0, 0) + payload
+
+
 def encode_kill(pid: int, signal: int, group: bool) -> bytes:
     return INIT_HEADER.pack(INIT_MAGIC, INIT_KILL, 0, 0) + _KILL_FIELDS.pack(
         pid, signal, int(group)
@@ -112,12 +148,23 @@ def _decode_init(data: bytes) -> Message:
         return {"op": "ready"}
     if op == INIT_STARTED:
         return {"op": "started", "id": request_id, "pid": _INT32.unpack_from(body)[0]}
-    if op == INIT_FAILED:
+    if op in (INIT_FAILED, INIT_INVALID):
         (number,) = _INT32.unpack_from(body)
         message = body[_INT32.size :].decode(errors="replace")
-        return {"op": "failed", "id": request_id, "errno": number, "message": message}
+        decoded = {
+            "op": "failed",
+            "id": request_id,
+            "errno": number,
+            "message": message,
+        }
+        if op == INIT_INVALID:
+            # The request itself cannot work, such as a workdir below a file.
+            decoded["invalid"] = True
+        return decoded
     if op == INIT_KILLED:
         return {"op": "killed"}
+    if op == INIT_FORKED:
+        return {"op": "init", "pid": _INT32.unpack_from(body)[0]}
     if op == INIT_EXIT:
         pid, status = _TWO_INT32.unpack_from(body)
         return {"op": "exit", "pid": pid, "status": status}

@@ -283,7 +283,8 @@ class InitClient:
         self.pid = 0
         self.pidfd: int | None = None
         self._forked: asyncio.Future[None] = self.ready.get_loop().create_future()
-        # True once the spec went out; the supervisor reads JSON until then.
+        # True once the spec went out. Until then the supervisor waits for
+        # it, and closing the socket makes it exit.
         self.started = False
         # Done once PID 1 has sent SIGKILL to every other process, or closed.
         self.killed: asyncio.Future[None] = self.ready.get_loop().create_future()
@@ -321,7 +322,7 @@ class InitClient:
     async def start(self, spec: dict[str, Any]) -> None:
         """Send the sandbox's spec and wait until its PID 1 is ready."""
         self.started = True
-        self.channel.send({"op": "start", "spec": spec})
+        self.channel.send_raw(protocol.encode_start(spec))
         # Python 3.11's wait_for returns the result and drops a cancellation
         # that lands in the loop iteration in which the result arrives, so
         # a cancelled create would carry on. asyncio.timeout re-raises it.

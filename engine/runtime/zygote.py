@@ -1,12 +1,13 @@
-"""The zygote: a single-threaded, pre-imported process that forks sandbox helpers.
+"""The zygote: a single-threaded process that starts every sandbox helper.
 
 The Engine starts it once with ``python -m engine.runtime.zygote FD INIT
 LAYERS``, where FD is one end of a SOCK_SEQPACKET pair, INIT the path of the
 compiled engine-init and LAYERS the mount point of the engine's layer file
 system. The zygote first moves into a mount namespace of its own (see
-``isolate_mounts``) and sends {"op": "ready"}. Forking from here, not from
-the multi-threaded daemon, is what makes fork safe, and the imports done
-once here are why no interpreter starts on the sandbox creation path.
+``isolate_mounts``) and sends {"op": "ready"}. It spawns each sandbox's
+supervisor, engine-init (native/setup.c), with posix_spawn from a sealed
+memfd, and forks file workers, whose imports are done once here. Forking
+from here, not from the multi-threaded daemon, is what makes fork safe.
 Messages:
 
     {"op": "prefork", "id", "uid_base", "uid_count"}
@@ -40,18 +41,19 @@ import sys
 from pathlib import Path
 
 from engine.runtime import (
+    capabilities,
     fileworker,
     initbin,
-    isolation,
     libc,
     namespaces,
     protocol,
     seccomp,
-    supervisor,
 )
 
 log = logging.getLogger(__name__)
 
+# argv[0] of every supervisor, which ps shows on the host.
+SUPERVISOR_NAME = "engine-sandbox"
 # Seconds the zygote waits for a new supervisor to create its user namespace.
 SPAWN_TIMEOUT = 10.0
 # prctl(2) option from <linux/prctl.h>.
@@ -67,17 +69,25 @@ class Zygote:
         self.selector = selectors.DefaultSelector()
         # Supervisors and file workers, which shutdown kills, by pid.
         self.pidfds: dict[int, int] = {}
-        # Compiled once; every sandbox installs this same program.
+        # Compiled once; every sandbox installs this same program, which
+        # engine-init reads from a sealed memfd and file workers from memory.
         self.seccomp_program = seccomp.export_bpf(seccomp.build_filter())
-        # Every PID 1 executes this one sealed copy of engine-init.
+        self.seccomp_fd = initbin.sealed_data(
+            "engine-seccomp", self.seccomp_program, 0o400
+        )
+        os.set_inheritable(self.seccomp_fd, True)
+        # Every supervisor executes this one sealed copy of engine-init, and
+        # forks its sandbox's PID 1 from it. The seccomp memfd stays
+        # inheritable, since every supervisor reads it.
         self.init_fd = initbin.sealed_memfd(Path(init_path))
+        self.init_path = f"/proc/self/fd/{self.init_fd}"
         # uid base -> whether that host uid may own the sandboxes' user namespaces.
         self.unprivileged_owner: dict[int, bool] = {}
 
     def owner_uid(self, uid_base: int) -> int | None:
         """Return the host uid that will own new user namespaces, None for root."""
         if uid_base not in self.unprivileged_owner:
-            allowed = isolation.can_own_user_namespace(uid_base)
+            allowed = namespaces.can_own_user_namespace(uid_base)
             self.unprivileged_owner[uid_base] = allowed
             if not allowed:
                 log.warning(
@@ -126,29 +136,21 @@ class Zygote:
         notify_read, notify_write = os.pipe2(os.O_CLOEXEC)
         wait_read, wait_write = os.pipe2(os.O_CLOEXEC)
         owner_uid = self.owner_uid(message["uid_base"])
-        pid = os.fork()
-        if pid == 0:
-            keep = {
-                supervisor_end.fileno(),
-                notify_write,
-                wait_read,
-                self.init_fd,
-                *cgroup_fds,
-            }
-            _close_all_except(keep)
-            supervisor.run(
-                supervisor_end,
-                cgroup_fds,
-                notify_write,
-                wait_read,
-                self.seccomp_program,
-                owner_uid,
-                self.init_fd,
+        try:
+            pid = self.spawn_supervisor(
+                supervisor_end.fileno(), notify_write, wait_read, cgroup_fds, owner_uid
             )
+        except OSError as error:
+            for fd in (notify_read, notify_write, wait_read, wait_write):
+                os.close(fd)
+            supervisor_end.close()
+            engine_end.close()
+            reply = {"op": "failed", "id": request_id, "message": str(error)}
+            protocol.send(self.engine, reply)
+            return
         supervisor_end.close()
         os.close(notify_write)
         os.close(wait_read)
-        self.pidfds[pid] = os.pidfd_open(pid)
         try:
             ready = protocol.wait_readable(notify_read, SPAWN_TIMEOUT)
             if not ready or os.read(notify_read, 1) != b"u":
@@ -167,6 +169,43 @@ class Zygote:
         reply = {"op": "preforked", "id": request_id, "pid": pid}
         protocol.send(self.engine, reply, [engine_end.fileno()])
         engine_end.close()
+
+    def spawn_supervisor(
+        self,
+        control: int,
+        notify: int,
+        wait: int,
+        cgroup_fds: list[int],
+        owner_uid: int | None,
+    ) -> int:
+        """Start engine-init as a new sandbox's supervisor; return its pid.
+
+        posix_spawn shares this process's memory until the child executes, so
+        no page of the zygote's Python image is copied or faulted in. The
+        child inherits only the descriptors named in its environment
+        (native/setup.c), which are made inheritable just for the spawn: the
+        zygote is single-threaded, so no other child can inherit them.
+        """
+        passed = (control, notify, wait, *cgroup_fds)
+        env = {
+            "CONTROL_FD": str(control),
+            "NOTIFY_FD": str(notify),
+            "WAIT_FD": str(wait),
+            "SECCOMP_FD": str(self.seccomp_fd),
+            "CGROUP_FDS": ",".join(map(str, cgroup_fds)),
+            "ZYGOTE_PID": str(os.getpid()),
+            "OWNER_UID": str(-1 if owner_uid is None else owner_uid),
+            "KEEP_CAPS": str(capabilities.KEPT_MASK),
+        }
+        for fd in passed:
+            os.set_inheritable(fd, True)
+        try:
+            pid = os.posix_spawn(self.init_path, [SUPERVISOR_NAME], env)
+        finally:
+            for fd in passed:
+                os.set_inheritable(fd, False)
+        self.pidfds[pid] = os.pidfd_open(pid)
+        return pid
 
     def file(self, message: protocol.Message, fds: list[int]) -> None:
         """Fork a worker for one file operation in the sandbox of fds[0]."""
@@ -236,6 +275,8 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s zygote %(levelname)s %(message)s"
     )
     engine = socket.socket(fileno=int(sys.argv[1]))
+    # Passed to this process inheritable; supervisors must not inherit it.
+    engine.set_inheritable(False)
     # The zygote must not die from the terminal's Ctrl-C before the Engine
     # has terminated its sandboxes; it exits when the Engine's socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

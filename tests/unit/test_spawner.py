@@ -11,14 +11,36 @@ import pytest
 from engine.runtime import protocol, spawner
 from engine.runtime.spawner import InitClient
 
+# A sandbox's spec as the Engine builds it; no supervisor reads it here.
+SPEC = {
+    "sandbox_id": "sb-test",
+    "hostname": "sb-test",
+    "workdir": "/",
+    "tmp": {"size": 1 << 20, "inodes": 1024},
+    "shm": {"size": None, "inodes": None},
+    "root": {
+        "root": "/layers/sb-test/root",
+        "lower": "/images/debian",
+        "upper": "/layers/sb-test/upper",
+        "work": "/layers/sb-test/work",
+        "binds": [["/usr", "/usr"]],
+    },
+    "volumes": [
+        {"source": "/volumes/a", "target": "/data/a", "read_only": True},
+        {"source": "/volumes/b", "target": "/data/b", "read_only": False},
+    ],
+    "address": "10.1.0.2",
+    "resolv_conf": "nameserver 10.1.0.1\n",
+}
+
 
 async def _cancel_as_ready_arrives() -> tuple[asyncio.Task[None], bool]:
     ours, theirs = protocol.socketpair()
     client = InitClient(ours, lambda pid, status: None)
     try:
-        task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
+        task = asyncio.create_task(client.start(SPEC))
         await asyncio.sleep(0)
-        assert protocol.recv(theirs) is not None
+        assert theirs.recv(1 << 16).startswith(bytes([protocol.INIT_MAGIC]))
         # The ready message resolves the future in this iteration, and the
         # cancellation is queued behind the callbacks that it schedules: the
         # ordering in which Python 3.11's wait_for drops the cancellation.
@@ -45,7 +67,7 @@ async def _ready_then_return(init_first: bool) -> tuple[int, bool]:
     client = InitClient(ours, lambda pid, status: None)
     pidfd = os.pidfd_open(os.getpid())
     try:
-        task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
+        task = asyncio.create_task(client.start(SPEC))
         await asyncio.sleep(0)
         messages = [
             ({"op": "init", "pid": os.getpid()}, [pidfd]),
@@ -76,10 +98,10 @@ async def _ready_without_init() -> None:
     ours, theirs = protocol.socketpair()
     client = InitClient(ours, lambda pid, status: None)
     try:
-        task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
+        task = asyncio.create_task(client.start(SPEC))
         await asyncio.sleep(0)
         # Read first: closing a socket with a message unread resets the peer.
-        assert protocol.recv(theirs) is not None
+        assert theirs.recv(1 << 16).startswith(bytes([protocol.INIT_MAGIC]))
         protocol.send(theirs, {"op": "ready"})
         theirs.close()
         await task
@@ -96,7 +118,7 @@ async def _failed_setup() -> None:
     ours, theirs = protocol.socketpair()
     client = InitClient(ours, lambda pid, status: None)
     try:
-        task = asyncio.create_task(client.start({"sandbox_id": "sb-test"}))
+        task = asyncio.create_task(client.start(SPEC))
         await asyncio.sleep(0)
         protocol.send(theirs, {"op": "failed", "message": "mount failed"})
         await task
@@ -108,6 +130,50 @@ async def _failed_setup() -> None:
 def test_start_raises_setup_failure() -> None:
     with pytest.raises(OSError, match="mount failed"):
         asyncio.run(_failed_setup())
+
+
+def test_encode_start_fields() -> None:
+    data = protocol.encode_start(SPEC)
+    header = protocol.INIT_HEADER.unpack_from(data)
+    strings = data[protocol.INIT_HEADER.size :].split(b"\0")
+    assert header == (protocol.INIT_MAGIC, protocol.INIT_START, 0, 0)
+    assert strings[-1] == b""
+    assert b"hostname=sb-test" in strings
+    assert b"workdir=/" in strings
+    assert b"tmp_size=1048576" in strings
+    assert b"tmp_inodes=1024" in strings
+    assert not any(text.startswith(b"shm_") for text in strings)
+    assert b"resolv_conf=nameserver 10.1.0.1\n" in strings
+    # Each mount is its source string followed by its target on its own.
+    bind = strings.index(b"bind=/usr")
+    assert strings[bind + 1] == b"/usr"
+    read_only = strings.index(b"volume_ro=/volumes/a")
+    assert strings[read_only + 1] == b"/data/a"
+    writable = strings.index(b"volume_rw=/volumes/b")
+    assert strings[writable + 1] == b"/data/b"
+
+
+def test_encode_start_rejects_nul() -> None:
+    spec = {**SPEC, "workdir": "/work\0dir"}
+    with pytest.raises(ValueError, match="contains a NUL byte"):
+        protocol.encode_start(spec)
+
+
+def test_decode_forked_and_invalid() -> None:
+    forked = protocol.INIT_HEADER.pack(
+        protocol.INIT_MAGIC, protocol.INIT_FORKED, 0, 0
+    ) + (1234).to_bytes(4, "little")
+    invalid = (
+        protocol.INIT_HEADER.pack(protocol.INIT_MAGIC, protocol.INIT_INVALID, 0, 0)
+        + (20).to_bytes(4, "little")
+        + b"workdir '/x/y': '/x' is not a directory"
+    )
+    assert protocol.decode(forked, []) == ({"op": "init", "pid": 1234}, [])
+    message, _ = protocol.decode(invalid, [])
+    assert message["op"] == "failed"
+    assert message["invalid"] is True
+    assert message["errno"] == 20
+    assert message["message"] == "workdir '/x/y': '/x' is not a directory"
 
 
 def test_wait_readable_above_fd_1024() -> None:

@@ -1,17 +1,10 @@
 /*
- * engine-init: the sandbox's PID 1 once isolation is complete.
+ * engine-init as the sandbox's PID 1, once isolation is complete.
  *
- * The sandbox's first process (engine/runtime/init.py) finishes isolation in
- * Python and then executes this program from a sealed memfd that the zygote
- * made. The memfd belongs to host root and has mode 0111, so the kernel
- * executes it but marks the process non-dumpable and keeps its memory in the
- * host's user namespace. Then ptrace, /proc/1/mem and /proc/1/exe need
- * CAP_SYS_PTRACE on the host, which sandbox code never has.
- *
- * Usage: engine-init CONTROL_FD SUPERVISOR_PIDFD ZYGOTE_PIDFD. It serves the
- * Engine on the SOCK_SEQPACKET socket CONTROL_FD, with the binary messages of
- * engine/runtime/protocol.py. Every message
- * starts with a header {u8 magic 0xE1, u8 op, u16 zero, u32 id}:
+ * setup.c forks PID 1 and finishes its isolation, then calls serve_as_pid1.
+ * PID 1 serves the Engine on the SOCK_SEQPACKET socket `control`, with the
+ * binary messages of engine/runtime/protocol.py. Every message starts with
+ * a header {u8 magic 0xE1, u8 op, u16 zero, u32 id}:
  *
  *   EXEC  {u32 nofile, u32 argc, u32 envc} cwd\0 argv...\0 env...\0 + 3 fds
  *         -> STARTED {i32 pid} or FAILED {i32 errno} message
@@ -47,20 +40,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define MAGIC 0xE1
-#define OP_EXEC 1
-#define OP_KILL 2
-#define OP_TERMINATE 3
-#define OP_READY 0x81
-#define OP_STARTED 0x82
-#define OP_FAILED 0x83
-#define OP_EXIT 0x84
-#define OP_KILLED 0x85
+#include "init.h"
+
 
 /* The Engine sends at most 4 MiB of argv and env; the rest is headroom. */
 #define MAX_MESSAGE_BYTES (8u << 20)
 #define MAX_FDS 16
-#define MAX_ERROR_BYTES 1024
 /* Stack of the vfork-style child between clone and execve. */
 #define CHILD_STACK_BYTES (64 * 1024)
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -68,14 +53,7 @@
  * before PID 1. */
 #define SANDBOX_OOM_SCORE_ADJ "500"
 
-struct header {
-	uint8_t magic;
-	uint8_t op;
-	uint16_t zero;
-	uint32_t id;
-};
-
-static int control = -1;
+int control = -1;
 
 /* Pids of the processes started by EXEC that are not reaped yet: an open
  * addressing hash set, where 0 is a free slot and -1 a deleted one. */
@@ -142,7 +120,7 @@ static int children_remove(pid_t pid)
 	return 1;
 }
 
-static void send_message(const void *data, size_t length)
+void send_message(const void *data, size_t length)
 {
 	/* A failed send means the Engine is gone; the next poll then reports
 	 * the end of stream and PID 1 terminates. */
@@ -150,7 +128,7 @@ static void send_message(const void *data, size_t length)
 		;
 }
 
-static void send_header(uint8_t op, uint32_t id, const void *body, size_t length)
+void send_header(uint8_t op, uint32_t id, const void *body, size_t length)
 {
 	unsigned char buffer[sizeof(struct header) + 8 + MAX_ERROR_BYTES];
 	struct header header = {MAGIC, op, 0, id};
@@ -163,24 +141,28 @@ static void send_header(uint8_t op, uint32_t id, const void *body, size_t length
 	send_message(buffer, sizeof(header) + length);
 }
 
-static void send_failed(uint32_t id, int error, const char *format, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void send_failed(uint32_t id, int error, const char *format, ...)
+void send_error(uint8_t op, uint32_t id, int error, const char *format,
+		va_list arguments)
 {
 	unsigned char body[4 + MAX_ERROR_BYTES];
 	int32_t number = error ? error : EIO;
-	va_list arguments;
 
 	memcpy(body, &number, 4);
-	va_start(arguments, format);
 	int length = vsnprintf((char *)body + 4, MAX_ERROR_BYTES, format, arguments);
-	va_end(arguments);
 	if (length < 0)
 		length = 0;
 	if (length >= MAX_ERROR_BYTES)
 		length = MAX_ERROR_BYTES - 1;
-	send_header(OP_FAILED, id, body, 4 + (size_t)length);
+	send_header(op, id, body, 4 + (size_t)length);
+}
+
+void send_failed(uint32_t id, int error, const char *format, ...)
+{
+	va_list arguments;
+
+	va_start(arguments, format);
+	send_error(OP_FAILED, id, error, format, arguments);
+	va_end(arguments);
 }
 
 static void send_exit(pid_t pid, int status)
@@ -564,42 +546,18 @@ static void serve(int signals)
 	}
 }
 
-int main(int argc, char **argv)
+
+void serve_as_pid1(int supervisor_pidfd, int zygote_pidfd)
 {
 	sigset_t child_signal;
 
-	/* terminate() kills every process that this one may signal, which
-	 * outside a PID namespace of its own means the whole host. */
-	if (getpid() != 1) {
-		fprintf(stderr, "engine-init: refusing to run: it must be PID 1 of a"
-				" new PID namespace, not pid %d\n", (int)getpid());
-		return 2;
-	}
-	prctl(PR_SET_DUMPABLE, 0);
-	/* The kernel names the process after the memfd it was executed from. */
-	prctl(PR_SET_NAME, "init");
-	if (argc != 4) {
-		fprintf(stderr, "usage: engine-init CONTROL_FD SUPERVISOR_PIDFD ZYGOTE_PIDFD\n");
-		return 2;
-	}
-	control = atoi(argv[1]);
-	if (control < 3 || fcntl(control, F_SETFD, FD_CLOEXEC) < 0) {
-		fprintf(stderr, "engine-init: invalid control socket %s\n", argv[1]);
-		return 1;
-	}
-	if (follow_zygote(atoi(argv[2]), atoi(argv[3])) < 0) {
+	if (follow_zygote(supervisor_pidfd, zygote_pidfd) < 0) {
 		fprintf(stderr, "engine-init: the zygote exited during setup\n");
-		return 1;
+		_exit(1);
 	}
 	/* Nothing but stdio and the control socket stays open. */
 	syscall(SYS_close_range, 3, control - 1, 0);
 	syscall(SYS_close_range, control + 1, ~0u, 0);
-
-	/* Ignored signals stay ignored across execve, and the Python side of
-	 * PID 1 ignored them all, so every exec'd program would inherit that. */
-	for (int number = 1; number < NSIG; number++)
-		if (number != SIGKILL && number != SIGSTOP)
-			signal(number, SIG_DFL);
 
 	/* SIGCHLD arrives through a descriptor; children unblock it. */
 	sigemptyset(&child_signal);
@@ -607,12 +565,12 @@ int main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &child_signal, NULL);
 	int signals = signalfd(-1, &child_signal, SFD_CLOEXEC | SFD_NONBLOCK);
 	if (signals < 0) {
-		perror("engine-init: signalfd");
-		return 1;
+		send_failed(0, errno, "signalfd: %s", strerror(errno));
+		_exit(1);
 	}
 
 	struct header ready = {MAGIC, OP_READY, 0, 0};
 	send_message(&ready, sizeof(ready));
 	serve(signals);
-	return 0;
+	_exit(0);
 }
