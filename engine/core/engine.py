@@ -553,9 +553,10 @@ class Engine:
             self.warm.want(shape)
         assert sandbox.init is not None
         log.info(
-            "sandbox %s started%s, PID 1 is host pid %d",
+            "sandbox %s started%s, image %s, PID 1 is host pid %d",
             sandbox_id,
             " from the warm pool" if warm else "",
+            spec.image,
             sandbox.init.pid,
         )
         return sandbox.info

@@ -61,7 +61,6 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
     ) -> pb.CreateResponse:
         spec = validation.spec_from_request(request.spec)
         info = await self._engine.create_sandbox(spec)
-        logger.info("created sandbox %s (image %s)", info.sandbox_id, spec.image)
         return pb.CreateResponse(sandbox=convert.sandbox_to_proto(info))
 
     async def Get(
@@ -94,7 +93,6 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
     ) -> pb.TerminateResponse:
         validation.check_sandbox_id(request.sandbox_id)
         info = await self._engine.terminate_sandbox(request.sandbox_id)
-        logger.info("terminated sandbox %s", request.sandbox_id)
         return pb.TerminateResponse(sandbox=convert.sandbox_to_proto(info))
 
     async def UpdateTTL(
