@@ -173,10 +173,13 @@ static void restrict_capabilities(uint64_t keep)
  * every child, so exec'd processes need not load it again. */
 static void load_seccomp(int program_fd)
 {
-	static struct sock_filter program[MAX_SECCOMP_BYTES / sizeof(struct sock_filter)];
+	/* One instruction more than the kernel takes, so that a longer program
+	 * is rejected here rather than loaded cut short. */
+	static struct sock_filter program[MAX_SECCOMP_BYTES / sizeof(struct sock_filter) + 1];
 	ssize_t length = pread(program_fd, program, sizeof(program), 0);
 
-	if (length <= 0 || length % sizeof(struct sock_filter) != 0) {
+	if (length <= 0 || length > MAX_SECCOMP_BYTES ||
+	    length % sizeof(struct sock_filter) != 0) {
 		errno = length < 0 ? errno : EINVAL;
 		setup_failed("reading the seccomp program (%zd bytes)", length);
 	}
