@@ -98,6 +98,9 @@ class ClientProcess:
     def run_burst(self, count: int) -> Any:
         return self._call("run_burst", count)
 
+    def health_round_trip(self) -> float:
+        return self._call("health_round_trip")
+
     def probe(self, argv: list[str], block_network: bool = True) -> str:
         return self._call("probe", argv, block_network)
 

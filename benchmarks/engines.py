@@ -22,12 +22,13 @@ from pathlib import Path
 
 import grpc
 import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.suite import Sample
 from engine.config import Config
 from engine.core.engine import Engine
 from engine.core.models import SandboxSpec, Stream
-from engine.sdk.client import Client, check_health, error_from_rpc
+from engine.sdk.client import Client, check_health, error_from_rpc, normalize_address
 from engine.v1 import sandbox_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ class GrpcRuns:
     def __init__(self, address: str) -> None:
         self.address = address
         self.client = Client(address)
+        self._health_channel = grpc.insecure_channel(normalize_address(address))
+        self.health = health_pb2_grpc.HealthStub(self._health_channel)
         self.exec_sandbox: str | None = None
         # Clients of the throughput runs, one channel each, made on first use.
         self._clients: list[Client] = []
@@ -273,6 +276,16 @@ class GrpcRuns:
                 f"true in sandbox {self.exec_sandbox} exited with"
                 f" {reply.exit.exit_code}"
             )
+        return elapsed
+
+    def health_round_trip(self) -> float:
+        """Time one Health Check RPC, which does no sandbox work."""
+        request = health_pb2.HealthCheckRequest(service="")
+        start = time.perf_counter()
+        reply = self.health.Check(request, timeout=CALL_TIMEOUT)
+        elapsed = time.perf_counter() - start
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"daemon at {self.address} is not serving: {reply}")
         return elapsed
 
     def run_burst(self, count: int) -> Sample:
@@ -340,6 +353,7 @@ class GrpcRuns:
                 self._executor.shutdown()
             for client in [self.client, *self._clients]:
                 client.close()
+            self._health_channel.close()
 
 
 def _spec() -> SandboxSpec:

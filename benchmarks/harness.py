@@ -36,6 +36,7 @@ from benchmarks.isolation import PROBE_ARGV, Layers, parse_probe
 from benchmarks.machine import describe_machine
 from benchmarks.report import (
     FORK_EXEC_SYSTEM,
+    GRPC_HEALTH_SYSTEM,
     GRPC_NETWORK_SYSTEM,
     GRPC_RUN_SYSTEM,
     targets,
@@ -172,6 +173,9 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
         )
     run_label = "engine, gRPC Run RPC (daemon subprocess)"
     run.labels[GRPC_RUN_SYSTEM] = run_label
+    health_label = "for reference: gRPC Health Check on the same daemon"
+    run.labels[GRPC_HEALTH_SYSTEM] = health_label
+    run.layers[GRPC_HEALTH_SYSTEM] = "no sandbox: the cost of a unary RPC alone"
     # The Run rows use the same daemon and sandbox as the Exec rows.
     if system in run.layers:
         run.layers[GRPC_RUN_SYSTEM] = run.layers[system]
@@ -181,6 +185,7 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
             run.add(measurement, system, label, None, reason)
         for measurement in (EXEC, EXEC_BURST):
             run.add(measurement, GRPC_RUN_SYSTEM, run_label, None, reason)
+        run.add(EXEC, GRPC_HEALTH_SYSTEM, health_label, None, reason)
         run.add(COLD_START, GRPC_NETWORK_SYSTEM, network_label, None, reason)
     else:
         exec_burst = functools.partial(runs.exec_burst, options.burst)
@@ -197,6 +202,8 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
         run.add(EXEC_BURST, system, label, threaded(exec_burst), reason)
         run.add(EXEC, GRPC_RUN_SYSTEM, run_label, threaded(runs.run_round_trip), reason)
         run.add(EXEC_BURST, GRPC_RUN_SYSTEM, run_label, threaded(run_burst), reason)
+        health = threaded(runs.health_round_trip)
+        run.add(EXEC, GRPC_HEALTH_SYSTEM, health_label, health, reason)
     for clients in options.concurrency:
         sample = None
         if runs is not None:

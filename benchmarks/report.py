@@ -39,6 +39,8 @@ RUNC_SYSTEM = "runc"
 GRPC_SYSTEM = "engine-grpc"
 GRPC_NETWORK_SYSTEM = "engine-grpc-net"
 GRPC_RUN_SYSTEM = "engine-grpc-run"
+# A Health Check RPC on the daemon: the cost of a unary gRPC call alone.
+GRPC_HEALTH_SYSTEM = "engine-grpc-health"
 EMBEDDED_SYSTEM = "engine-embedded"
 TITLES = {
     COLD_START: "Cold start: create a sandbox and run `true` to its exit"
@@ -152,6 +154,8 @@ def missing_layers(layers: Layers) -> list[str]:
 
 
 def _layer_note(layers: Layers | str | None) -> str:
+    if isinstance(layers, str):
+        return layers
     if isinstance(layers, Layers):
         missing = missing_layers(layers)
         if not missing:

@@ -34,6 +34,7 @@ EXPECTED_ROWS = {
     ("cold_start", "subprocess"),
     ("exec", "engine-grpc"),
     ("exec", "engine-grpc-run"),
+    ("exec", "engine-grpc-health"),
     ("exec", "engine-embedded"),
     ("exec", "runc"),
     ("exec", "posix-spawn"),
