@@ -421,6 +421,24 @@ def test_image_volume_path_symlink_to_host(
     assert host_dir_unchanged(host_dir)
 
 
+def test_image_etc_fifos_replaced(engine: EngineRunner) -> None:
+    # Opening a FIFO for writing blocks until a reader comes, so writing
+    # through one would hang the setup.
+    def add_fifos(root: Path) -> None:
+        (root / "etc").mkdir()
+        for name in ("hosts", "hostname", "resolv.conf", "passwd", "group"):
+            os.mkfifo(root / "etc" / name)
+
+    image = make_image(engine, add_fifos)
+    sandbox_id = engine.create(image=image)
+    try:
+        listed = engine.run(sandbox_id, ["sh", "-c", "cat /etc/hostname /etc/passwd"])
+        assert listed.exit_code == 0, listed.stderr
+        assert listed.text.startswith(f"{sandbox_id}\nroot:x:0:0:")
+    finally:
+        engine.terminate(sandbox_id)
+
+
 # -- shared image files -----------------------------------------------------
 
 

@@ -195,18 +195,23 @@ static void check_path_inside(const char *path)
 	check_inside(path, resolved);
 }
 
-/* Write `text` to `path`, replacing a symlink there and never following one
- * at its last component. */
+/* Write `text` to `path`. Whatever the image put there that is neither a
+ * regular file nor a directory is replaced: a symlink, a socket, a device
+ * node, or a FIFO, whose open for writing would block until a reader came.
+ * O_NONBLOCK makes such an open fail with ENXIO instead. */
 static void write_file(const char *path, const char *text)
 {
 	char directory[PATH_MAX];
+	struct stat info;
 
-	if (is_symlink(path) && unlink(path) < 0)
+	if (lstat(path, &info) == 0 && !S_ISREG(info.st_mode) && !S_ISDIR(info.st_mode) &&
+	    unlink(path) < 0)
 		setup_failed("unlink('%s')", path);
 	format_path(directory, "%s", path);
 	*strrchr(directory, '/') = '\0';
 	check_path_inside(directory[0] ? directory : "/");
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC,
+		      0644);
 	if (fd < 0)
 		setup_failed("opening '%s'", path);
 	size_t length = strlen(text);
