@@ -439,6 +439,30 @@ def test_image_etc_fifos_replaced(engine: EngineRunner) -> None:
         engine.terminate(sandbox_id)
 
 
+def test_long_workdir_through_image_symlink(engine: EngineRunner) -> None:
+    # The workdir fits in PATH_MAX, but the path that the symlink resolves
+    # to does not; the kernel allows that.
+    def add_link(root: Path) -> None:
+        (root / "a-longer-directory-name").mkdir()
+        (root / "w").symlink_to("a-longer-directory-name")
+
+    image = make_image(engine, add_link)
+    workdir = "/w"
+    while len(workdir) + 201 < 4096:
+        workdir += "/" + "a" * 200
+    workdir += "/" + "b" * (4095 - len(workdir) - 1)
+    assert len(workdir) == 4095
+    sandbox_id = engine.create(image=image, workdir=workdir)
+    try:
+        wrote = engine.run(sandbox_id, ["sh", "-c", "echo here > marker"])
+        assert wrote.exit_code == 0, wrote.stderr
+        # Every exec starts in the workdir.
+        read = engine.run(sandbox_id, ["cat", "marker"])
+        assert read.text == "here\n"
+    finally:
+        engine.terminate(sandbox_id)
+
+
 # -- shared image files -----------------------------------------------------
 
 

@@ -6,8 +6,8 @@
  * engine's own sandbox directory. Everything after pivot_root works on paths
  * inside the sandbox's root, so absolute paths and symlinks in the image
  * resolve there. The host's root is then reachable only below a directory
- * with an unguessable name, and check_inside refuses any path that resolves
- * there.
+ * with an unguessable name, and check_inside and check_path_inside refuse any
+ * path that resolves there.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +44,8 @@ static const char *const dev_symlinks[][2] = {
 
 /* Where pivot_root put the host's root, for check_inside. */
 static char old_root[32];
+/* The host's root and the sandbox's root, for check_path_inside. */
+static struct statx host_root, sandbox_root;
 
 /* Format a path into `out`, failing on one longer than PATH_MAX. */
 static void __attribute__((format(printf, 2, 3)))
@@ -188,11 +190,49 @@ static const char *check_inside(const char *path, char resolved[PATH_MAX])
 	return resolved;
 }
 
+static void identify(int fd, const char *path, struct statx *info)
+{
+	if (statx(fd, fd == AT_FDCWD ? path : "", fd == AT_FDCWD ? 0 : AT_EMPTY_PATH,
+		  STATX_INO | STATX_MNT_ID, info) < 0)
+		setup_failed("statx('%s')", path);
+	if (!(info->stx_mask & STATX_MNT_ID)) {
+		errno = ENOSYS;
+		setup_failed("statx('%s') returned no mount id", path);
+	}
+}
+
+static int same_directory(const struct statx *left, const struct statx *right)
+{
+	return left->stx_mnt_id == right->stx_mnt_id && left->stx_ino == right->stx_ino;
+}
+
+/* Fail if the existing directory `path`, as the kernel resolves it, lies
+ * below the host's root. The walk up through ".." from any directory ends at
+ * the sandbox's root, and it passes the host's root on the way from a
+ * directory below that. Unlike check_inside, this puts no limit on the length
+ * of the path that symlinks lead to. */
 static void check_path_inside(const char *path)
 {
-	char resolved[PATH_MAX];
+	struct statx current;
+	int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
 
-	check_inside(path, resolved);
+	if (fd < 0)
+		setup_failed("opening '%s'", path);
+	for (;;) {
+		identify(fd, path, &current);
+		if (same_directory(&current, &host_root)) {
+			errno = ELOOP;
+			setup_failed("'%s' resolves to the host's root through a symlink", path);
+		}
+		if (same_directory(&current, &sandbox_root))
+			break;
+		int parent = openat(fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+		if (parent < 0)
+			setup_failed("opening a parent directory of '%s'", path);
+		close(fd);
+		fd = parent;
+	}
+	close(fd);
 }
 
 /* Write `text` to `path`. Whatever the image put there that is neither a
@@ -415,6 +455,8 @@ const char *build_root(const struct root_spec *spec)
 		setup_failed("pivot_root('%s', '%s')", spec->root, put_old);
 	if (chdir("/") < 0)
 		setup_failed("chdir('/')");
+	identify(AT_FDCWD, "/", &sandbox_root);
+	identify(AT_FDCWD, old_root, &host_root);
 
 	/* The directories the image may lack; /sys stays an empty directory. */
 	static const char *const directories[] = {"/proc", "/sys", "/root", "/etc", NULL};
