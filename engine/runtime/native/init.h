@@ -85,6 +85,8 @@ const char *build_root(const struct root_spec *spec);
 unsigned long current_flags(const char *path);
 void remount_bind(const char *target, unsigned long flags);
 void bind_mount(const char *source, const char *target, unsigned long flags);
+void bind_mount_at(const char *source, int target, const char *name,
+		   uint64_t attributes);
 void remount_read_only(const char *target);
 int is_mount_point(const char *path);
 void mount_tmpfs(const char *target, unsigned int mode, unsigned long long size,

@@ -6,10 +6,12 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "init.h"
 
@@ -55,6 +57,43 @@ void bind_mount(const char *source, const char *target, unsigned long flags)
 	if (mount(source, target, NULL, MS_BIND, NULL) < 0)
 		setup_failed("mount('%s', '%s', MS_BIND)", source, target);
 	remount_bind(target, flags);
+}
+
+/* Bind-mount `source` on the directory that the descriptor `target` refers
+ * to, not recursively, with the MOUNT_ATTR_* flags `attributes` added, and
+ * check that they hold. `name` names the target in messages. The new mount
+ * API attaches the mount to that very directory, wherever its path leads by
+ * now, and applies the flags before the mount is visible. */
+void bind_mount_at(const char *source, int target, const char *name,
+		   uint64_t attributes)
+{
+	struct mount_attr attr = {.attr_set = attributes};
+	int tree = open_tree(AT_FDCWD, source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+
+	if (tree < 0)
+		setup_failed("open_tree('%s', OPEN_TREE_CLONE)", source);
+	if (mount_setattr(tree, "", AT_EMPTY_PATH, &attr, sizeof(attr)) < 0)
+		setup_failed("mount_setattr on a copy of '%s' (%#llx)", source,
+			     (unsigned long long)attributes);
+	if (move_mount(tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0)
+		setup_failed("move_mount('%s' to '%s')", source, name);
+
+	struct statvfs info;
+	if (fstatvfs(tree, &info) < 0)
+		setup_failed("fstatvfs of the mount on '%s'", name);
+	close(tree);
+	static const uint64_t pairs[][2] = {
+		{MOUNT_ATTR_RDONLY, ST_RDONLY},
+		{MOUNT_ATTR_NOSUID, ST_NOSUID},
+		{MOUNT_ATTR_NODEV, ST_NODEV},
+		{MOUNT_ATTR_NOEXEC, ST_NOEXEC},
+	};
+	for (size_t i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++)
+		if ((attributes & pairs[i][0]) && !(info.f_flag & pairs[i][1])) {
+			errno = EPERM;
+			setup_failed("bind mount on '%s' lacks attribute %#llx", name,
+				     (unsigned long long)pairs[i][0]);
+		}
 }
 
 int is_mount_point(const char *path)

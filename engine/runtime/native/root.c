@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/openat2.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -206,15 +207,15 @@ static int same_directory(const struct statx *left, const struct statx *right)
 	return left->stx_mnt_id == right->stx_mnt_id && left->stx_ino == right->stx_ino;
 }
 
-/* Fail if the existing directory `path`, as the kernel resolves it, lies
- * below the host's root. The walk up through ".." from any directory ends at
- * the sandbox's root, and it passes the host's root on the way from a
- * directory below that. Unlike check_inside, this puts no limit on the length
- * of the path that symlinks lead to. */
-static void check_path_inside(const char *path)
+/* Fail if the directory that `directory` refers to lies below the host's
+ * root. The walk up through ".." from any directory ends at the sandbox's
+ * root, and it passes the host's root on the way from a directory below
+ * that. `path` names the directory in messages. Unlike check_inside, this
+ * puts no limit on the length of the path that symlinks lead to. */
+static void check_fd_inside(int directory, const char *path)
 {
 	struct statx current;
-	int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	int fd = openat(directory, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
 
 	if (fd < 0)
 		setup_failed("opening '%s'", path);
@@ -232,6 +233,18 @@ static void check_path_inside(const char *path)
 		close(fd);
 		fd = parent;
 	}
+	close(fd);
+}
+
+/* check_fd_inside for the existing directory `path`, as the kernel resolves
+ * it. */
+static void check_path_inside(const char *path)
+{
+	int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd < 0)
+		setup_failed("opening '%s'", path);
+	check_fd_inside(fd, path);
 	close(fd);
 }
 
@@ -380,10 +393,24 @@ static void mount_volume(const struct mount_pair *volume)
 		setup_failed("mkdir('%s')", resolved);
 	format_path(target, "%s/%s", strcmp(resolved, "/") ? resolved : "", base);
 	make_dir(target, 0755);
-	check_path_inside(target);
+
+	/* `target` has no symlink left in it. A sandbox that shares a volume
+	 * mounted above this one could put one there now; the open then fails
+	 * rather than follow it, and the mount lands on the directory that was
+	 * checked. */
+	struct open_how how = {
+		.flags = O_PATH | O_DIRECTORY | O_CLOEXEC,
+		.resolve = RESOLVE_NO_SYMLINKS,
+	};
+	int target_fd = (int)syscall(SYS_openat2, AT_FDCWD, target, &how, sizeof(how));
+	if (target_fd < 0)
+		setup_failed("opening the volume mount point '%s'", target);
+	check_fd_inside(target_fd, target);
 	format_path(source, "%s%s", old_root, volume->source);
-	bind_mount(source, target,
-		   MS_NOSUID | MS_NODEV | (volume->read_only ? MS_RDONLY : 0));
+	bind_mount_at(source, target_fd, target,
+		      MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV |
+			      (volume->read_only ? MOUNT_ATTR_RDONLY : 0));
+	close(target_fd);
 }
 
 /* Report a workdir that cannot exist in the sandbox, the caller's error,
