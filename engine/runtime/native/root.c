@@ -58,8 +58,10 @@ format_path(char out[PATH_MAX], const char *format, ...)
 	int length = vsnprintf(out, PATH_MAX, format, arguments);
 	va_end(arguments);
 	if (length < 0 || length >= PATH_MAX) {
+		/* out holds the path's first PATH_MAX - 1 bytes. */
 		errno = ENAMETOOLONG;
-		setup_failed("a path built from '%s'", format);
+		setup_failed("path '%.200s...' is %d bytes long, over the limit of %d", out,
+			     length, PATH_MAX - 1);
 	}
 }
 
