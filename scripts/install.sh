@@ -15,8 +15,8 @@ fi
 # its packet filter rules. btrfs-progs: mkfs.btrfs formats the file system of
 # the sandboxes' writable layers, whose quota groups are the per-sandbox disk
 # limits. busybox-static is the userland of the hostile images in the escape
-# tests. gcc and libc6-dev build the sandboxes' PID 1 (engine/runtime/init.c)
-# as a static executable.
+# tests. gcc and libc6-dev build engine-init (engine/runtime/native), each
+# sandbox's supervisor and PID 1, as a static executable.
 packages=(libseccomp2 libnftables1 debootstrap python3-venv btrfs-progs bubblewrap runc fuse3 busybox-static gcc libc6-dev)
 missing=()
 for package in "${packages[@]}"; do
