@@ -1,7 +1,8 @@
 """py-spy recordings of engine processes, for benchmarks.profile.
 
 py-spy (https://github.com/benfred/py-spy) samples the Python stacks of a
-running process from outside it. It is one of the dev extras.
+running process from outside it. It is one of the dev extras. ``recording``
+also runs benchmarks.profile's ``perf record``.
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ INSTALL_COMMAND = ".venv/bin/python -m pip install -e '.[dev]'"
 # SIGINT.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
+# The line that py-spy writes once it samples.
+PY_SPY_READY = "Sampling process"
 
 
 @dataclass(frozen=True)
 class Target:
-    """A process for py-spy to record: its kind (stacks.process_kind), its pid."""
+    """A process for py-spy to record: its kind (stacks.DAEMON or ZYGOTE), its pid."""
 
     kind: str
     pid: int
-    subprocesses: bool
 
 
 @dataclass(frozen=True)
@@ -91,27 +93,33 @@ def record_command(
         "--output",
         str(output),
     ]
-    if target.subprocesses:
-        command.append("--subprocesses")
     if idle:
         command.append("--idle")
     return command
 
 
 @contextlib.contextmanager
-def recording(command: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run py-spy from the start of its sampling until the block ends.
+def recording(
+    command: list[str], log_path: Path, ready_text: str | None = PY_SPY_READY
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a sampling profiler from the start of its sampling until the block ends.
 
-    At exit py-spy gets SIGINT, on which it writes its output and exits.
-    Raises RuntimeError when it does not start, or exits with a failure.
+    The block starts once ``ready_text`` is in the profiler's output, or at
+    once when it is None. At exit the profiler gets SIGINT, on which py-spy
+    and `perf record` write their output. py-spy then exits with status 0,
+    and perf kills itself with the same SIGINT, so both count as success.
+    Raises RuntimeError when the profiler does not start, or exits with a
+    failure.
     """
+    name = " ".join(Path(word).name for word in command[:2])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
-    logger.debug("started py-spy, pid %d: %s", process.pid, " ".join(command[1:]))
+    logger.debug("started %s, pid %d: %s", name, process.pid, " ".join(command))
     try:
-        _wait_for_sampling(process, log_path)
+        if ready_text is not None:
+            _wait_for_sampling(name, process, log_path, ready_text)
         yield process
     finally:
         if process.poll() is None:
@@ -119,30 +127,33 @@ def recording(command: list[str], log_path: Path) -> Iterator[subprocess.Popen[b
         try:
             status = process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            logger.error("py-spy %d ignored SIGINT; killing it", process.pid)
+            logger.error("%s %d ignored SIGINT; killing it", name, process.pid)
             process.kill()
             status = process.wait()
-    if status != 0:
-        raise RuntimeError(f"py-spy exited with status {status}: {_tail(log_path)}")
+    if status not in (0, -signal.SIGINT):
+        raise RuntimeError(f"{name} exited with status {status}: {log_tail(log_path)}")
 
 
-def _wait_for_sampling(process: subprocess.Popen[bytes], log_path: Path) -> None:
+def _wait_for_sampling(
+    name: str, process: subprocess.Popen[bytes], log_path: Path, ready_text: str
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if "Sampling process" in log_path.read_text(errors="replace"):
+        if ready_text in log_path.read_text(errors="replace"):
             return
         if process.poll() is not None:
             raise RuntimeError(
-                f"py-spy exited with status {process.returncode} before sampling:"
-                f" {_tail(log_path)}"
+                f"{name} exited with status {process.returncode} before sampling:"
+                f" {log_tail(log_path)}"
             )
         time.sleep(0.05)
     raise RuntimeError(
-        f"py-spy did not start sampling within {START_TIMEOUT} s: {_tail(log_path)}"
+        f"{name} did not start sampling within {START_TIMEOUT} s: {log_tail(log_path)}"
     )
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def log_tail(path: Path, lines: int = 5) -> str:
+    """Return the last ``lines`` lines of a profiler's log, joined by " | "."""
     text = path.read_text(errors="replace").strip()
     return " | ".join(text.splitlines()[-lines:]) or "(no output)"
 

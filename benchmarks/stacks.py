@@ -1,59 +1,65 @@
-"""Samples of py-spy's collapsed stacks, summed per kind of engine process.
+"""Samples of py-spy's and perf's stacks, summed by function.
 
-``py-spy record --subprocesses --function --format raw`` writes one line per
-distinct stack: the frames from the outermost to the innermost, joined by
-";", then a space and the number of samples. A sample is the stack of one
-thread at one sampling tick. With --subprocesses the line starts with one
-``process PID:"COMMAND LINE"`` frame for each process from the profiled one
-down to the sampled one, and every other frame reads ``FUNCTION (FILE:LINE)``,
-where LINE is the function's first line because of --function.
+``py-spy record --function --format raw`` writes one line per distinct
+stack: the frames from the outermost to the innermost, joined by ";", then a
+space and the number of samples. A sample is the stack of one thread at one
+sampling tick. Every frame reads ``FUNCTION (FILE:LINE)``, where LINE is the
+function's first line because of --function. benchmarks.profile runs one
+py-spy per process, without --subprocesses, so every stack of a recording is
+of that one process.
 
-``aggregate`` sorts each stack to a process kind by that chain of processes:
-the daemon, its zygote, and the zygote's forked children (supervisors, PID
-1s before they execute engine-init, file workers). The forked children run
-the zygote's command line, so their own frames tell them apart. Without
---subprocesses there is no chain, and every stack is of the profiled process.
+``perf script --show-task-events -F comm,pid,tid,ip,sym,dso`` of a
+``perf record -a -g`` recording writes each sample as a header line ``COMM
+PID/TID``, then one indented ``ADDRESS SYMBOL (OBJECT)`` line per frame from
+the innermost outward, then a blank line. Task events take one line each,
+such as ``COMM PID/TID PERF_RECORD_FORK(PID:TID):(PPID:PTID)``.
+``perf_samples`` reads that text, and ``descendants`` uses its fork events to
+find the processes below one pid.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 DAEMON = "daemon"
 ZYGOTE = "zygote"
-SUPERVISOR = "supervisor"
-INIT = "PID 1 before exec"
-FILE_WORKER = "file worker"
-OTHER = "other"
-# Report order of the kinds.
-KINDS = (DAEMON, ZYGOTE, SUPERVISOR, INIT, FILE_WORKER, OTHER)
 
 ZYGOTE_MODULE = "engine.runtime.zygote"
 # (function, file) of the loop or entry function of each kind of thread. The
 # frames that call the innermost of them in a stack are the same in every
-# sample of that thread, so they are left out of the inclusive counts. In a
-# forked child they are the zygote's frames from before the fork.
+# sample of that thread, so they are left out of the inclusive counts.
 ENTRY_FRAMES = frozenset(
     {
         ("BaseEventLoop._run_once", "asyncio/base_events.py"),
         ("_worker", "concurrent/futures/thread.py"),
         ("Thread.run", "threading.py"),
         ("Zygote.serve", "engine/runtime/zygote.py"),
-        ("run", "engine/runtime/supervisor.py"),
-        ("_run_init", "engine/runtime/supervisor.py"),
-        ("run", "engine/runtime/fileworker.py"),
     }
 )
-_PROCESS = re.compile(r'process (\d+):"(.*?)";')
 _FRAME = re.compile(r"(?P<function>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)")
+_PERF_HEADER = re.compile(r"\s*(?P<comm>.*?)\s+(?P<pid>-?\d+)/(?P<tid>-?\d+)\s*")
+_PERF_FORK = re.compile(r"PERF_RECORD_FORK\((\d+):\d+\):\((\d+):\d+\)")
+# The object can contain parentheses: "/memfd:engine-init (deleted)".
+_PERF_FRAME = re.compile(r"\s*[0-9a-f]+ (?P<symbol>.*?) \((?P<object>.*)\)")
+KERNEL_OBJECT = "[kernel.kallsyms]"
+# Frames of the x86-64 kernel's system call entry (arch/x86/entry), as
+# Linux 6.18 names them.
+SYSCALL_ENTRY = frozenset(
+    {"entry_SYSCALL_64_after_hwframe", "do_syscall_64", "x64_sys_call"}
+)
+USER_SPACE = "(user space)"
 
 
 @dataclass(frozen=True)
 class Frame:
-    """One Python frame of a stack: the function and where it is defined."""
+    """One frame of a stack: the function and where it is defined.
+
+    For perf's frames, ``function`` is the symbol and ``file`` the object
+    (the executable, library or ``[kernel.kallsyms]``), with no line.
+    """
 
     function: str
     file: str
@@ -95,11 +101,23 @@ class KindProfile:
         self, ranked: Counter[Frame], other: Counter[Frame], count: int
     ) -> list[tuple[Frame, float, float]]:
         # Ties go by location, so the same input always gives the same table.
-        ordered = sorted(ranked.items(), key=lambda item: (-item[1], item[0].location))
+        ordered = sorted(
+            ranked.items(),
+            key=lambda item: (-item[1], item[0].location, item[0].function),
+        )
         return [
             (frame, self.percent(samples), self.percent(other[frame]))
             for frame, samples in ordered[:count]
         ]
+
+    def count(self, frames: list[Frame], samples: int, pid: int) -> None:
+        """Add ``samples`` samples of one stack, outermost frame first."""
+        self.samples += samples
+        self.pids.add(pid)
+        for frame in set(frames):
+            self.inclusive[frame] += samples
+        if frames:
+            self.self_samples[frames[-1]] += samples
 
     def add(self, other: KindProfile) -> None:
         """Add the samples of ``other``, such as another round of the same kind."""
@@ -123,8 +141,8 @@ def parse_frame(text: str) -> Frame:
     )
 
 
-def parse_line(line: str) -> tuple[list[tuple[int, str]], list[Frame], int] | None:
-    """Split one raw line into its processes, its frames and its sample count.
+def parse_line(line: str) -> tuple[list[Frame], int] | None:
+    """Split one raw line of py-spy into its frames and its sample count.
 
     Returns None for a blank line. Raises ValueError when the line does not
     end in a sample count.
@@ -135,41 +153,8 @@ def parse_line(line: str) -> tuple[list[tuple[int, str]], list[Frame], int] | No
     stack, _, count = line.rpartition(" ")
     if not count.isdigit():
         raise ValueError(f"invalid py-spy raw line, no sample count at the end: {line}")
-    processes = []
-    position = 0
-    stack += ";"
-    while match := _PROCESS.match(stack, position):
-        processes.append((int(match.group(1)), match.group(2)))
-        position = match.end()
-    frames = [parse_frame(text) for text in stack[position:].split(";") if text]
-    return processes, frames, int(count)
-
-
-def process_kind(
-    command_lines: list[str], frames: list[Frame], root: str = DAEMON
-) -> str:
-    """Return the kind of the innermost process of a stack.
-
-    ``command_lines`` run from the profiled process, of kind ``root`` (DAEMON
-    or ZYGOTE), to the sampled one. They are empty when py-spy ran without
-    --subprocesses. Raises ValueError for any other ``root``.
-    """
-    if root not in (DAEMON, ZYGOTE):
-        raise ValueError(f"invalid root kind {root!r}: expected {DAEMON} or {ZYGOTE}")
-    # 1 for the daemon, 2 for the zygote, 3 or more below it.
-    depth = max(len(command_lines), 1) + (1 if root == ZYGOTE else 0)
-    if depth == 1:
-        return DAEMON
-    if root == DAEMON and ZYGOTE_MODULE not in command_lines[1]:
-        return OTHER
-    if depth == 2:
-        return ZYGOTE
-    functions = {(frame.function, frame.file) for frame in frames}
-    if ("_run_init", "engine/runtime/supervisor.py") in functions:
-        return INIT
-    if ("run", "engine/runtime/fileworker.py") in functions:
-        return FILE_WORKER
-    return SUPERVISOR
+    frames = [parse_frame(text) for text in stack.split(";") if text]
+    return frames, int(count)
 
 
 def own_frames(frames: list[Frame]) -> list[Frame]:
@@ -180,30 +165,113 @@ def own_frames(frames: list[Frame]) -> list[Frame]:
     return frames
 
 
-def aggregate(
-    lines: Iterable[str], root: str = DAEMON, pid: int | None = None
-) -> dict[str, KindProfile]:
-    """Sum py-spy's raw lines per process kind; kinds without samples are absent.
-
-    ``root`` is the kind of the process that py-spy profiled (process_kind),
-    and ``pid`` its pid, which stacks without process frames are counted under.
-    """
-    profiles: dict[str, KindProfile] = {}
+def aggregate(lines: Iterable[str], pid: int) -> KindProfile:
+    """Sum the raw lines that py-spy recorded of process ``pid``."""
+    profile = KindProfile()
     for line in lines:
         parsed = parse_line(line)
-        if parsed is None:
-            continue
-        processes, frames, count = parsed
-        kind = process_kind([command for _, command in processes], frames, root)
-        profile = profiles.setdefault(kind, KindProfile())
-        profile.samples += count
-        if processes:
-            profile.pids.add(processes[-1][0])
-        elif pid is not None:
-            profile.pids.add(pid)
-        counted = own_frames(frames)
-        for frame in set(counted):
-            profile.inclusive[frame] += count
-        if counted:
-            profile.self_samples[counted[-1]] += count
-    return profiles
+        if parsed is not None:
+            frames, count = parsed
+            profile.count(own_frames(frames), count, pid)
+    return profile
+
+
+@dataclass(frozen=True)
+class PerfSample:
+    """One sample of ``perf script``: the thread and its stack, outermost first."""
+
+    comm: str
+    pid: int
+    tid: int
+    frames: list[Frame]
+
+
+def perf_samples(lines: Iterable[str]) -> Iterator[PerfSample | tuple[int, int]]:
+    """Read ``perf script --show-task-events`` output (module docstring).
+
+    Yields a PerfSample per sample and a (child pid, parent pid) pair per
+    fork event of a new process. The fork events of new threads and the
+    other task events are skipped. Raises ValueError on a frame line outside a sample
+    or a header line that is neither a sample nor a task event.
+    """
+    header: re.Match[str] | None = None
+    frames: list[Frame] = []
+    for line in lines:
+        line = line.rstrip("\n")
+        if not line.strip():
+            if header is not None:
+                yield _perf_sample(header, frames)
+            header, frames = None, []
+        elif line[0].isspace() and header is not None:
+            frame = _PERF_FRAME.fullmatch(line)
+            if frame is None:
+                raise ValueError(f"invalid perf script frame line: {line!r}")
+            frames.append(Frame(frame.group("symbol"), frame.group("object"), None))
+        elif "PERF_RECORD_" in line:
+            fork = _PERF_FORK.search(line)
+            if fork is not None and fork.group(1) != fork.group(2):
+                yield int(fork.group(1)), int(fork.group(2))
+        else:
+            match = _PERF_HEADER.fullmatch(line)
+            if match is None:
+                raise ValueError(f"invalid perf script sample line: {line!r}")
+            header = match
+    if header is not None:
+        yield _perf_sample(header, frames)
+
+
+def _perf_sample(header: re.Match[str], frames: list[Frame]) -> PerfSample:
+    return PerfSample(
+        header.group("comm"),
+        int(header.group("pid")),
+        int(header.group("tid")),
+        frames[::-1],
+    )
+
+
+def kernel_stack(frames: list[Frame]) -> list[Frame]:
+    """Return the kernel frames of a perf stack, and its innermost user frame.
+
+    perf finds the callers of user code through frame pointers, which
+    engine-init (gcc -O2) and Debian 12's packages are built without, so
+    those callers are dropped. The sampled user-space
+    function, innermost in a sample of user code, comes from the
+    instruction pointer and is kept.
+    """
+    selected = [frame for frame in frames if frame.file == KERNEL_OBJECT]
+    if frames and frames[-1].file != KERNEL_OBJECT:
+        selected.append(frames[-1])
+    return selected
+
+
+def kernel_entry(frames: list[Frame]) -> str:
+    """Return how a perf sample entered the kernel, or USER_SPACE.
+
+    That is the outermost kernel function below SYSCALL_ENTRY: the system
+    call's ``__x64_sys_*`` function, or what a system call that the compiler
+    inlined into x64_sys_call calls first. Page faults, interrupts and the
+    first return of a new task have no SYSCALL_ENTRY frames, so their entry
+    function is returned, such as ``asm_exc_page_fault``.
+    """
+    for frame in frames:
+        if frame.file == KERNEL_OBJECT and frame.function not in SYSCALL_ENTRY:
+            return frame.function
+    return USER_SPACE
+
+
+def descendants(parents: dict[int, int], roots: Iterable[int]) -> set[int]:
+    """Return the pids below any of ``roots`` in a child pid -> parent pid map.
+
+    The roots themselves are left out, unless one is below another.
+    """
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    pending = [child for root in roots for child in children.get(root, [])]
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.add(pid)
+            pending.extend(children.get(pid, []))
+    return found
