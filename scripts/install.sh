@@ -16,8 +16,9 @@ fi
 # the sandboxes' writable layers, whose quota groups are the per-sandbox disk
 # limits. busybox-static is the userland of the hostile images in the escape
 # tests. gcc and libc6-dev build engine-init (engine/runtime/native), each
-# sandbox's supervisor and PID 1, as a static executable.
-packages=(libseccomp2 libnftables1 debootstrap python3-venv btrfs-progs bubblewrap runc fuse3 busybox-static gcc libc6-dev)
+# sandbox's supervisor and PID 1, as a static executable. linux-perf samples
+# engine-init, a C program, in `python -m benchmarks.profile`.
+packages=(libseccomp2 libnftables1 debootstrap python3-venv btrfs-progs bubblewrap runc fuse3 busybox-static gcc libc6-dev linux-perf)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
