@@ -307,49 +307,55 @@ class Engine:
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         _check_traversable(self.config.data_dir, self.config.uid_base)
         self._lock_data_dir()
-        # After the lock: it removes what an interrupted create or delete left.
-        self._volume_stores[DEFAULT_WORKSPACE].prepare()
-        # Before the pool forks supervisors: see FuseManager.prepare.
-        self.fuse.prepare()
-        digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
-        self.cgroup_driver = cgroups.detect(f"engine-{digest}")
-        cgroups.remove_stale_roots(self.cgroup_driver.root_dirs)
-        self.store = Store(self.config.database_path)
-        self.tokens = TokenStore(self.store.db)
-        self.secrets = SecretStore(self.store.db)
-        self.layers.sweep()
-        self._sweep()
-        self.fuse.cgroup = self.cgroup_driver.create(FUSE_CGROUP, FUSE_LIMITS)
-        # Its start also removes the bridge, veths and nftables table that a
-        # crashed engine on this data dir left.
-        await loop.run_in_executor(None, self.network.start)
-        # Before the zygote starts, so that every supervisor's copy of the
-        # mount namespace has the layer file system.
-        self.layers.start()
         try:
+            # After the lock: it removes what an interrupted create or delete left.
+            self._volume_stores[DEFAULT_WORKSPACE].prepare()
+            # Before the pool forks supervisors: see FuseManager.prepare.
+            self.fuse.prepare()
+            digest = hashlib.sha256(str(self.config.data_dir).encode()).hexdigest()[:8]
+            self.cgroup_driver = cgroups.detect(f"engine-{digest}")
+            cgroups.remove_stale_roots(self.cgroup_driver.root_dirs)
+            self.store = Store(self.config.database_path)
+            self.tokens = TokenStore(self.store.db)
+            self.secrets = SecretStore(self.store.db)
+            self.layers.sweep()
+            self._sweep()
+            self.fuse.cgroup = self.cgroup_driver.create(FUSE_CGROUP, FUSE_LIMITS)
+            # Its start also removes the bridge, veths and nftables table that a
+            # crashed engine on this data dir left.
+            await loop.run_in_executor(None, self.network.start)
+            # Before the zygote starts, so that every supervisor's copy of the
+            # mount namespace has the layer file system.
+            self.layers.start()
             init_path = await loop.run_in_executor(
                 None, initbin.build, self.config.data_dir / "bin"
             )
             await self.spawner.start(str(init_path), str(self.layers.mount_point))
             assert self.spawner.process is not None
             self.layers.hand_off(self.spawner.process.pid)
+            self.pool = SupervisorPool(
+                self.cgroup_driver,
+                self.spawner,
+                self.config.uid_base,
+                self.config.uid_count,
+                network=self.network,
+            )
+            self.pool.schedule_refill(network=not self.config.block_network_by_default)
+            self.warm = WarmPool(
+                self._prepare_warm,
+                self._release,
+                self._warm_alive,
+                size=self.config.warm_pool_size,
+            )
         except BaseException:
-            self.layers.close()
+            # What the start made on the host goes again: the FUSE mount, the
+            # cgroups, the bridge and table, the layer file system, the zygote
+            # and the data dir lock.
+            try:
+                await self.close()
+            except Exception as error:
+                log.error("cleanup after a failed start was incomplete: %s", error)
             raise
-        self.pool = SupervisorPool(
-            self.cgroup_driver,
-            self.spawner,
-            self.config.uid_base,
-            self.config.uid_count,
-            network=self.network,
-        )
-        self.pool.schedule_refill(network=not self.config.block_network_by_default)
-        self.warm = WarmPool(
-            self._prepare_warm,
-            self._release,
-            self._warm_alive,
-            size=self.config.warm_pool_size,
-        )
         self._reaper = asyncio.create_task(self._reap_expired())
         self._started = True
         log.info(

@@ -16,6 +16,7 @@ bind of fuse/mnt.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
 import subprocess
@@ -26,11 +27,15 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+from conftest import make_data_dir
 
 from engine.core import engine as engine_module
 from engine.core.engine import FUSE_CGROUP
 from engine.core.models import SandboxState, TerminationReason
-from engine.errors import EngineError, NotFound
+from engine.core.network import instance_names
+from engine.errors import EngineError, FailedPrecondition, NotFound
+from engine.runtime import cgroups, netlink
+from engine.runtime.nftables import Nft
 from engine.storage.layers import is_mount_point
 
 if TYPE_CHECKING:
@@ -499,3 +504,43 @@ def test_oldest_terminated_sandboxes_forgotten(
     for forgotten in sandbox_ids[:2]:
         with pytest.raises(NotFound):
             runner.call(runner.engine.get_sandbox(forgotten))
+
+
+def test_failed_start_leaves_nothing(
+    engine_factory: Callable[..., EngineRunner],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine-init build is the last step before the zygote starts, after
+    # the FUSE mount, the cgroups, the bridge, the nftables table and the layer
+    # file system exist. Its failure, as without a C compiler, is injected.
+    def no_compiler(*_: object) -> Path:
+        raise FailedPrecondition("no C compiler found to build the sandbox init")
+
+    data_dir = make_data_dir()
+    bridge, _, table = instance_names(data_dir)
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+    driver = cgroups.detect(f"engine-{digest}")
+    processes_before = _descendants()
+    fds_before = set(os.listdir("/proc/self/fd"))
+    mounts_before = _host_mounts()
+    monkeypatch.setattr(engine_module.initbin, "build", no_compiler)
+
+    with pytest.raises(FailedPrecondition, match="no C compiler"):
+        engine_factory(data_dir)
+
+    assert _leaked_mounts(mounts_before, data_dir, []) == []
+    assert str(data_dir / "fuse" / "mnt") not in Path("/proc/self/mounts").read_text()
+    assert bridge not in netlink.link_names()
+    assert table not in _nft_tables()
+    assert [d for d in driver.root_dirs if os.path.exists(d)] == []
+    assert _new_processes(processes_before) == set()
+    # The data dir lock and the store's database are closed.
+    assert set(os.listdir("/proc/self/fd")) - fds_before == set()
+
+
+def _nft_tables() -> list[str]:
+    nft = Nft()
+    try:
+        return nft.table_names("inet")
+    finally:
+        nft.close()
