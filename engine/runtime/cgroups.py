@@ -585,10 +585,29 @@ def remove_group_dirs(
     Returns whether any directory existed. Missing directories are skipped,
     and rmdir is retried on EBUSY, killing late joiners, until ``timeout``.
     """
-    deadline = time.monotonic() + timeout
-    kill_tasks(name, dirs, deadline)
+    # An empty group without descendants, the usual case once a sandbox's
+    # PID 1 has exited, goes with one rmdir per hierarchy: no read of
+    # cgroup.procs and no walk. rmdir fails with EBUSY while the group has
+    # tasks or child groups, which the loop below then handles.
     removed = False
+    busy = []
     for top in dirs:
+        try:
+            rmdir(top)
+            removed = True
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise OSError(
+                    exc.errno, f"rmdir({top!r}) failed: {exc.strerror}"
+                ) from exc
+            busy.append(top)
+    if not busy:
+        return removed
+    deadline = time.monotonic() + timeout
+    kill_tasks(name, busy, deadline)
+    for top in busy:
         for directory in _subtree(top):
             removed |= _rmdir_until(name, directory, deadline, rmdir)
     return removed

@@ -6,6 +6,7 @@ has. Every test uses its own engine root and removes it on teardown.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -492,3 +493,36 @@ def test_stale_roots_removed(tmp_path: Path) -> None:
     assert young.exists()
     assert other.exists()
     assert own.exists()
+
+
+def test_remove_group_dirs_empty_group_skips_the_walk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A plain directory stands in for an empty cgroup: rmdir removes it at once.
+    group = tmp_path / "group"
+    group.mkdir()
+
+    def no_listing(_: object) -> list[int]:
+        raise AssertionError("an empty group needs no read of cgroup.procs")
+
+    monkeypatch.setattr(cgroups, "list_pids", no_listing)
+    assert cgroups.remove_group_dirs("group", [str(group)], timeout=1.0)
+    assert not group.exists()
+
+
+def test_remove_group_dirs_busy_group_takes_the_walk(tmp_path: Path) -> None:
+    # An rmdir that raises EBUSY once stands in for a cgroup that still has
+    # tasks, so the walk, with its reads of cgroup.procs, runs.
+    group = tmp_path / "group"
+    group.mkdir()
+    calls: list[str] = []
+
+    def busy_once(path: str) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        os.rmdir(path)
+
+    assert cgroups.remove_group_dirs("group", [str(group)], 1.0, busy_once)
+    assert calls == [str(group), str(group)]
+    assert not group.exists()
