@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 
-from engine.errors import EngineError, InvalidArgument, NotFound
+from engine.errors import EngineError, InvalidArgument, NotFound, Unavailable
 from engine.runtime.cgroups import (
     CPU_PERIOD_US,
     DEFAULT_CPU_WEIGHT,
@@ -130,19 +130,22 @@ class CgroupV1Driver(CgroupDriver):
 
     def create(self, name: str, limits: CgroupLimits) -> Cgroup:
         group = self._group(name)
-        for root in self.root_dirs:
-            ensure_dir(root)
-
         made: list[str] = []
         try:
             for directory in group.directories:
-                make_cgroup_dir(directory)
+                try:
+                    make_cgroup_dir(directory)
+                except Unavailable:
+                    # The engine's root goes with its last group at a stop or
+                    # sweep, so it is made again on first use.
+                    ensure_dir(os.path.dirname(directory))
+                    make_cgroup_dir(directory)
                 made.append(directory)
             _apply_limits(group, limits)
         except BaseException:
             undo_create(name, made)
             raise
-        logger.info(
+        logger.debug(
             "created cgroup %s (v1) in %s with %s", name, group.directories, limits
         )
         return group

@@ -179,7 +179,7 @@ class CgroupV2Driver(CgroupDriver):
         except BaseException:
             undo_create(name, made, self._rmdir)
             raise
-        logger.info(
+        logger.debug(
             "created cgroup %s (v2) at %s with %s", name, group.directory, limits
         )
         return group
