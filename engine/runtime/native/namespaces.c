@@ -20,10 +20,11 @@
  * Join the sandbox's cgroups and move into new namespaces, as uid 0 inside.
  *
  * `notify_fd` and `wait_fd` are pipes to the zygote, which writes the id maps
- * when told that the user namespace exists. With an `owner_uid` of 0 or more
- * the process first becomes that unprivileged host uid, which then owns the
- * new user namespace. Returns -1 when the Engine removed a cgroup before this
- * process joined it, as it does when it cancels a prefork.
+ * once a byte on `notify_fd` reports that the user namespace exists. With an
+ * `owner_uid` of 0 or more the process first becomes that unprivileged host
+ * uid, which then owns the new user namespace. Returns -1 when the Engine
+ * removed a cgroup before this process joined it, as it does when it cancels
+ * a prefork.
  */
 int enter_namespaces(const int *cgroup_fds, int cgroup_count, int notify_fd,
 		     int wait_fd, long long owner_uid)

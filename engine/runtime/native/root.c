@@ -58,7 +58,7 @@ format_path(char out[PATH_MAX], const char *format, ...)
 	int length = vsnprintf(out, PATH_MAX, format, arguments);
 	va_end(arguments);
 	if (length < 0 || length >= PATH_MAX) {
-		/* out holds the path's first PATH_MAX - 1 bytes. */
+		/* out contains the path's first PATH_MAX - 1 bytes. */
 		errno = ENAMETOOLONG;
 		setup_failed("path '%.200s...' is %d bytes long, over the limit of %d", out,
 			     length, PATH_MAX - 1);
@@ -332,7 +332,7 @@ static void mount_dev(const struct root_spec *spec)
 	}
 	if (mkdir("/dev/pts", 0755) < 0 || mkdir("/dev/shm", 0755) < 0)
 		setup_failed("mkdir in /dev");
-	/* A new devpts instance, so the sandbox never sees the host's ptys. */
+	/* A new devpts instance, so the host's ptys never appear in the sandbox. */
 	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
 		  "newinstance,ptmxmode=0666,mode=0620") < 0)
 		setup_failed("mount('devpts', '/dev/pts', 'devpts')");
@@ -397,8 +397,8 @@ static void mount_volume(const struct mount_pair *volume)
 	make_dir(target, 0755);
 
 	/* `target` has no symlink left in it. A sandbox that shares a volume
-	 * mounted above this one could put one there now; the open then fails
-	 * rather than follow it, and the mount lands on the directory that was
+	 * mounted above this one could put one there now. The open then fails
+	 * rather than follow it, so the mount lands on the directory that was
 	 * checked. */
 	struct open_how how = {
 		.flags = O_PATH | O_DIRECTORY | O_CLOEXEC,
