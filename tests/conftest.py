@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -36,6 +37,23 @@ T = TypeVar("T")
 
 # Seconds one call into the engine may take before the test fails.
 CALL_TIMEOUT = 60.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tear fixtures down on SIGTERM as on Ctrl-C.
+
+    Killed by the default action of SIGTERM, as a CI timeout or `kill` sends
+    it, pytest would leave the daemons and Engines of its fixtures running,
+    with their bridges, nftables tables, mounts and cgroups. Raised as
+    KeyboardInterrupt, it runs every finalizer first.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 # Seconds to wait for the supervisor pool's refill or for processes to exit.
 SETTLE_TIMEOUT = 15.0
 
