@@ -592,16 +592,9 @@ def remove_group_dirs(
     removed = False
     busy = []
     for top in dirs:
-        try:
-            rmdir(top)
-            removed = True
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise OSError(
-                    exc.errno, f"rmdir({top!r}) failed: {exc.strerror}"
-                ) from exc
+        outcome = _try_rmdir(top, rmdir)
+        removed |= outcome is True
+        if outcome is None:
             busy.append(top)
     if not busy:
         return removed
@@ -613,21 +606,32 @@ def remove_group_dirs(
     return removed
 
 
+def _try_rmdir(directory: str, rmdir: Callable[[str], None]) -> bool | None:
+    """Rmdir ``directory``: True if removed, False if missing, None on EBUSY.
+
+    Any other failure raises OSError naming the directory.
+    """
+    try:
+        rmdir(directory)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise OSError(
+                exc.errno, f"rmdir({directory!r}) failed: {exc.strerror}"
+            ) from exc
+        return None
+    return True
+
+
 def _rmdir_until(
     name: str, directory: str, deadline: float, rmdir: Callable[[str], None]
 ) -> bool:
     delay = _POLL_START
     while True:
-        try:
-            rmdir(directory)
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise OSError(
-                    exc.errno, f"rmdir({directory!r}) failed: {exc.strerror}"
-                ) from exc
+        outcome = _try_rmdir(directory, rmdir)
+        if outcome is not None:
+            return outcome
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(
                 f"removing cgroup {name} timed out: rmdir({directory!r}) still "
@@ -664,22 +668,15 @@ def remove_roots(
         if groups:
             logger.info("kept engine root %s: it still contains %s", root, groups)
             continue
-        try:
-            rmdir(root)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise OSError(
-                    exc.errno, f"rmdir({root!r}) failed: {exc.strerror}"
-                ) from exc
+        outcome = _try_rmdir(root, rmdir)
+        if outcome is None:
             logger.warning(
                 "kept engine root %s: rmdir failed with EBUSY, pids in it: %s",
                 root,
                 list_pids([root]),
             )
-            continue
-        logger.info("removed engine root %s", root)
+        elif outcome:
+            logger.info("removed engine root %s", root)
 
 
 # Seconds since the last change of an abandoned engine root before another

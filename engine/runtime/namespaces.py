@@ -9,20 +9,8 @@ from engine.runtime import libc
 
 log = logging.getLogger(__name__)
 
-# Every namespace a sandbox gets. The user namespace is created in the same
-# unshare(2) call, so it owns all the others.
-SANDBOX_NAMESPACES = (
-    libc.CLONE_NEWUSER
-    | libc.CLONE_NEWNS
-    | libc.CLONE_NEWUTS
-    | libc.CLONE_NEWIPC
-    | libc.CLONE_NEWNET
-    | libc.CLONE_NEWCGROUP
-    | libc.CLONE_NEWPID
-)
 
-
-def unshare(flags: int = SANDBOX_NAMESPACES) -> None:
+def unshare(flags: int) -> None:
     """Move the calling process into new namespaces.
 
     With CLONE_NEWPID only the children forked afterwards enter the new PID

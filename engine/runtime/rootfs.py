@@ -19,11 +19,6 @@ class TmpfsLimits:
     def to_message(self) -> dict[str, int | None]:
         return {"size": self.size, "inodes": self.inodes}
 
-    @classmethod
-    def from_message(cls, message: dict[str, int | None] | None) -> TmpfsLimits:
-        message = message or {}
-        return cls(size=message.get("size"), inodes=message.get("inodes"))
-
 
 # tmpfs pages and inodes are charged to the sandbox's memory cgroup. The
 # tmpfs mounts together stay below the memory limit, so filling them leaves

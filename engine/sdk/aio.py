@@ -123,21 +123,19 @@ class AsyncSandboxProcessStream(OutputCursor):
 
     async def read_bytes(self) -> bytes:
         """Return every byte from this reader's offset up to the end of the stream."""
-        parts = [self._pending]
-        self._pending = b""
-        async with contextlib.aclosing(self.iter_bytes(follow=True)) as chunks:
-            async for data in chunks:
-                parts.append(data)
-        return b"".join(parts)
+        return await self._collect(follow=True)
 
     async def read(self) -> str:
         return (await self.read_bytes()).decode("utf-8", errors="replace")
 
     async def read_available(self) -> bytes:
         """Return the bytes buffered now, without waiting for more."""
+        return await self._collect(follow=False)
+
+    async def _collect(self, *, follow: bool) -> bytes:
         parts = [self._pending]
         self._pending = b""
-        async with contextlib.aclosing(self.iter_bytes(follow=False)) as chunks:
+        async with contextlib.aclosing(self.iter_bytes(follow=follow)) as chunks:
             async for data in chunks:
                 parts.append(data)
         return b"".join(parts)
