@@ -498,7 +498,8 @@ def test_stale_roots_removed(tmp_path: Path) -> None:
 def test_remove_group_dirs_empty_group_skips_the_walk(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # A plain directory stands in for an empty cgroup: rmdir removes it at once.
+    # A plain directory takes the place of an empty cgroup, which rmdir removes
+    # at once.
     group = tmp_path / "group"
     group.mkdir()
 
@@ -511,8 +512,8 @@ def test_remove_group_dirs_empty_group_skips_the_walk(
 
 
 def test_remove_group_dirs_busy_group_takes_the_walk(tmp_path: Path) -> None:
-    # An rmdir that raises EBUSY once stands in for a cgroup that still has
-    # tasks, so the walk, with its reads of cgroup.procs, runs.
+    # An rmdir that raises EBUSY once takes the place of a cgroup that still
+    # has tasks, so the walk, with its reads of cgroup.procs, runs.
     group = tmp_path / "group"
     group.mkdir()
     calls: list[str] = []

@@ -92,13 +92,13 @@ static int make_dirs(const char *path, mode_t mode)
 	for (char *slash = partial + 1;; slash++) {
 		if (*slash != '/' && *slash != '\0')
 			continue;
-		char kept = *slash;
+		char separator = *slash;
 		*slash = '\0';
 		if (mkdir(partial, mode) < 0 && (errno != EEXIST || !is_directory(partial)))
 			return -1;
-		if (kept == '\0')
+		if (separator == '\0')
 			return 0;
-		*slash = kept;
+		*slash = separator;
 	}
 }
 
@@ -440,7 +440,7 @@ static void make_workdir(const char *path)
 	for (char *slash = current + 1;; slash++) {
 		if (*slash != '/' && *slash != '\0')
 			continue;
-		char kept = *slash;
+		char separator = *slash;
 		*slash = '\0';
 		if (slash[-1] != '/' && mkdir(current, 0755) < 0) {
 			int error = errno;
@@ -450,9 +450,9 @@ static void make_workdir(const char *path)
 				workdir_invalid(ENOTDIR, "workdir '%s': '%s' is not a directory",
 						path, current);
 		}
-		if (kept == '\0')
+		if (separator == '\0')
 			break;
-		*slash = kept;
+		*slash = separator;
 	}
 	check_path_inside(path);
 }

@@ -159,9 +159,9 @@ static void restrict_capabilities(uint64_t keep)
 	if (syscall(SYS_capget, &header, data) < 0)
 		setup_failed("capget");
 	for (int word = 0; word < 2; word++) {
-		uint32_t kept = (uint32_t)(keep >> (32 * word)) & data[word].permitted;
-		data[word].effective = kept;
-		data[word].permitted = kept;
+		uint32_t allowed = (uint32_t)(keep >> (32 * word)) & data[word].permitted;
+		data[word].effective = allowed;
+		data[word].permitted = allowed;
 		data[word].inheritable = 0;
 	}
 	if (syscall(SYS_capset, &header, data) < 0)
@@ -463,8 +463,10 @@ void setup_main(char *program_name)
 	close_all_except(keep_fds, 4 + cgroup_count);
 	for (int i = 0; i < 4 + cgroup_count; i++)
 		if (fcntl(keep_fds[i], F_SETFD, FD_CLOEXEC) < 0) {
-			fprintf(stderr, "engine-init: descriptor %d: %s\n", keep_fds[i],
-				strerror(errno));
+			fprintf(stderr,
+				"engine-init: descriptor %d: %s; start engine-init from"
+				" the zygote, which passes it open\n",
+				keep_fds[i], strerror(errno));
 			_exit(2);
 		}
 	prctl(PR_SET_NAME, "engine-sandbox");
