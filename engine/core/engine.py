@@ -967,10 +967,10 @@ class Engine:
         """Remove a sandbox's cgroup, on the event loop unless a task is left in it.
 
         PID 1 and so every process of the PID namespace have exited, so the
-        group is usually empty: a walk and one rmdir per hierarchy, 0.4 ms
-        median. In a thread the same removal cost the daemon about 0.3 ms
-        more CPU (thread wakeups and GIL handoffs), measured with 4 clients
-        of benchmarks.engines.GrpcRuns.throughput on a 2-core VM. A group
+        group is usually empty and goes with one rmdir per hierarchy. In a
+        thread the removal cost the daemon about 0.3 ms more CPU (thread
+        wakeups and GIL handoffs), measured with 4 clients of
+        benchmarks.engines.GrpcRuns.throughput on a 2-core VM. A group
         that still has a task, such as a file worker that is still exiting,
         goes to a thread, where destroy signals the task and waits.
 
