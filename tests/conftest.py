@@ -48,6 +48,12 @@ def pytest_configure(config: pytest.Config) -> None:
     KeyboardInterrupt, it runs every finalizer first.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    # A child that pytest's process forks, such as pyroute2's helper for a
+    # network namespace, must die of SIGTERM, not unwind into pytest's
+    # teardown and close the parent's fixtures.
+    os.register_at_fork(
+        after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
