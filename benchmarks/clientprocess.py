@@ -86,17 +86,17 @@ class ClientProcess:
     def start_exec_sandbox(self) -> None:
         self._call("start_exec_sandbox")
 
-    def exec_round_trip(self) -> float:
-        return self._call("exec_round_trip")
+    def exec_round_trip(self, direct: bool = True) -> float:
+        return self._call("exec_round_trip", direct)
 
-    def exec_burst(self, count: int) -> Any:
-        return self._call("exec_burst", count)
+    def exec_burst(self, count: int, direct: bool = True) -> Any:
+        return self._call("exec_burst", count, direct)
 
-    def run_round_trip(self) -> float:
-        return self._call("run_round_trip")
+    def run_round_trip(self, direct: bool = True) -> float:
+        return self._call("run_round_trip", direct)
 
-    def run_burst(self, count: int) -> Any:
-        return self._call("run_burst", count)
+    def run_burst(self, count: int, direct: bool = True) -> Any:
+        return self._call("run_burst", count, direct)
 
     def health_round_trip(self) -> float:
         return self._call("health_round_trip")

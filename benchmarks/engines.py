@@ -221,55 +221,67 @@ def run_to_exit(client: Client, sandbox_id: str, argv: list[str]) -> bytes:
 
 
 class GrpcRuns:
-    """Timed operations against a daemon, each on kept-open channels."""
+    """Timed operations against a daemon, each on kept-open connections.
+
+    ``client`` is the SDK's default Client, which makes SandboxService calls
+    on the daemon's direct socket. ``grpc_client`` keeps every call on gRPC.
+    The exec methods take ``direct`` to choose between the two.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.client = Client(address)
+        self.grpc_client = Client(address, direct=False)
         self._health_channel = grpc.insecure_channel(normalize_address(address))
         self.health = health_pb2_grpc.HealthStub(self._health_channel)
         self.exec_sandbox: str | None = None
-        # Clients of the throughput runs, one channel each, made on first use.
+        # Clients of the throughput runs, one each, made on first use.
         self._clients: list[Client] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_size = 0
 
+    def _client(self, direct: bool) -> Client:
+        return self.client if direct else self.grpc_client
+
     def cold_start(self, block_network: bool = True) -> float:
-        """Time Create plus an Exec of `true` to its exit, then terminate untimed.
+        """Time Create plus an Exec of `true` to its exit over gRPC, then terminate.
 
         With ``block_network`` False the sandbox gets the engine's bridged
         network: a veth pair, an address and an nftables chain.
         """
+        client = self.grpc_client
         start = time.perf_counter()
-        sandbox_id = create(self.client, spec_proto(block_network))
+        sandbox_id = create(client, spec_proto(block_network))
         try:
-            run_to_exit(self.client, sandbox_id, TRUE_ARGV)
+            run_to_exit(client, sandbox_id, TRUE_ARGV)
             elapsed = time.perf_counter() - start
         finally:
-            terminate(self.client, sandbox_id)
+            terminate(client, sandbox_id)
         return elapsed
 
     def start_exec_sandbox(self) -> None:
         self.exec_sandbox = create(self.client)
 
-    def exec_round_trip(self) -> float:
+    def exec_round_trip(self, direct: bool = True) -> float:
         """Time one Exec stream of `true` in the running sandbox, to its exit event."""
         assert self.exec_sandbox is not None
+        client = self._client(direct)
         start = time.perf_counter()
-        run_to_exit(self.client, self.exec_sandbox, TRUE_ARGV)
+        run_to_exit(client, self.exec_sandbox, TRUE_ARGV)
         return time.perf_counter() - start
 
-    def exec_burst(self, count: int) -> Sample:
+    def exec_burst(self, count: int, direct: bool = True) -> Sample:
         """Time ``count`` exec round trips in a row; the sample is their mean."""
-        values = [self.exec_round_trip() for _ in range(count)]
+        values = [self.exec_round_trip(direct) for _ in range(count)]
         return Sample(sum(values) / count, {"each_seconds": values})
 
-    def run_round_trip(self) -> float:
-        """Time one Run RPC of `true` in the running sandbox; it returns at the exit."""
+    def run_round_trip(self, direct: bool = True) -> float:
+        """Time one Run call of `true` in the running sandbox, to its exit."""
         assert self.exec_sandbox is not None
+        client = self._client(direct)
         request = pb.RunRequest(sandbox_id=self.exec_sandbox, argv=TRUE_ARGV)
         start = time.perf_counter()
-        reply = self.client.call("Run", request, timeout=CALL_TIMEOUT)
+        reply = client.call("Run", request, timeout=CALL_TIMEOUT)
         elapsed = time.perf_counter() - start
         if reply.exit.exit_code != 0:
             raise RuntimeError(
@@ -288,9 +300,9 @@ class GrpcRuns:
             raise RuntimeError(f"daemon at {self.address} is not serving: {reply}")
         return elapsed
 
-    def run_burst(self, count: int) -> Sample:
+    def run_burst(self, count: int, direct: bool = True) -> Sample:
         """Time ``count`` Run round trips in a row; the sample is their mean."""
-        values = [self.run_round_trip() for _ in range(count)]
+        values = [self.run_round_trip(direct) for _ in range(count)]
         return Sample(sum(values) / count, {"each_seconds": values})
 
     def probe(self, argv: list[str], block_network: bool = True) -> str:
@@ -302,9 +314,10 @@ class GrpcRuns:
             terminate(self.client, sandbox_id)
 
     def throughput(self, clients: int, cycles: int, refill: float = 0.0) -> Sample:
-        """Run ``cycles`` Create+Terminate pairs on each of ``clients`` channels.
+        """Run ``cycles`` Create+Terminate pairs on each of ``clients`` Clients.
 
-        Every client starts at the same moment, on its own channel, after an
+        The Clients are the SDK's default, on the direct socket. Every client
+        starts at the same moment, with a connection of its own, after an
         untimed sleep of ``refill`` seconds that lets the daemon's warm pool
         fill up again.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import functools
 import logging
 import os
 import shutil
@@ -35,6 +34,8 @@ from benchmarks.engines import (
 from benchmarks.isolation import PROBE_ARGV, Layers, parse_probe
 from benchmarks.machine import describe_machine
 from benchmarks.report import (
+    DIRECT_RUN_SYSTEM,
+    DIRECT_SYSTEM,
     FORK_EXEC_SYSTEM,
     GRPC_HEALTH_SYSTEM,
     GRPC_NETWORK_SYSTEM,
@@ -173,23 +174,32 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
         )
     run_label = "engine, gRPC Run RPC (daemon subprocess)"
     run.labels[GRPC_RUN_SYSTEM] = run_label
+    direct_label = "engine, SDK Exec stream on the direct socket (daemon subprocess)"
+    run.labels[DIRECT_SYSTEM] = direct_label
+    direct_run_label = "engine, SDK Run on the direct socket (daemon subprocess)"
+    run.labels[DIRECT_RUN_SYSTEM] = direct_run_label
     health_label = "for reference: gRPC Health Check on the same daemon"
     run.labels[GRPC_HEALTH_SYSTEM] = health_label
     run.layers[GRPC_HEALTH_SYSTEM] = "no sandbox: the cost of a unary RPC alone"
-    # The Run rows use the same daemon and sandbox as the Exec rows.
-    if system in run.layers:
-        run.layers[GRPC_RUN_SYSTEM] = run.layers[system]
     label = run.labels[system]
+    # The exec rows share one daemon and one sandbox.
+    exec_rows = {
+        system: (label, "exec", False),
+        GRPC_RUN_SYSTEM: (run_label, "run", False),
+        DIRECT_SYSTEM: (direct_label, "exec", True),
+        DIRECT_RUN_SYSTEM: (direct_run_label, "run", True),
+    }
+    if system in run.layers:
+        for key in exec_rows:
+            run.layers[key] = run.layers[system]
     if runs is None:
-        for measurement in (COLD_START, EXEC, EXEC_BURST):
-            run.add(measurement, system, label, None, reason)
-        for measurement in (EXEC, EXEC_BURST):
-            run.add(measurement, GRPC_RUN_SYSTEM, run_label, None, reason)
+        run.add(COLD_START, system, label, None, reason)
+        for key, (row_label, _, _) in exec_rows.items():
+            for measurement in (EXEC, EXEC_BURST):
+                run.add(measurement, key, row_label, None, reason)
         run.add(EXEC, GRPC_HEALTH_SYSTEM, health_label, None, reason)
         run.add(COLD_START, GRPC_NETWORK_SYSTEM, network_label, None, reason)
     else:
-        exec_burst = functools.partial(runs.exec_burst, options.burst)
-        run_burst = functools.partial(runs.run_burst, options.burst)
         run.add(COLD_START, system, label, threaded(runs.cold_start), reason)
         run.add(
             COLD_START,
@@ -198,10 +208,17 @@ async def _set_up_grpc(run: _Run, options: Options) -> None:
             threaded(runs.cold_start, False),
             reason,
         )
-        run.add(EXEC, system, label, threaded(runs.exec_round_trip), reason)
-        run.add(EXEC_BURST, system, label, threaded(exec_burst), reason)
-        run.add(EXEC, GRPC_RUN_SYSTEM, run_label, threaded(runs.run_round_trip), reason)
-        run.add(EXEC_BURST, GRPC_RUN_SYSTEM, run_label, threaded(run_burst), reason)
+        for key, (row_label, kind, direct) in exec_rows.items():
+            single = runs.exec_round_trip if kind == "exec" else runs.run_round_trip
+            burst = runs.exec_burst if kind == "exec" else runs.run_burst
+            run.add(EXEC, key, row_label, threaded(single, direct), reason)
+            run.add(
+                EXEC_BURST,
+                key,
+                row_label,
+                threaded(burst, options.burst, direct),
+                reason,
+            )
         health = threaded(runs.health_round_trip)
         run.add(EXEC, GRPC_HEALTH_SYSTEM, health_label, health, reason)
     for clients in options.concurrency:

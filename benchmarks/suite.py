@@ -38,8 +38,8 @@ class Sample:
 
 
 def throughput_system(clients: int, *, sustained: bool = False) -> str:
-    """Return the system key of the gRPC throughput case with ``clients`` clients."""
-    return f"engine-grpc-{clients}-clients" + ("-sustained" if sustained else "")
+    """Return the system key of the throughput case with ``clients`` clients."""
+    return f"engine-sdk-{clients}-clients" + ("-sustained" if sustained else "")
 
 
 @dataclass

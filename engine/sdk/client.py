@@ -7,6 +7,7 @@ turns a status code back into the ``engine.errors`` class the daemon raised.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ from typing import Any
 
 import grpc
 
-from engine import errors
+from engine import direct, errors
 from engine.config import default_socket_path
+from engine.sdk.direct import DirectChannel, DirectUnreachable
 from engine.v1 import sandbox_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -230,15 +232,25 @@ def error_from_rpc(error: grpc.RpcError, address: str) -> errors.EngineError:
 class Client:
     """A channel to one daemon and its SandboxService stub.
 
-    The channel is thread-safe, so one Client may serve many threads.
+    On a unix socket address, ``call`` and ``stream`` go through the daemon's
+    direct socket (see engine.direct) while it accepts connections, and
+    through gRPC otherwise; ``direct=False`` keeps every call on gRPC. The
+    Client is thread-safe, so one Client may serve many threads.
     """
 
-    def __init__(self, address: str | None = None, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        direct: bool = True,
+    ) -> None:
         self.address = resolve_address(address)
         self._channel = open_channel(self.address, token)
         self.local_admin = is_local_admin(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
+        self.direct = _direct_channel(self.address, token) if direct else None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -250,6 +262,11 @@ class Client:
     def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """Call a unary RPC and raise ``engine.errors`` classes on failure."""
         self._check_open()
+        if self.direct is not None:
+            try:
+                return self.direct.call(method, request, timeout)
+            except DirectUnreachable:
+                pass
         try:
             return getattr(self.stub, method)(request, timeout=timeout)
         except grpc.RpcError as error:
@@ -258,6 +275,15 @@ class Client:
     def stream(self, method: str, request: Any) -> Iterator[Any]:
         """Iterate a server-streaming RPC, cancelling it when the iterator is closed."""
         self._check_open()
+        if self.direct is not None:
+            try:
+                responses = self.direct.start_stream(method, request)
+            except DirectUnreachable:
+                pass
+            else:
+                with contextlib.closing(responses):
+                    yield from responses
+                return
         call = getattr(self.stub, method)(request)
         try:
             yield from call
@@ -273,6 +299,8 @@ class Client:
 
     def close(self) -> None:
         self._closed = True
+        if self.direct is not None:
+            self.direct.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -280,6 +308,14 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _direct_channel(address: str, token: str | None) -> DirectChannel | None:
+    """Return a channel to the direct socket of a unix ``address``, else None."""
+    if not address.startswith("unix:"):
+        return None
+    path = direct.socket_path_for(address.removeprefix("unix:"))
+    return DirectChannel(path, resolve_token(token), address)
 
 
 def check_health(address: str, timeout: float = 2.0) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -14,10 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine import direct
 from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
 from engine.server import deployments as deployment_service
 from engine.server import files as file_service
 from engine.server.auth import AuthInterceptor, TokenLookup
+from engine.server.direct import DirectServer
 from engine.server.interceptor import ErrorInterceptor
 from engine.server.secrets import SERVICE_NAME as SECRET_SERVICE_NAME
 from engine.server.secrets import SecretServicer
@@ -41,7 +44,8 @@ class Server:
     """A grpc.aio server with the engine's services, plus its health servicer.
 
     ``addresses`` maps "unix" and "tcp" to the addresses bound, in the form
-    that gRPC clients accept ("unix:/path", "host:port").
+    that gRPC clients accept ("unix:/path", "host:port"). ``direct`` serves
+    SandboxService on the unix socket's direct twin, when there is one.
     """
 
     def __init__(
@@ -50,17 +54,21 @@ class Server:
         health_servicer: health.aio.HealthServicer,
         addresses: dict[str, str],
         socket_path: Path | None,
+        direct_server: DirectServer | None = None,
     ) -> None:
         self.server = server
         self.health = health_servicer
         self.addresses = addresses
         self.socket_path = socket_path
+        self.direct = direct_server
         self._socket_inode: int | None = None
         if socket_path is not None:
             self._socket_inode = os.stat(socket_path).st_ino
 
     async def start(self) -> None:
         await self.server.start()
+        if self.direct is not None:
+            await self.direct.start()
         for service in (
             "",
             SERVICE_NAME,
@@ -73,11 +81,16 @@ class Server:
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, stop the server and remove the socket file."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.direct is not None:
+            await asyncio.gather(self.server.stop(grace), self.direct.stop(grace))
+        else:
+            await self.server.stop(grace)
         self.remove_socket()
 
     def remove_socket(self) -> None:
-        """Remove the unix socket file, unless another process replaced it."""
+        """Remove the unix socket files, unless another process replaced them."""
+        if self.direct is not None:
+            self.direct.remove_socket()
         if self.socket_path is None:
             return
         with contextlib.suppress(FileNotFoundError):
@@ -209,9 +222,8 @@ def create_server(
         # gRPC's bare "message larger than max".
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
-    sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(
-        SandboxServicer(engine), server
-    )
+    sandbox_servicer = SandboxServicer(engine)
+    sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(sandbox_servicer, server)
     volume_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeServicer(engine), server)
     secret_pb2_grpc.add_SecretServiceServicer_to_server(SecretServicer(engine), server)
     file_service.add_to_server(engine, server)
@@ -232,15 +244,42 @@ def create_server(
 
     addresses: dict[str, str] = {}
     path = Path(socket_path).absolute() if socket_path is not None else None
+    direct_server = None
     if path is not None:
         addresses["unix"] = _bind_unix(server, path)
-    if listen is not None:
-        try:
+    try:
+        if path is not None:
+            direct_server = _bind_direct(engine, sandbox_servicer, path)
+        if listen is not None:
             addresses["tcp"] = _bind_tcp(server, listen)
-        except Exception:
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            raise
-    wrapper = Server(server, health_servicer, addresses, path)
+    except Exception:
+        if direct_server is not None:
+            direct_server.remove_socket()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    wrapper = Server(server, health_servicer, addresses, path, direct_server)
     return wrapper, addresses
+
+
+def _bind_direct(
+    engine: Engine, servicer: SandboxServicer, grpc_path: Path
+) -> DirectServer | None:
+    """Bind the direct socket next to the gRPC socket at ``grpc_path``.
+
+    Returns None when the direct socket's longer path does not fit in a unix
+    socket address. Clients then use gRPC alone.
+    """
+    path = Path(direct.socket_path_for(str(grpc_path)))
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        logger.info(
+            "not serving the direct socket: its path %s is longer than %d bytes;"
+            " clients use gRPC alone",
+            path,
+            MAX_SOCKET_PATH_BYTES,
+        )
+        return None
+    server = DirectServer(servicer, _token_lookup(engine), MAX_REQUEST_BYTES)
+    server.bind(path)
+    return server

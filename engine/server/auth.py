@@ -45,6 +45,30 @@ def _is_unix_peer(context: grpc.aio.ServicerContext) -> bool:
     return (context.peer() or "").startswith("unix:")
 
 
+def resolve_workspace(
+    token: str | None, *, unix_peer: bool, lookup: TokenLookup
+) -> tuple[str, bool]:
+    """Return the workspace a call acts for, and whether it is the local admin's.
+
+    Raises Unauthenticated for an unknown token, and for a missing token on
+    any listener but the unix socket.
+    """
+    if token is None:
+        if unix_peer:
+            return DEFAULT_WORKSPACE, True
+        raise Unauthenticated(
+            "missing bearer token: set ENGINE_TOKEN for the SDK and the CLI,"
+            " or send 'authorization: Bearer <token>' metadata, with a token"
+            " from `engine token create`"
+        )
+    workspace = lookup(token)
+    if workspace is None:
+        raise Unauthenticated(
+            "invalid bearer token; create one with `engine token create`"
+        )
+    return workspace, False
+
+
 class AuthInterceptor(MethodInterceptor):
     """Resolve each engine.v1 call's workspace from its token, or reject the call."""
 
@@ -57,21 +81,11 @@ class AuthInterceptor(MethodInterceptor):
 
         Raises Unauthenticated for a missing or unknown token.
         """
-        token = _bearer_token(context)
-        if token is None:
-            if _is_unix_peer(context):
-                return DEFAULT_WORKSPACE, True
-            raise Unauthenticated(
-                "missing bearer token: set ENGINE_TOKEN for the SDK and the CLI,"
-                " or send 'authorization: Bearer <token>' metadata, with a token"
-                " from `engine token create`"
-            )
-        workspace = self._lookup(token)
-        if workspace is None:
-            raise Unauthenticated(
-                "invalid bearer token; create one with `engine token create`"
-            )
-        return workspace, False
+        return resolve_workspace(
+            _bearer_token(context),
+            unix_peer=_is_unix_peer(context),
+            lookup=self._lookup,
+        )
 
     async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
         try:

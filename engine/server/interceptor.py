@@ -69,22 +69,19 @@ def _subject(method: str, request: Any) -> str:
     return "-"
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext,
-    method: str,
-    request: Any,
-    error: BaseException,
-) -> None:
-    """Abort the RPC with the status for ``error``; this always raises."""
+def status_of(
+    method: str, request: Any, error: BaseException
+) -> tuple[grpc.StatusCode, str, str]:
+    """Log ``error`` and return the status code, details and error class that report it.
+
+    An EngineError keeps its message. Any other exception is logged with its
+    traceback under a new error id, and only that id reaches the caller.
+    """
     subject = _subject(method, request)
     if isinstance(error, EngineError):
         code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
         logger.info("%s for %s failed: %s: %s", method, subject, code.name, error)
-        await context.abort(
-            code,
-            str(error),
-            trailing_metadata=((ERROR_METADATA_KEY, type(error).__name__),),
-        )
+        return code, str(error), type(error).__name__
     error_id = uuid.uuid4().hex[:12]
     logger.error(
         "%s for %s failed with internal error %s",
@@ -93,10 +90,20 @@ async def _abort(
         error_id,
         exc_info=error,
     )
+    details = f"internal error {error_id} in the engine daemon; its log has the details"
+    return grpc.StatusCode.INTERNAL, details, "InternalError"
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    method: str,
+    request: Any,
+    error: BaseException,
+) -> None:
+    """Abort the RPC with the status for ``error``; this always raises."""
+    code, details, error_class = status_of(method, request, error)
     await context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal error {error_id} in the engine daemon; its log has the details",
-        trailing_metadata=((ERROR_METADATA_KEY, "InternalError"),),
+        code, details, trailing_metadata=((ERROR_METADATA_KEY, error_class),)
     )
 
 

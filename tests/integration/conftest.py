@@ -197,6 +197,7 @@ def daemon() -> Iterator[Daemon]:
         remove_data_dir(running)
         assert status == 0, f"daemon exited with {status}; log:\n{log}"
         assert not running.socket_path.exists()
+        assert not Path(f"{running.socket_path}.direct").exists()
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ EXPECTED_ROWS = {
     ("cold_start", "subprocess"),
     ("exec", "engine-grpc"),
     ("exec", "engine-grpc-run"),
+    ("exec", "engine-direct"),
+    ("exec", "engine-direct-run"),
     ("exec", "engine-grpc-health"),
     ("exec", "engine-embedded"),
     ("exec", "runc"),
@@ -42,14 +44,16 @@ EXPECTED_ROWS = {
     ("exec", "subprocess"),
     ("exec_burst", "engine-grpc"),
     ("exec_burst", "engine-grpc-run"),
+    ("exec_burst", "engine-direct"),
+    ("exec_burst", "engine-direct-run"),
     ("exec_burst", "engine-embedded"),
     ("exec_burst", "runc"),
     ("exec_burst", "posix-spawn"),
     ("exec_burst", "fork-exec"),
     ("exec_burst", "subprocess"),
-    ("throughput", "engine-grpc-1-clients"),
-    ("throughput", "engine-grpc-4-clients"),
-    ("throughput", "engine-grpc-4-clients-sustained"),
+    ("throughput", "engine-sdk-1-clients"),
+    ("throughput", "engine-sdk-4-clients"),
+    ("throughput", "engine-sdk-4-clients-sustained"),
 }
 DOCS_TEMPLATE = """# Benchmarks
 
@@ -185,8 +189,8 @@ def test_throughput_records_each_cycle(smoke_run: dict) -> None:
     data = smoke_run["data"]
     assert data is not None, smoke_run["stderr"]
     cases = {case["system"]: case for case in data["cases"]}
-    single = cases["engine-grpc-1-clients"]["details"]["cycle_seconds"]
-    four = cases["engine-grpc-4-clients"]["details"]["cycle_seconds"]
+    single = cases["engine-sdk-1-clients"]["details"]["cycle_seconds"]
+    four = cases["engine-sdk-4-clients"]["details"]["cycle_seconds"]
     assert len(single) == ITERATIONS * 1
     assert len(four) == ITERATIONS * 4
 
@@ -194,7 +198,14 @@ def test_throughput_records_each_cycle(smoke_run: dict) -> None:
 def test_engine_rows_probe_every_layer(smoke_run: dict) -> None:
     data = smoke_run["data"]
     assert data is not None, smoke_run["stderr"]
-    for system in ("engine-grpc", "engine-grpc-run", "engine-embedded"):
+    engine_systems = (
+        "engine-grpc",
+        "engine-grpc-run",
+        "engine-direct",
+        "engine-direct-run",
+        "engine-embedded",
+    )
+    for system in engine_systems:
         layers = data["layers"][system]
         assert "error" not in layers, layers
         assert all(layers["namespaces"].values()), (system, layers["namespaces"])
