@@ -28,7 +28,7 @@ from benchmarks.suite import Sample
 from engine.config import Config
 from engine.core.engine import Engine
 from engine.core.models import SandboxSpec, Stream
-from engine.sdk.client import Client, check_health, error_from_rpc, normalize_address
+from engine.sdk.client import Client, check_health, normalize_address
 from engine.v1 import sandbox_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -197,27 +197,31 @@ def terminate(client: Client, sandbox_id: str) -> None:
 
 
 def run_to_exit(client: Client, sandbox_id: str, argv: list[str]) -> bytes:
-    """Run ``argv`` through one Exec stream, read to the exit event, and return stdout.
+    """Run ``argv`` through one Exec stream, read it to its end, and return stdout.
 
-    Raises RuntimeError when the process exits with a status other than 0.
+    The stream goes through ``Client.stream``, so on the direct socket unless
+    the Client was made with ``direct=False``. Raises RuntimeError when the
+    process exits with a status other than 0.
     """
     request = pb.ExecRequest(sandbox_id=sandbox_id, argv=argv)
     stdout = bytearray()
-    try:
-        for event in client.stub.Exec(request, timeout=CALL_TIMEOUT):
-            kind = event.WhichOneof("event")
-            if kind == "output" and event.output.stream == pb.STREAM_STDOUT:
-                stdout += event.output.data
-            elif kind == "exit":
-                if event.exit.exit_code != 0:
-                    raise RuntimeError(
-                        f"{argv[0]} in sandbox {sandbox_id} exited with"
-                        f" {event.exit.exit_code} {event.exit.signal}".rstrip()
-                    )
-                return bytes(stdout)
-    except grpc.RpcError as error:
-        raise error_from_rpc(error, client.address) from None
-    raise RuntimeError(f"the Exec stream in sandbox {sandbox_id} ended without exit")
+    exit_event = None
+    for event in client.stream("Exec", request):
+        kind = event.WhichOneof("event")
+        if kind == "output" and event.output.stream == pb.STREAM_STDOUT:
+            stdout += event.output.data
+        elif kind == "exit":
+            exit_event = event.exit
+    if exit_event is None:
+        raise RuntimeError(
+            f"the Exec stream in sandbox {sandbox_id} ended without exit"
+        )
+    if exit_event.exit_code != 0:
+        raise RuntimeError(
+            f"{argv[0]} in sandbox {sandbox_id} exited with"
+            f" {exit_event.exit_code} {exit_event.signal}".rstrip()
+        )
+    return bytes(stdout)
 
 
 class GrpcRuns:

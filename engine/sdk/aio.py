@@ -28,12 +28,16 @@ from engine.core.models import (
     SandboxStats,
     Stream,
 )
+from engine.sdk.aio_direct import AsyncDirectChannel
 from engine.sdk.client import (
+    direct_socket_path,
     error_from_rpc,
     is_local_admin,
     open_aio_channel,
     resolve_address,
+    resolve_token,
 )
+from engine.sdk.direct import DirectUnreachable
 from engine.sdk.files import AsyncSandboxFileSystem
 from engine.sdk.sandbox import (
     STDIN_CHUNK_BYTES,
@@ -52,14 +56,28 @@ from engine.v1 import sandbox_pb2_grpc
 
 
 class AsyncClient:
-    """A grpc.aio channel to one daemon, with errors mapped to ``engine.errors``."""
+    """A grpc.aio channel to one daemon, with errors mapped to ``engine.errors``.
 
-    def __init__(self, address: str | None = None, token: str | None = None) -> None:
+    As with ``Client``, ``call`` and ``stream`` use the daemon's direct socket
+    on unix socket addresses unless ``direct`` is False.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        direct: bool = True,
+    ) -> None:
         self.address = resolve_address(address)
         self._channel = open_aio_channel(self.address, token)
         self.local_admin = is_local_admin(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
+        self.direct: AsyncDirectChannel | None = None
+        if direct and self.address.startswith("unix:"):
+            path = direct_socket_path(self.address)
+            self.direct = AsyncDirectChannel(path, resolve_token(token), self.address)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -72,6 +90,11 @@ class AsyncClient:
         self, method: str, request: Any, *, timeout: float | None = None
     ) -> Any:
         self._check_open()
+        if self.direct is not None:
+            try:
+                return await self.direct.call(method, request, timeout)
+            except DirectUnreachable:
+                pass
         try:
             return await getattr(self.stub, method)(request, timeout=timeout)
         except grpc.RpcError as error:
@@ -80,6 +103,16 @@ class AsyncClient:
     async def stream(self, method: str, request: Any) -> AsyncIterator[Any]:
         """Iterate a server-streaming RPC, cancelling it when the iterator is closed."""
         self._check_open()
+        if self.direct is not None:
+            try:
+                responses = await self.direct.start_stream(method, request)
+            except DirectUnreachable:
+                pass
+            else:
+                async with contextlib.aclosing(responses):
+                    async for message in responses:
+                        yield message
+                return
         call = getattr(self.stub, method)(request)
         try:
             async for message in call:
@@ -91,6 +124,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self.direct is not None:
+            await self.direct.close()
         await self._channel.close()
 
 

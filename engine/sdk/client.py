@@ -310,12 +310,16 @@ class Client:
         self.close()
 
 
+def direct_socket_path(address: str) -> str:
+    """Return the direct socket's path for the unix socket ``address``."""
+    return direct.socket_path_for(address.removeprefix("unix:"))
+
+
 def _direct_channel(address: str, token: str | None) -> DirectChannel | None:
     """Return a channel to the direct socket of a unix ``address``, else None."""
     if not address.startswith("unix:"):
         return None
-    path = direct.socket_path_for(address.removeprefix("unix:"))
-    return DirectChannel(path, resolve_token(token), address)
+    return DirectChannel(direct_socket_path(address), resolve_token(token), address)
 
 
 def check_health(address: str, timeout: float = 2.0) -> bool:

@@ -36,7 +36,8 @@ class DirectUnreachable(Exception):
     """The direct socket does not accept connections; nothing was sent."""
 
 
-def _response_types() -> dict[str, type[Message]]:
+def response_types() -> dict[str, type[Message]]:
+    """Return the response class of each SandboxService method, by name."""
     return {
         method.name: message_factory.GetMessageClass(method.output_type)
         for method in _SERVICE.methods
@@ -95,14 +96,28 @@ class _Connection:
         self.sock.close()
 
 
-class DirectChannel:
-    """Calls of SandboxService over the direct socket at ``path``."""
+class ChannelBase:
+    """The socket path, token and message types that both channel classes use."""
 
     def __init__(self, path: str, token: str | None, address: str) -> None:
         self.path = path
         self._token = token
         self._address = address
-        self._response_types = _response_types()
+        self._response_types = response_types()
+
+    def _request_frame(self, method: str, request: Message) -> bytes:
+        body = request.SerializeToString()
+        return direct.encode_request(method, self._token, body)
+
+    def _response(self, method: str, payload: bytes) -> Any:
+        return self._response_types[method].FromString(payload)
+
+
+class DirectChannel(ChannelBase):
+    """Calls of SandboxService over the direct socket at ``path``."""
+
+    def __init__(self, path: str, token: str | None, address: str) -> None:
+        super().__init__(path, token, address)
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -121,12 +136,12 @@ class DirectChannel:
                 kind, payload = connection.read_frame(deadline)
                 if kind != direct.MESSAGE:
                     break
-                response = self._response_types[method].FromString(payload)
+                response = self._response(method, payload)
         except BaseException as error:
             connection.close()
-            raise self._transport_error(method, error) from None
+            raise transport_error(self._address, method, error) from None
         self._release(connection)
-        _raise_for_status(payload)
+        raise_for_status(payload)
         return response
 
     def start_stream(self, method: str, request: Message) -> Iterator[Any]:
@@ -140,29 +155,28 @@ class DirectChannel:
         return self._responses(method, connection)
 
     def _responses(self, method: str, connection: _Connection) -> Iterator[Any]:
-        response_type = self._response_types[method]
         finished = False
         try:
             while True:
                 try:
                     kind, payload = connection.read_frame(None)
                 except (OSError, ValueError) as error:
-                    raise self._transport_error(method, error) from None
+                    raise transport_error(self._address, method, error) from None
                 if kind != direct.MESSAGE:
                     finished = True
                     break
-                yield response_type.FromString(payload)
+                yield self._response(method, payload)
         finally:
             if finished:
                 self._release(connection)
             else:
                 connection.close()
-        _raise_for_status(payload)
+        raise_for_status(payload)
 
     def _send(
         self, method: str, request: Message, deadline: float | None
     ) -> _Connection:
-        frame = direct.encode_request(method, self._token, request.SerializeToString())
+        frame = self._request_frame(method, request)
         connection = self._take_idle()
         if connection is not None:
             try:
@@ -174,13 +188,13 @@ class DirectChannel:
                 connection.close()
             except BaseException as error:
                 connection.close()
-                raise self._transport_error(method, error) from None
+                raise transport_error(self._address, method, error) from None
         connection = self._connect()
         try:
             connection.send(frame, deadline)
         except BaseException as error:
             connection.close()
-            raise self._transport_error(method, error) from None
+            raise transport_error(self._address, method, error) from None
         return connection
 
     def _connect(self) -> _Connection:
@@ -213,20 +227,6 @@ class DirectChannel:
                 return
         connection.close()
 
-    def _transport_error(self, method: str, error: BaseException) -> BaseException:
-        """Return the engine.errors exception for a failure of the connection itself."""
-        if isinstance(error, TimeoutError):
-            return errors.DeadlineExceeded(
-                f"the engine daemon at {self._address} did not reply to {method}"
-                " in time"
-            )
-        if isinstance(error, (OSError, ValueError)):
-            return errors.Unavailable(
-                f"the connection to the engine daemon at {self._address} failed"
-                f" during {method}: {error}. Check that the daemon still runs"
-            )
-        return error
-
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -234,7 +234,26 @@ class DirectChannel:
             connection.close()
 
 
-def _raise_for_status(payload: bytes) -> None:
+def transport_error(address: str, method: str, error: BaseException) -> BaseException:
+    """Return the engine.errors exception for a failure of the connection itself.
+
+    Exceptions other than timeouts and socket errors, such as
+    KeyboardInterrupt, come back unchanged.
+    """
+    if isinstance(error, TimeoutError):
+        return errors.DeadlineExceeded(
+            f"the engine daemon at {address} did not reply to {method} in time"
+        )
+    if isinstance(error, (OSError, ValueError)):
+        return errors.Unavailable(
+            f"the connection to the engine daemon at {address} failed during"
+            f" {method}: {error}. Check that the daemon still runs"
+        )
+    return error
+
+
+def raise_for_status(payload: bytes) -> None:
+    """Raise the engine.errors class of an END frame's status, unless it is OK."""
     code, details = direct.decode_end(payload)
     if code != "OK":
         raise errors.BY_CODE.get(code, errors.InternalError)(details)

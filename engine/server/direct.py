@@ -155,6 +155,9 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         # Set while writing waits for the client to read.
         self._writable: asyncio.Future[None] | None = None
+        # Frames written in this loop iteration, and their total size.
+        self._unsent: list[bytes] = []
+        self._unsent_bytes = 0
         self.call: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -191,15 +194,36 @@ class _Connection(asyncio.Protocol):
         self._writable = None
 
     def close(self) -> None:
+        """Send the queued frames, then close the connection."""
+        self._flush()
         if self._transport is not None:
             self._transport.close()
 
     def write(self, frame: bytes) -> None:
-        if not self._closed and self._transport is not None:
-            self._transport.write(frame)
+        """Queue ``frame``, to be sent with the others of this loop iteration.
+
+        Frames written together, such as a stream's last message and its END
+        frame, then reach the client in one send and wake it once.
+        """
+        if self._closed or self._transport is None:
+            return
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._unsent.append(frame)
+        self._unsent_bytes += len(frame)
+        if self._unsent_bytes >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._unsent and not self._closed and self._transport is not None:
+            self._transport.write(b"".join(self._unsent))
+        self._unsent.clear()
+        self._unsent_bytes = 0
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its high-water mark."""
+        if self._unsent_bytes >= _FLUSH_BYTES:
+            self._flush()
         if self._writable is not None:
             await self._writable
         if self._closed:
@@ -309,6 +333,8 @@ class _Connection(asyncio.Protocol):
             self.write(direct.encode_end(code.name, details))
 
 
+# Queued reply bytes past which ``write`` sends at once.
+_FLUSH_BYTES = 64 * 1024
 # The request header plus the largest method name and token.
 _MAX_HEADERS_BYTES = (
     direct.REQUEST_HEADER.size + direct.MAX_METHOD_BYTES + direct.MAX_TOKEN_BYTES

@@ -6,6 +6,7 @@ side, its fallback to gRPC and its handling of deadlines and hangups.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ from beam_support import create_token
 
 from engine import direct
 from engine.errors import DeadlineExceeded, NotFound, Unauthenticated
+from engine.sdk.aio import AsyncClient
 from engine.sdk.client import Client
 from engine.v1 import sandbox_pb2 as pb
 from tests.integration.conftest import Daemon, make_data_dir, start_daemon
@@ -349,3 +351,59 @@ def test_frame_encoding_round_trip() -> None:
         "sandbox x not found",
     )
     assert size == len(end) - direct.REPLY_HEADER.size
+
+
+def test_async_client_uses_direct_socket(daemon: Daemon, sandbox_id: str) -> None:
+    async def scenario() -> None:
+        client = AsyncClient(daemon.address)
+        try:
+            request = pb.RunRequest(sandbox_id=sandbox_id, argv=["echo", "async"])
+            reply = await client.call("Run", request)
+            assert reply.stdout.data == b"async\n"
+            assert client.direct is not None
+            assert len(client.direct._idle) == 1
+            with pytest.raises(NotFound, match="sb-missing"):
+                await client.call("Get", pb.GetRequest(sandbox_id="sb-missing"))
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_async_deadline_kills_run(
+    daemon: Daemon, client: Client, sandbox_id: str
+) -> None:
+    async def scenario() -> None:
+        async_client = AsyncClient(daemon.address)
+        request = pb.RunRequest(sandbox_id=sandbox_id, argv=["sleep", "303"])
+        try:
+            with pytest.raises(DeadlineExceeded, match="did not reply to Run"):
+                await async_client.call("Run", request, timeout=0.5)
+        finally:
+            await async_client.close()
+
+    asyncio.run(scenario())
+    assert wait_until(lambda: ["sleep", "303"] not in running_argvs(client, sandbox_id))
+
+
+def test_async_stream_closed_early(
+    daemon: Daemon, client: Client, sandbox_id: str
+) -> None:
+    argv = ["sh", "-c", "echo one; sleep 304"]
+
+    async def scenario() -> int:
+        async_client = AsyncClient(daemon.address)
+        try:
+            request = pb.ExecRequest(sandbox_id=sandbox_id, argv=argv)
+            events = async_client.stream("Exec", request)
+            first = await anext(events)
+            await events.aclose()
+            assert async_client.direct is not None
+            assert async_client.direct._idle == []
+            return first.started.pid
+        finally:
+            await async_client.close()
+
+    pid = asyncio.run(scenario())
+    assert argv in running_argvs(client, sandbox_id)
+    client.call("Kill", pb.KillRequest(sandbox_id=sandbox_id, pid=pid, signal=9))
