@@ -1040,15 +1040,17 @@ class Engine:
             self._set_info(sandbox, urls={})
 
     async def _release_network(self, sandbox: _Sandbox) -> None:
-        """Remove the sandbox's chain and veth pair."""
+        """Remove the sandbox's chain and veth pair, then let its namespace go.
+
+        The namespace fd stays open until the veth pair is gone. Closing it
+        first would let the kernel delete the pair on its own at any moment,
+        and detach needs the host end's packet count.
+        """
         loop = asyncio.get_running_loop()
-        if sandbox.netns_fd is not None:
-            os.close(sandbox.netns_fd)
-            sandbox.netns_fd = None
         attachment, sandbox.attachment = sandbox.attachment, None
-        if attachment is None or self.network is None:
-            return
         try:
+            if attachment is None or self.network is None:
+                return
             if sandbox.policy is not None:
                 await loop.run_in_executor(
                     None, self.network.remove, sandbox.info.sandbox_id, attachment
@@ -1060,6 +1062,10 @@ class Engine:
             log.error(
                 "sandbox %s: network not removed: %s", sandbox.info.sandbox_id, error
             )
+        finally:
+            if sandbox.netns_fd is not None:
+                os.close(sandbox.netns_fd)
+                sandbox.netns_fd = None
 
     def _policy(self, spec: SandboxSpec) -> NetworkPolicy:
         """Return the sandbox's policy, the daemon's default applied."""

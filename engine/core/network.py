@@ -461,10 +461,21 @@ class Network:
         return Attachment(address, gateway, host_ifname)
 
     def detach(self, attachment: Attachment) -> None:
-        """Delete the veth pair and free the address."""
+        """Delete the veth pair and free the address, with its conntrack entries.
+
+        The caller has ended every process of the sandbox, so no packet
+        arrives from it after the count is read.
+        """
         try:
+            received = netlink.received_packets(attachment.host_ifname)
             netlink.delete_link(attachment.host_ifname)
-            netlink.flush_conntrack(attachment.address.ip)
+            # A conntrack entry with the sandbox's source address exists only
+            # if the sandbox sent a packet, which the host end then received.
+            # The flush walks the whole conntrack hash table, about 9 ms of
+            # CPU with 262,144 buckets on a 2-core VM, so it is skipped when
+            # the sandbox sent nothing.
+            if received != 0:
+                netlink.flush_conntrack(attachment.address.ip)
         finally:
             self._release_address(attachment.address)
 

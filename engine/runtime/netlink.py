@@ -155,6 +155,19 @@ def _write_sysctl(path: str, value: str) -> None:
         ) from error
 
 
+def received_packets(ifname: str) -> int | None:
+    """Return how many packets link ``ifname`` has received, or None if unknown.
+
+    The count comes from sysfs, which shows the links of the network namespace
+    that mounted it, so this reads the host's links.
+    """
+    try:
+        text = Path(f"/sys/class/net/{ifname}/statistics/rx_packets").read_text()
+        return int(text)
+    except (OSError, ValueError):
+        return None
+
+
 def delete_link(ifname: str) -> bool:
     """Delete link ``ifname``; return False if it did not exist."""
     with IPRoute() as ipr:

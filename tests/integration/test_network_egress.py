@@ -18,10 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pyroute2 import Conntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+from test_network_cleanup import engine_subnet, veth_name
 
 from engine import Sandbox, SandboxInstance
 from engine.core.network import instance_names
 from engine.errors import FailedPrecondition, InvalidArgument
+from engine.runtime import netlink
 from engine.runtime.nftables import Nft
 
 TCP_PROBE = """
@@ -328,3 +332,58 @@ def _wait_for_line(process: Any, prefix: str, timeout: float = 15) -> str:
 
 # Lines read from a process's stdout but not yet returned, by id(process).
 _unread: dict[int, list[str]] = {}
+
+
+def _tracked_from(address: str) -> int:
+    """Return how many host conntrack entries have ``address`` as original source."""
+    with Conntrack() as conntrack:
+        return len(
+            list(conntrack.dump_entries(tuple_orig=NFCTAttrTuple(saddr=address)))
+        )
+
+
+def _wait_untracked(address: str, timeout: float = 10.0) -> bool:
+    """Return whether no entry from ``address`` is left within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while _tracked_from(address) != 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_terminate_flushes_sandbox_conntrack(
+    network_daemon: Any, remote_host: Any
+) -> None:
+    sb = Sandbox(address=network_daemon.address).create()
+    try:
+        address = sb.status().address
+        held = sb.process.exec(
+            "python3", "-c", HELD_CONNECTION, remote_host.address, "7000", stdin=True
+        )
+        held.stdin.write("one\n")
+        _wait_for_line(held, "reply one")
+        assert _tracked_from(address) == 1
+    finally:
+        sb.terminate()
+        sb.close()
+    # Terminate returns before the engine frees the network in the background.
+    assert _wait_untracked(address)
+
+
+def test_host_veth_counts_sandbox_packets(
+    network_daemon: Any, remote_host: Any
+) -> None:
+    # Terminate skips the conntrack flush for a sandbox whose host veth end
+    # received no packet, so that count must start at 0 and see traffic.
+    with Sandbox(address=network_daemon.address).create() as sb:
+        subnet = engine_subnet(network_daemon)
+        host_end = veth_name(network_daemon.data_dir, subnet, sb.status().address)
+        assert netlink.received_packets(host_end) == 0
+        assert sb.process.run("true").exit_code == 0
+        assert netlink.received_packets(host_end) == 0
+        result = probe(sb, UDP_PROBE, remote_host.address, "7001")
+        assert result == {"reply": "ping"}
+        received = netlink.received_packets(host_end)
+        assert received is not None
+        assert received >= 1
