@@ -180,7 +180,7 @@ def send_raw(
 
 def decode(data: bytes, fds: list[int]) -> tuple[Message, list[int]]:
     try:
-        if data[:1] == bytes([INIT_MAGIC]):
+        if data and data[0] == INIT_MAGIC:
             message = _decode_init(data)
         else:
             message = json.loads(data)
@@ -218,6 +218,15 @@ class TruncatedMessage(OSError):
         self.message = message
 
 
+# The socket module's MSG_* constants are enum.IntFlag members, and ``int &
+# IntFlag`` builds a new flag object on every call, so recv tests plain ints.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_FD_BYTES = array.array("i").itemsize
+_ANCILLARY_BYTES = socket.CMSG_LEN(MAX_FDS * _FD_BYTES)
+
+
 def pending_bytes(sock: socket.socket) -> int:
     """Return the size of the next queued datagram (0 if none)."""
     buf = array.array("i", [0])
@@ -226,7 +235,10 @@ def pending_bytes(sock: socket.socket) -> int:
 
 
 def recv(sock: socket.socket) -> tuple[Message, list[int]] | None:
-    """Receive one message and its descriptors, or None at end of stream."""
+    """Receive one message and its descriptors, or None at end of stream.
+
+    The descriptors are close-on-exec from the moment they arrive.
+    """
     # FIONREAD on a unix datagram socket returns the length of the next
     # datagram, so the buffer is as large as the message and no larger.
     size = pending_bytes(sock)
@@ -234,21 +246,34 @@ def recv(sock: socket.socket) -> tuple[Message, list[int]] | None:
         # Nothing queued yet: block until a datagram or end of stream arrives.
         wait_readable(sock)
         size = pending_bytes(sock)
-    data, fds, flags, _ = socket.recv_fds(
-        sock, max(size, 1), MAX_FDS, socket.MSG_CMSG_CLOEXEC
+    # socket.recv_fds (CPython 3.11) drops its flags argument, so it cannot
+    # pass MSG_CMSG_CLOEXEC.
+    data, ancillary, flags, _ = sock.recvmsg(
+        max(size, 1), _ANCILLARY_BYTES, _MSG_CMSG_CLOEXEC
     )
+    fds = _received_fds(ancillary)
     if not data:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         return None
-    if flags & socket.MSG_TRUNC:
-        for fd in fds:
-            os.close(fd)
+    if flags & _MSG_TRUNC:
+        _close_all(fds)
         raise OSError(errno.EMSGSIZE, "a message was truncated")
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
+    if flags & _MSG_CTRUNC:
+        _close_all(fds)
         raise TruncatedMessage(decode(data, [])[0])
-    for fd in fds:
-        os.set_inheritable(fd, False)
     return decode(data, fds)
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """Return the descriptors of the SCM_RIGHTS items of a recvmsg result."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(payload) - len(payload) % _FD_BYTES
+            fds.extend(array.array("i", payload[:whole]))
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -210,6 +210,54 @@ def test_recv_raises_truncated_with_message() -> None:
         theirs.close()
 
 
+def test_recv_passes_close_on_exec_fds() -> None:
+    ours, theirs = protocol.socketpair()
+    read_end, write_end = os.pipe()
+    try:
+        protocol.send(theirs, {"op": "preforked", "id": 3}, [read_end, write_end])
+        received = protocol.recv(ours)
+        assert received is not None
+        message, fds = received
+        try:
+            assert message == {"op": "preforked", "id": 3}
+            assert len(fds) == 2
+            for sent, got in zip((read_end, write_end), fds, strict=True):
+                assert os.fstat(got).st_ino == os.fstat(sent).st_ino
+                assert not os.get_inheritable(got)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        ours.close()
+        theirs.close()
+
+
+def test_recv_decodes_init_exit() -> None:
+    ours, theirs = protocol.socketpair()
+    data = (
+        protocol.INIT_HEADER.pack(protocol.INIT_MAGIC, protocol.INIT_EXIT, 0, 0)
+        + (1234).to_bytes(4, "little")
+        + (9).to_bytes(4, "little")
+    )
+    try:
+        protocol.send_raw(theirs, data)
+        assert protocol.recv(ours) == ({"op": "exit", "pid": 1234, "status": 9}, [])
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_recv_returns_none_at_end_of_stream() -> None:
+    ours, theirs = protocol.socketpair()
+    theirs.close()
+    try:
+        assert protocol.recv(ours) is None
+    finally:
+        ours.close()
+
+
 async def _truncated_reply_fails_request() -> tuple[BaseException | None, dict]:
     ours, theirs = protocol.socketpair()
     channel = spawner._Channel(ours, lambda message, fds: None)
