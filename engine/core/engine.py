@@ -650,14 +650,10 @@ class Engine:
         """
         assert self.cgroup_driver is not None
         spec = sandbox.info.spec
-        uid = self.config.uid_base
-        directory = self.layers.create(sandbox.info.sandbox_id, sandbox.disk_mib)
         # The supervisor is uid_base on the host, and it mounts from here.
-        os.chmod(directory, 0o700)
-        os.chown(directory, uid, uid)
-        for name in ("root", "upper", "work"):
-            (directory / name).mkdir(mode=0o755)
-            os.chown(directory / name, uid, uid)
+        self.layers.create(
+            sandbox.info.sandbox_id, sandbox.disk_mib, uid=self.config.uid_base
+        )
         # The supervisor names the same directory by its own mount point.
         directory = self.layers.real_path(sandbox.info.sandbox_id)
         memory_bytes = spec.memory_mib * 1024 * 1024 if spec.memory_mib else None

@@ -7,6 +7,7 @@ subvolume, and the write that would pass it fails with EDQUOT.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -85,8 +86,17 @@ BTRFS_IOC_QGROUP_CREATE = _ioc(_IOC_WRITE, 42, ctypes.sizeof(QgroupCreateArgs))
 BTRFS_IOC_QGROUP_LIMIT = _ioc(_IOC_READ, 43, ctypes.sizeof(QgroupLimitArgs))
 
 
-def _open_dir(path: str) -> int:
+def _open_dir(path: str, fd: int | None = None) -> int:
+    """Return ``fd`` if given, else a new descriptor of directory ``path``."""
+    if fd is not None:
+        return fd
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _close_dir(opened: int, fd: int | None) -> None:
+    """Close ``opened`` unless it is the caller's ``fd``."""
+    if fd is None:
+        os.close(opened)
 
 
 def _ioctl(fd: int, request: int, args: ctypes.Structure, call: str) -> None:
@@ -120,72 +130,96 @@ def enable_quota(mount_point: str, *, simple: bool = True) -> None:
         os.close(fd)
 
 
-def create_subvolume(parent: str, name: str) -> int:
-    """Create subvolume ``name`` in directory ``parent`` and return its id."""
+# Each function below that takes a directory path also takes ``fd``, an open
+# descriptor of that directory, and then uses it instead of resolving the
+# path again. The path then only names the directory in error messages.
+
+
+def create_subvolume(parent: str, name: str, fd: int | None = None) -> int:
+    """Create subvolume ``name`` in directory ``parent`` and return its id.
+
+    A subvolume whose id cannot be read is deleted again before the error
+    is raised.
+    """
     args = _vol_args(name)
-    fd = _open_dir(parent)
+    parent_fd = _open_dir(parent, fd)
     try:
         _ioctl(
-            fd,
+            parent_fd,
             BTRFS_IOC_SUBVOL_CREATE,
             args,
             f"BTRFS_IOC_SUBVOL_CREATE of {name!r} in {parent}",
         )
+        try:
+            child_fd = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=parent_fd,
+            )
+            try:
+                return subvolume_id(os.path.join(parent, name), child_fd)
+            finally:
+                os.close(child_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(parent_fd, BTRFS_IOC_SNAP_DESTROY, args)
+            raise
     finally:
-        os.close(fd)
-    return subvolume_id(os.path.join(parent, name))
+        _close_dir(parent_fd, fd)
 
 
-def subvolume_id(path: str) -> int:
+def subvolume_id(path: str, fd: int | None = None) -> int:
     """Return the id of the subvolume that contains ``path``."""
     args = InoLookupArgs()
     args.objectid = BTRFS_FIRST_FREE_OBJECTID
-    fd = _open_dir(path)
+    path_fd = _open_dir(path, fd)
     try:
-        _ioctl(fd, BTRFS_IOC_INO_LOOKUP, args, f"BTRFS_IOC_INO_LOOKUP of {path}")
+        _ioctl(path_fd, BTRFS_IOC_INO_LOOKUP, args, f"BTRFS_IOC_INO_LOOKUP of {path}")
     finally:
-        os.close(fd)
+        _close_dir(path_fd, fd)
     return int(args.treeid)
 
 
-def delete_subvolume(parent: str, name: str) -> None:
+def delete_subvolume(parent: str, name: str, fd: int | None = None) -> None:
     """Delete subvolume ``name`` of ``parent`` with all its files, in O(1).
 
     The kernel unlinks the subvolume at once and frees its extents in the
     background.
     """
     args = _vol_args(name)
-    fd = _open_dir(parent)
+    parent_fd = _open_dir(parent, fd)
     try:
         _ioctl(
-            fd,
+            parent_fd,
             BTRFS_IOC_SNAP_DESTROY,
             args,
             f"BTRFS_IOC_SNAP_DESTROY of {name!r} in {parent}",
         )
     finally:
-        os.close(fd)
+        _close_dir(parent_fd, fd)
 
 
-def limit_referenced(mount_point: str, subvolume: int, max_bytes: int) -> None:
+def limit_referenced(
+    mount_point: str, subvolume: int, max_bytes: int, fd: int | None = None
+) -> None:
     """Limit the bytes that subvolume ``subvolume`` refers to at ``max_bytes``."""
     args = QgroupLimitArgs()
     args.qgroupid = subvolume
     args.lim.flags = BTRFS_QGROUP_LIMIT_MAX_RFER
     args.lim.max_rfer = max_bytes
-    fd = _open_dir(mount_point)
+    mount_fd = _open_dir(mount_point, fd)
     try:
         _ioctl(
-            fd,
+            mount_fd,
             BTRFS_IOC_QGROUP_LIMIT,
             args,
             f"BTRFS_IOC_QGROUP_LIMIT of 0/{subvolume} to {max_bytes} bytes",
         )
     finally:
-        os.close(fd)
+        _close_dir(mount_fd, fd)
 
 
-def remove_qgroup(mount_point: str, subvolume: int) -> bool:
+def remove_qgroup(mount_point: str, subvolume: int, fd: int | None = None) -> bool:
     """Remove the quota group of a deleted subvolume; False while it still has data.
 
     The kernel keeps the group while the cleaner has not yet freed the
@@ -195,9 +229,9 @@ def remove_qgroup(mount_point: str, subvolume: int) -> bool:
     args = QgroupCreateArgs()
     args.create = 0
     args.qgroupid = subvolume
-    fd = _open_dir(mount_point)
+    mount_fd = _open_dir(mount_point, fd)
     try:
-        fcntl.ioctl(fd, BTRFS_IOC_QGROUP_CREATE, args)
+        fcntl.ioctl(mount_fd, BTRFS_IOC_QGROUP_CREATE, args)
     except OSError as error:
         if error.errno == errno.ENOENT:
             return True
@@ -208,7 +242,7 @@ def remove_qgroup(mount_point: str, subvolume: int) -> bool:
             f"BTRFS_IOC_QGROUP_CREATE removing 0/{subvolume}: {error.strerror}",
         ) from None
     finally:
-        os.close(fd)
+        _close_dir(mount_fd, fd)
     return True
 
 

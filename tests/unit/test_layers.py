@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,8 +64,8 @@ def test_remove_deletes_layer(store: LayerStore) -> None:
     layer = store.create("sb-gone", 32)
     (layer / "file").write_bytes(b"data")
 
-    store.remove("sb-gone")
-    store.remove("sb-gone")
+    assert store.remove("sb-gone")
+    assert not store.remove("sb-gone")
 
     assert not layer.exists()
 
@@ -89,6 +90,32 @@ def test_duplicate_create_fails(store: LayerStore) -> None:
 
     assert caught.value.errno == errno.EEXIST
     assert sorted(os.listdir(store.mount_point)) == ["sb-twice"]
+
+
+def test_create_makes_owned_dirs(store: LayerStore) -> None:
+    layer = store.create("sb-owned", 32, uid=12345)
+
+    assert sorted(os.listdir(layer)) == ["root", "upper", "work"]
+    info = os.stat(layer)
+    assert stat.S_IMODE(info.st_mode) == 0o700
+    assert (info.st_uid, info.st_gid) == (12345, 12345)
+    for name in ("root", "upper", "work"):
+        info = os.stat(layer / name)
+        assert (info.st_uid, info.st_gid) == (12345, 12345)
+
+
+def test_create_failure_leaves_nothing(
+    store: LayerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail_limit(*args: object) -> None:
+        raise OSError(errno.EINVAL, "BTRFS_IOC_QGROUP_LIMIT failed")
+
+    monkeypatch.setattr(btrfs, "limit_referenced", fail_limit)
+    with pytest.raises(OSError):
+        store.create("sb-failed", 32)
+
+    assert os.listdir(store.mount_point) == []
+    assert not store.remove("sb-failed")
 
 
 def test_subvolume_has_own_id(store: LayerStore) -> None:
@@ -118,6 +145,9 @@ def test_start_sweeps_leftover_mount(work: Path) -> None:
     crashed = LayerStore(work, work / "mnt", 512 * MIB)
     crashed.start()
     crashed.create("sb-old", 32)
+    # The crashed engine's descriptors closed with its process.
+    assert crashed._dir_fd is not None
+    os.close(crashed._dir_fd)
 
     # A second store on the same dirs stands for the next engine start.
     restarted = LayerStore(work, work / "mnt", 512 * MIB)
