@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import sys
 import uuid
 
 _BTRFS_IOCTL_MAGIC = 0x94
@@ -77,8 +78,32 @@ class FsInfoArgs(ctypes.Structure):
     ]
 
 
+class SearchKey(ctypes.Structure):
+    _fields_ = [
+        ("tree_id", ctypes.c_uint64),
+        ("min_objectid", ctypes.c_uint64),
+        ("max_objectid", ctypes.c_uint64),
+        ("min_offset", ctypes.c_uint64),
+        ("max_offset", ctypes.c_uint64),
+        ("min_transid", ctypes.c_uint64),
+        ("max_transid", ctypes.c_uint64),
+        ("min_type", ctypes.c_uint32),
+        ("max_type", ctypes.c_uint32),
+        ("nr_items", ctypes.c_uint32),
+        ("unused", ctypes.c_uint32),
+        ("unused1", ctypes.c_uint64 * 4),
+    ]
+
+
+class SearchArgsV2(ctypes.Structure):
+    """The fixed part of btrfs_ioctl_search_args_v2; the result buffer follows it."""
+
+    _fields_ = [("key", SearchKey), ("buf_size", ctypes.c_uint64)]
+
+
 BTRFS_IOC_SUBVOL_CREATE = _ioc(_IOC_WRITE, 14, ctypes.sizeof(VolArgs))
 BTRFS_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, ctypes.sizeof(VolArgs))
+BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 17, ctypes.sizeof(SearchArgsV2))
 BTRFS_IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, ctypes.sizeof(InoLookupArgs))
 BTRFS_IOC_FS_INFO = _ioc(_IOC_READ, 31, ctypes.sizeof(FsInfoArgs))
 BTRFS_IOC_QUOTA_CTL = _ioc(_IOC_READ | _IOC_WRITE, 40, ctypes.sizeof(QuotaCtlArgs))
@@ -99,7 +124,9 @@ def _close_dir(opened: int, fd: int | None) -> None:
         os.close(opened)
 
 
-def _ioctl(fd: int, request: int, args: ctypes.Structure, call: str) -> None:
+def _ioctl(
+    fd: int, request: int, args: ctypes.Structure | memoryview, call: str
+) -> None:
     try:
         fcntl.ioctl(fd, request, args)
     except OSError as error:
@@ -246,15 +273,20 @@ def remove_qgroup(mount_point: str, subvolume: int, fd: int | None = None) -> bo
     return True
 
 
-def filesystem_id(mount_point: str) -> str:
-    """Return the file system's UUID, the name of its directory in /sys/fs/btrfs."""
+def filesystem_info(mount_point: str) -> FsInfoArgs:
+    """Return the file system's UUID, node size and more (BTRFS_IOC_FS_INFO)."""
     args = FsInfoArgs()
     fd = _open_dir(mount_point)
     try:
         _ioctl(fd, BTRFS_IOC_FS_INFO, args, f"BTRFS_IOC_FS_INFO of {mount_point}")
     finally:
         os.close(fd)
-    return str(uuid.UUID(bytes=bytes(args.fsid)))
+    return args
+
+
+def filesystem_id(mount_point: str) -> str:
+    """Return the file system's UUID, the name of its directory in /sys/fs/btrfs."""
+    return str(uuid.UUID(bytes=bytes(filesystem_info(mount_point).fsid)))
 
 
 def charged_bytes(fs_id: str, subvolume: int) -> int:
@@ -270,3 +302,46 @@ def charged_bytes(fs_id: str, subvolume: int) -> int:
         with open(f"{directory}/{name}", encoding="ascii") as file:
             total += int(file.read())
     return total
+
+
+# Bytes of an item's header in the result buffer of a tree search.
+_SEARCH_HEADER_BYTES = 32
+# Bytes of btrfs_header and of btrfs_item, which a leaf stores besides item data.
+_LEAF_HEADER_BYTES = 101
+_ITEM_HEADER_BYTES = 25
+_MAX_U64 = (1 << 64) - 1
+_NR_ITEMS_OFFSET = SearchKey.nr_items.offset
+
+
+def search_buffer_bytes(nodesize: int, limit: int) -> int:
+    """Return the size of a search buffer with room for ``limit`` items of any size.
+
+    An item's data is at most a leaf less its header and the item's own.
+    """
+    max_item = nodesize - _LEAF_HEADER_BYTES - _ITEM_HEADER_BYTES
+    return ctypes.sizeof(SearchArgsV2) + limit * (_SEARCH_HEADER_BYTES + max_item)
+
+
+def count_items(fd: int, tree_id: int, limit: int, buffer: memoryview) -> int:
+    """Count the items of subvolume ``tree_id``'s tree up to ``limit``.
+
+    ``fd`` is any descriptor on the file system, and ``buffer`` is writable
+    and of search_buffer_bytes(nodesize, limit) bytes, so that the kernel
+    stops at ``limit`` items or at the end of the tree, never at a full
+    buffer. Needs CAP_SYS_ADMIN.
+    """
+    args = SearchArgsV2()
+    args.key.tree_id = tree_id
+    args.key.max_objectid = _MAX_U64
+    args.key.max_offset = _MAX_U64
+    args.key.max_transid = _MAX_U64
+    args.key.max_type = 255
+    args.key.nr_items = limit
+    args.buf_size = len(buffer) - ctypes.sizeof(args)
+    buffer[: ctypes.sizeof(args)] = bytes(args)
+    _ioctl(
+        fd, BTRFS_IOC_TREE_SEARCH_V2, buffer, f"BTRFS_IOC_TREE_SEARCH_V2 of {tree_id}"
+    )
+    return int.from_bytes(
+        buffer[_NR_ITEMS_OFFSET : _NR_ITEMS_OFFSET + 4], sys.byteorder
+    )

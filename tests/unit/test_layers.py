@@ -14,7 +14,13 @@ import pytest
 
 from engine.errors import FailedPrecondition, Unavailable
 from engine.runtime import btrfs, loop
-from engine.storage.layers import IMAGE_NAME, MIN_SIZE_BYTES, LayerStore, is_mount_point
+from engine.storage.layers import (
+    IMAGE_NAME,
+    MIN_SIZE_BYTES,
+    SMALL_LAYER_ITEMS,
+    LayerStore,
+    is_mount_point,
+)
 
 MIB = 1024 * 1024
 
@@ -102,6 +108,18 @@ def test_create_makes_owned_dirs(store: LayerStore) -> None:
     for name in ("root", "upper", "work"):
         info = os.stat(layer / name)
         assert (info.st_uid, info.st_gid) == (12345, 12345)
+
+
+def test_is_small_counts_files(store: LayerStore) -> None:
+    layer = store.create("sb-files", 64)
+
+    assert store.is_small("sb-files")
+    for index in range(SMALL_LAYER_ITEMS):
+        (layer / "upper" / f"file-{index}").write_bytes(b"")
+    assert not store.is_small("sb-files")
+    assert not store.is_small("sb-missing")
+    store.remove("sb-files")
+    assert not store.is_small("sb-files")
 
 
 def test_create_failure_leaves_nothing(
