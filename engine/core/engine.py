@@ -444,6 +444,9 @@ class Engine:
             warm,
             return_exceptions=True,
         )
+        # The terminations above free their sandboxes in tasks of their own,
+        # which must end before the zygote, the layers and the cgroup root go.
+        await self.settle()
         if self.pool is not None:
             # A failure here must not skip the rest: the zygote, the network
             # and the data dir lock are released below either way.
