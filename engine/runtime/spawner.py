@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -304,6 +306,25 @@ class InitClient:
             self.killed.set_result(None)
         elif op == "exit":
             self.on_exit(message["pid"], message["status"])
+        elif op == "started":
+            self._kill_unclaimed(message["pid"])
+
+    def _kill_unclaimed(self, pid: int) -> None:
+        """SIGKILL the group of a process whose exec request was cancelled.
+
+        PID 1's reply comes here when its caller stopped waiting, such as a Run
+        cancelled by its client's hangup. PID 1 starts the process anyway, and
+        without this kill it would run untracked and past its timeout until
+        the sandbox ends.
+        """
+        log.info(
+            "sending SIGKILL to process group %d in the sandbox whose PID 1 is"
+            " host pid %d: its exec request was cancelled before PID 1 replied",
+            pid,
+            self.pid,
+        )
+        with contextlib.suppress(ConnectionError, OSError):
+            self.kill(pid, signal.SIGKILL)
 
     def _closed(self, _: asyncio.Future[None]) -> None:
         if not self.ready.done():

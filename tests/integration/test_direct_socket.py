@@ -234,6 +234,41 @@ def test_hangup_kills_run(daemon: Daemon, client: Client, sandbox_id: str) -> No
     assert wait_until(lambda: ["sleep", "300"] not in running_argvs(client, sandbox_id))
 
 
+def sandbox_commands(client: Client, sandbox_id: str) -> list[str]:
+    """Return the command line of every process in the sandbox, from its /proc.
+
+    Unlike ListProcesses, this lists processes that the engine does not track.
+    """
+    script = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"
+    request = pb.RunRequest(sandbox_id=sandbox_id, argv=["sh", "-c", script])
+    reply = client.call("Run", request)
+    return [line.strip() for line in reply.stdout.data.decode().splitlines()]
+
+
+def test_instant_hangup_kills_run(
+    daemon: Daemon, client: Client, sandbox_id: str
+) -> None:
+    # A client that hangs up right after its request cancels the Run while
+    # PID 1 starts the process, before the engine has its pid.
+    for seconds in range(310, 315):
+        request = pb.RunRequest(sandbox_id=sandbox_id, argv=["sleep", str(seconds)])
+        sock = connect(daemon)
+        sock.sendall(direct.encode_request("Run", None, request.SerializeToString()))
+        sock.close()
+    # By then the daemon has read the hangups, so PID 1 gets the five exec
+    # requests before the one of sandbox_commands, and replies in that order.
+    time.sleep(0.5)
+    assert wait_until(
+        lambda: (
+            not any(
+                command.startswith("sleep 31")
+                for command in sandbox_commands(client, sandbox_id)
+            )
+        ),
+        timeout=5.0,
+    )
+
+
 def test_client_calls_use_direct_socket(client: Client, sandbox_id: str) -> None:
     assert client.direct is not None
     reply = client.call("Run", pb.RunRequest(sandbox_id=sandbox_id, argv=["true"]))
