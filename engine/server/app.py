@@ -80,6 +80,10 @@ class Server:
 
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, stop the server and remove the socket file."""
+        if self.direct is not None:
+            # Before the first await, so that no call starts once the
+            # daemon's shutdown begins to terminate sandboxes.
+            self.direct.stopping = True
         await self.health.enter_graceful_shutdown()
         if self.direct is not None:
             await asyncio.gather(self.server.stop(grace), self.direct.stop(grace))

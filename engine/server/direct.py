@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError, Message
 
 from engine import direct
 from engine.core.tenancy import enter_workspace
-from engine.errors import FailedPrecondition, InvalidArgument
+from engine.errors import FailedPrecondition, InvalidArgument, Unavailable
 from engine.server.auth import TokenLookup, resolve_workspace
 from engine.server.interceptor import status_of
 from engine.server.servicer import SandboxServicer
@@ -72,6 +72,9 @@ class DirectServer:
         self._listener: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
+        # Set when the daemon starts to stop: requests that arrive later get
+        # UNAVAILABLE, because grpc.aio's server also takes no new calls then.
+        self.stopping = False
 
     def bind(self, path: Path) -> None:
         """Create the listening socket at ``path``, replacing a stale one.
@@ -113,8 +116,11 @@ class DirectServer:
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let calls in progress run for ``grace`` seconds, then cancel.
 
-        Connections that wait for their next request close at once.
+        Connections that wait for their next request close at once. A request
+        that arrives later, on a connection whose call was in progress, gets
+        UNAVAILABLE.
         """
+        self.stopping = True
         if self._server is not None:
             self._server.close()
         calls = [c.call for c in self.connections if c.call is not None]
@@ -250,6 +256,18 @@ class _Connection(asyncio.Protocol):
         end = header_size + method_size + token_size + body_size
         if len(self._buffer) < end:
             return
+
+        if self._server.stopping:
+            logger.info("direct socket: rejected a request: the daemon is stopping")
+            self.write(
+                direct.encode_end(
+                    Unavailable.code,
+                    "the engine daemon is stopping; retry once it runs again",
+                )
+            )
+            self.close()
+            return
+
         frame = bytes(self._buffer[header_size:end])
         del self._buffer[:end]
         name = frame[:method_size].decode("ascii", errors="replace")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -350,6 +352,34 @@ def test_stop_with_idle_connection(daemon_factory: Callable[..., Daemon]) -> Non
         assert running.stop() == 0
     assert not os.path.exists(direct_path(running))
     assert not running.socket_path.exists()
+
+
+def test_stop_rejects_queued_request(daemon_factory: Callable[..., Daemon]) -> None:
+    running = daemon_factory()
+    with Client(running.address) as client:
+        created = client.call("Create", pb.CreateRequest(spec=pb.SandboxSpec()))
+        sandbox_id = created.sandbox.sandbox_id
+        sock = connect(running)
+        run = pb.RunRequest(sandbox_id=sandbox_id, argv=["sleep", "303"])
+        create = pb.CreateRequest(spec=pb.SandboxSpec())
+        # The Create waits in the daemon's buffer until the Run ends, which
+        # the daemon's stop brings about by terminating the sandbox.
+        sock.sendall(
+            direct.encode_request("Run", None, run.SerializeToString())
+            + direct.encode_request("Create", None, create.SerializeToString())
+        )
+        assert wait_until(lambda: ["sleep", "303"] in running_argvs(client, sandbox_id))
+        running.process.send_signal(signal.SIGTERM)
+        _, run_code, run_details = read_reply(sock)
+        messages, create_code, create_details = read_reply(sock)
+        sock.close()
+    assert run_code == "OK", run_details
+    assert messages == []
+    assert create_code == "UNAVAILABLE"
+    assert "stopping" in create_details
+    assert running.stop() == 0
+    after_stop = running.log().split("stopping on SIGTERM", 1)[1]
+    assert re.search(r"sandbox sb-\w+ started", after_stop) is None, after_stop
 
 
 def test_long_socket_path_skips_direct() -> None:
