@@ -109,8 +109,10 @@ class DirectServer:
     async def start(self) -> None:
         assert self._listener is not None
         loop = asyncio.get_running_loop()
+        # create_unix_server calls listen again, with a backlog of 100 unless
+        # told otherwise, so a burst of more clients would get EAGAIN.
         self._server = await loop.create_unix_server(
-            lambda: _Connection(self), sock=self._listener
+            lambda: _Connection(self), sock=self._listener, backlog=socket.SOMAXCONN
         )
 
     async def stop(self, grace: float | None) -> None:

@@ -382,6 +382,30 @@ def test_stop_rejects_queued_request(daemon_factory: Callable[..., Daemon]) -> N
     assert re.search(r"sandbox sb-\w+ started", after_stop) is None, after_stop
 
 
+def test_backlog_holds_connect_burst(daemon: Daemon) -> None:
+    # While the daemon is stopped, only the listen backlog holds connections,
+    # which the kernel caps at net.core.somaxconn.
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    burst = min(500, somaxconn)
+    connected = []
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        for _ in range(burst):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(direct_path(daemon))
+            except BlockingIOError:
+                sock.close()
+                break
+            connected.append(sock)
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+        for sock in connected:
+            sock.close()
+    assert len(connected) == burst
+
+
 def test_long_socket_path_skips_direct() -> None:
     data_dir = make_data_dir()
     # The gRPC socket's path fits in sun_path, but not with the suffix.
