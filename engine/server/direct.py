@@ -273,11 +273,14 @@ class _Connection(asyncio.Protocol):
         frame = bytes(self._buffer[header_size:end])
         del self._buffer[:end]
         name = frame[:method_size].decode("ascii", errors="replace")
-        token = frame[method_size : method_size + token_size].decode(errors="replace")
+        # An empty token field means no token. A sent one loses surrounding
+        # whitespace, as the gRPC bearer token does.
+        token = None
+        if token_size:
+            token_bytes = frame[method_size : method_size + token_size]
+            token = token_bytes.decode(errors="replace").strip()
         body = frame[method_size + token_size :]
-        self.call = asyncio.get_running_loop().create_task(
-            self._run(name, token or None, body)
-        )
+        self.call = asyncio.get_running_loop().create_task(self._run(name, token, body))
         self.call.add_done_callback(self._call_done)
 
     def _call_done(self, call: asyncio.Task[None]) -> None:

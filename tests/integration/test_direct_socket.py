@@ -218,6 +218,17 @@ def test_unknown_token_unauthenticated(raw: socket.socket) -> None:
     assert "engine token create" in details
 
 
+def test_token_whitespace_as_on_grpc(daemon: Daemon, raw: socket.socket) -> None:
+    token = create_token(daemon.data_dir, "direct-spaces")
+    _, code, details = raw_call(raw, "List", b"", token=f" {token}  ")
+    assert code == "OK", details
+    # A token of only whitespace is an invalid token, not a missing one.
+    _, code, details = raw_call(raw, "List", b"", token="   ")
+    assert code == "UNAUTHENTICATED", details
+    with Client(daemon.address, token=f"{token} ", direct=False) as grpc_client:
+        assert grpc_client.call("List", pb.ListRequest()) is not None
+
+
 def test_cut_off_request_leaves_daemon_serving(daemon: Daemon, client: Client) -> None:
     for partial in (b"\x05", direct.REQUEST_HEADER.pack(10, 3, 0) + b"Ru"):
         sock = connect(daemon)
