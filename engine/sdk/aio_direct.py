@@ -34,6 +34,10 @@ class _AsyncConnection:
         """Return whether the daemon neither closed this connection nor sent on it."""
         return not self.reader.at_eof() and not self.writer.is_closing()
 
+    async def send(self, frame: bytes) -> None:
+        self.writer.write(frame)
+        await self.writer.drain()
+
     async def read_frame(self) -> tuple[int, bytes]:
         """Return the kind and payload of the next reply frame."""
         try:
@@ -106,15 +110,25 @@ class AsyncDirectChannel(ChannelBase):
     async def _send(self, method: str, request: Message) -> _AsyncConnection:
         frame = self._request_frame(method, request)
         connection = self._take_idle()
-        if connection is None:
+        if connection is not None:
             try:
-                reader, writer = await asyncio.open_unix_connection(self.path)
-            except OSError as error:
-                raise DirectUnreachable(f"{self.path}: {error}") from None
-            connection = _AsyncConnection(reader, writer)
+                await connection.send(frame)
+                return connection
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon closed the idle connection as it stopped, before
+                # the loop read the EOF. The request never ran, so it goes
+                # out again on a new connection, as DirectChannel does.
+                connection.close()
+            except BaseException as error:
+                connection.close()
+                raise transport_error(self._address, method, error) from None
         try:
-            connection.writer.write(frame)
-            await connection.writer.drain()
+            reader, writer = await asyncio.open_unix_connection(self.path)
+        except OSError as error:
+            raise DirectUnreachable(f"{self.path}: {error}") from None
+        connection = _AsyncConnection(reader, writer)
+        try:
+            await connection.send(frame)
         except BaseException as error:
             connection.close()
             raise transport_error(self._address, method, error) from None

@@ -470,6 +470,28 @@ def test_async_client_uses_direct_socket(daemon: Daemon, sandbox_id: str) -> Non
     asyncio.run(scenario())
 
 
+def test_async_client_survives_daemon_restart(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    data_dir = make_data_dir()
+    first = daemon_factory(data_dir=data_dir)
+
+    async def scenario() -> None:
+        client = AsyncClient(first.address)
+        try:
+            assert await client.call("List", pb.ListRequest()) is not None
+            # Both calls block the loop, so it never reads the EOF of the
+            # idle connection that the first daemon closed as it stopped.
+            assert first.stop() == 0
+            second = daemon_factory(data_dir=data_dir)
+            assert await client.call("List", pb.ListRequest()) is not None
+            assert second.process.poll() is None
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_async_deadline_kills_run(
     daemon: Daemon, client: Client, sandbox_id: str
 ) -> None:
