@@ -19,7 +19,9 @@ and the daemon replies with zero or more MESSAGE frames, then one END frame:
     END payload: the status code's name (ASCII), a NUL byte, the details (UTF-8)
 
 The status is "OK" with empty details on success. Closing the connection
-before the END frame cancels the call, as cancelling a gRPC call does.
+before the END frame cancels the call, as cancelling a gRPC call does. So
+does shutting down only the client's write side (``shutdown(SHUT_WR)``, as
+``nc -N`` does), because the daemon reads EOF as a hangup.
 """
 
 from __future__ import annotations

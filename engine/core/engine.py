@@ -95,8 +95,14 @@ OUTPUT_GRACE_SECONDS = 1.0
 REAPER_INTERVAL = 1.0
 # Seconds terminate waits for PID 1 to exit before killing it.
 TERMINATE_TIMEOUT = 10.0
-# ProcessInfo of exited processes whose pid a later process reuses, per sandbox.
-MAX_FINISHED_PROCESSES = 10_000
+# Exited processes kept per sandbox with their output, for Wait and
+# ReadOutput. Past this count plus EVICTION_BATCH, exec moves the oldest
+# exited ones, whose output has ended, to the finished list.
+MAX_KEPT_PROCESSES = 1000
+EVICTION_BATCH = 100
+# ProcessInfo of exited processes that were evicted, or whose pid a later
+# process reuses, per sandbox. ListProcesses still reports them.
+MAX_FINISHED_PROCESSES = 1000
 # Terminated sandboxes of earlier engine runs loaded from the database at start.
 MAX_REMEMBERED_SANDBOXES = 1000
 # Exec failure messages from engine-init are cut to this many characters.
@@ -422,7 +428,9 @@ class Engine:
         # Earlier sandboxes stay visible to Get and List, as TERMINATED.
         for info in self.store.sandboxes()[-MAX_REMEMBERED_SANDBOXES:]:
             sandbox = _Sandbox(info, self.config.sandboxes_dir / info.sandbox_id)
-            sandbox.finished = self.store.processes(info.sandbox_id)
+            sandbox.finished = self.store.processes(
+                info.sandbox_id, MAX_FINISHED_PROCESSES
+            )
             self.sandboxes[info.sandbox_id] = sandbox
             self._terminated.append(info.sandbox_id)
 
@@ -1552,6 +1560,8 @@ class Engine:
             sandbox.finished.append(old.info())
             del sandbox.finished[:-MAX_FINISHED_PROCESSES]
         sandbox.processes[pid] = process
+        if len(sandbox.processes) > MAX_KEPT_PROCESSES + EVICTION_BATCH:
+            _evict_exited(sandbox)
         if timeout is not None and timeout > 0:
             loop = asyncio.get_running_loop()
             process.timer = loop.call_later(timeout, self._on_timeout, sandbox, process)
@@ -1675,7 +1685,10 @@ class Engine:
         sandbox = self._get(sandbox_id)
         process = sandbox.processes.get(pid)
         if process is None:
-            raise NotFound(f"process {pid} not found in sandbox {sandbox_id}")
+            raise NotFound(
+                f"process {pid} not found in sandbox {sandbox_id}; the engine keeps"
+                f" the output of the last {MAX_KEPT_PROCESSES} exited processes"
+            )
         return sandbox, process
 
     async def read_output(
@@ -1886,6 +1899,29 @@ class Engine:
             process.info() for process in sandbox.processes.values()
         ]
         return sorted(infos, key=lambda info: info.started_at)
+
+
+def _evict_exited(sandbox: _Sandbox) -> None:
+    """Forget the oldest exited processes beyond MAX_KEPT_PROCESSES.
+
+    Each one goes to the finished list as a ProcessInfo, and its output
+    bytes leave the sandbox's budget. A process whose output has not ended,
+    because a background child holds a pipe, stays.
+    """
+    excess = len(sandbox.processes) - MAX_KEPT_PROCESSES
+    for pid, process in list(sandbox.processes.items()):
+        if excess <= 0:
+            break
+        if not process.exited.is_set():
+            continue
+        if not (process.stdout.closed and process.stderr.closed):
+            continue
+        del sandbox.processes[pid]
+        for buffer in (process.stdout, process.stderr):
+            buffer.drop_front(buffer.held)
+        sandbox.finished.append(process.info())
+        excess -= 1
+    del sandbox.finished[:-MAX_FINISHED_PROCESSES]
 
 
 def _signal_group(sandbox: _Sandbox, process: _Process, signal: int) -> None:

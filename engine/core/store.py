@@ -193,11 +193,13 @@ class Store:
             info.ended_at,
         )
 
-    def processes(self, sandbox_id: str) -> list[ProcessInfo]:
+    def processes(self, sandbox_id: str, limit: int = -1) -> list[ProcessInfo]:
+        """Return the sandbox's processes, oldest first: the last ``limit``, or all."""
         self.flush()
         rows = self.db.execute(
-            "SELECT * FROM processes WHERE sandbox_id = ? ORDER BY started_at",
-            (sandbox_id,),
+            "SELECT * FROM (SELECT * FROM processes WHERE sandbox_id = ?"
+            " ORDER BY started_at DESC LIMIT ?) ORDER BY started_at",
+            (sandbox_id, limit),
         )
         return [
             ProcessInfo(

@@ -79,14 +79,25 @@ class DirectServer:
     def bind(self, path: Path) -> None:
         """Create the listening socket at ``path``, replacing a stale one.
 
-        The caller has checked that no daemon serves the gRPC socket next to
-        it, so a socket file left here is a dead daemon's.
+        A socket file there that no process accepts connections on is left
+        by a daemon that died. One that a process still serves, such as the
+        gRPC socket of a daemon started with ``--socket`` set to this path,
+        raises FailedPrecondition.
         """
+        # app imports this module, so its helper is imported here.
+        from engine.server.app import socket_accepts
+
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise FailedPrecondition(
                     f"{path} exists and is not a socket; remove it or choose"
                     " another --socket"
+                )
+            if socket_accepts(path):
+                raise FailedPrecondition(
+                    f"another process accepts connections on {path}, which this"
+                    " daemon needs for its direct socket; stop that process or"
+                    " choose another --socket"
                 )
             os.unlink(path)
         listener = socket.socket(

@@ -211,3 +211,20 @@ def test_open_file_limit_raised(data_dir: Path) -> None:
         status = started.stop()
         log_path.unlink(missing_ok=True)
     assert status == 0
+
+
+def test_live_direct_socket_path_kept(data_dir: Path) -> None:
+    # Another process serves the path that the direct socket would take.
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other_path = data_dir / "engine.sock.direct"
+    other.bind(str(other_path))
+    other.listen(1)
+    try:
+        result = serve("--data-dir", str(data_dir))
+        assert result.returncode == 1
+        assert f"another process accepts connections on {other_path}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert other_path.exists()
+        assert not (data_dir / "engine.sock").exists()
+    finally:
+        other.close()

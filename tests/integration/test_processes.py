@@ -408,3 +408,36 @@ def test_exec_relative_path_entry_uses_cwd(
     assert result.text == "sh\n"
     with pytest.raises(NotFound, match="'sh' not found in PATH"):
         engine.exec(sandbox_id, ["sh", "-c", "true"], cwd="/tmp", env={"PATH": "bin"})
+
+
+def test_exited_processes_evicted_past_cap(
+    engine: EngineRunner, sandbox_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_KEPT_PROCESSES", 4)
+    monkeypatch.setattr(engine_module, "EVICTION_BATCH", 2)
+    monkeypatch.setattr(engine_module, "MAX_FINISHED_PROCESSES", 3)
+    sleeper = engine.exec(sandbox_id, ["sleep", "60"])
+    pids = []
+    for number in range(8):
+        process = engine.exec(sandbox_id, ["echo", str(number)])
+        engine.wait(sandbox_id, process.pid, timeout=30)
+        pids.append(process.pid)
+    kept = engine.call(engine.engine.list_processes(sandbox_id))
+    # The running sleeper stays however old it is.
+    running = [info.pid for info in kept if info.state == ProcessState.RUNNING]
+    assert running == [sleeper.pid]
+    # The latest exited processes keep their output.
+    latest = pids[-1]
+    info = engine.wait(sandbox_id, latest, timeout=30)
+    assert info.exit_code == 0
+    # The oldest were evicted: Wait no longer finds them, and the finished
+    # list holds at most MAX_FINISHED_PROCESSES of them.
+    with pytest.raises(NotFound, match="keeps the output of the last 4"):
+        engine.wait(sandbox_id, pids[0], timeout=1)
+    assert len(kept) <= 4 + 2 + 3
+    evicted = [info for info in kept if info.pid in pids[:3]]
+    assert evicted
+    assert all(info.state == ProcessState.EXITED for info in evicted)
+    engine.call(engine.engine.kill(sandbox_id, sleeper.pid, signal.SIGKILL))
