@@ -310,8 +310,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         # Bad settings fail here, before anything on the host changes.
         await loop.run_in_executor(None, self.network.validate)
-        self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         _check_traversable(self.config.data_dir, self.config.uid_base)
+        self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         self._lock_data_dir()
         try:
             # After the lock: it removes what an interrupted create or delete left.

@@ -113,9 +113,12 @@ async def serve(
             addresses["http"] = "http://" + await stack.enter_async_context(
                 serve_http(engine, http_socket)
             )
+        served = list(addresses.values())
+        if server.direct is not None:
+            served.append(f"direct {server.direct.path}")
         logger.info(
             "engine daemon serving on %s (data dir %s, pid %d)",
-            ", ".join(addresses.values()),
+            ", ".join(served),
             config.data_dir,
             os.getpid(),
         )

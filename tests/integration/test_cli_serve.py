@@ -228,3 +228,16 @@ def test_live_direct_socket_path_kept(data_dir: Path) -> None:
         assert not (data_dir / "engine.sock").exists()
     finally:
         other.close()
+
+
+def test_unreachable_data_dir_left_clean(data_dir: Path) -> None:
+    private = data_dir / "private"
+    private.mkdir(mode=0o700)
+    target = private / "engine"
+    result = serve("--data-dir", str(target))
+    assert result.returncode == 1
+    assert f"run `chmod o+x {private}`" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (target / "sandboxes").exists()
+    assert not (target / "engine.sock").exists()
+    assert not (target / "engine.sock.direct").exists()
