@@ -28,7 +28,8 @@ def register(
     serve.add_argument(
         "--socket",
         metavar="PATH",
-        help="unix socket to listen on (default: engine.sock in the data dir)",
+        help="unix socket for gRPC (default: engine.sock in the data dir); the"
+        " direct socket for the SDK is PATH.direct",
     )
     serve.add_argument(
         "--listen",
