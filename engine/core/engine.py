@@ -1906,7 +1906,7 @@ def _evict_exited(sandbox: _Sandbox) -> None:
 
     Each one goes to the finished list as a ProcessInfo, and its output
     bytes leave the sandbox's budget. A process whose output has not ended,
-    because a background child holds a pipe, stays.
+    because a background child keeps a pipe open, stays.
     """
     excess = len(sandbox.processes) - MAX_KEPT_PROCESSES
     for pid, process in list(sandbox.processes.items()):

@@ -24,16 +24,16 @@ from engine import direct, errors
 from engine.v1 import sandbox_pb2
 
 _SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"]
-# Idle connections kept per channel; more are closed when their call ends.
+# Idle connections kept per channel. Others are closed when their call ends.
 MAX_IDLE_CONNECTIONS = 8
-# Largest reply frame the SDK reads, in bytes: a Run reply holds at most
+# Largest reply frame the SDK reads, in bytes. A Run reply contains at most
 # 1 MiB of each stream, and a streamed output chunk at most 1 MiB.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 _RECV_BYTES = 64 * 1024
 
 
 class DirectUnreachable(Exception):
-    """The direct socket does not accept connections; nothing was sent."""
+    """The direct socket does not accept connections, so nothing was sent."""
 
 
 def response_types() -> dict[str, type[Message]]:
@@ -209,7 +209,7 @@ class DirectChannel(ChannelBase):
     def _take_idle(self) -> _Connection | None:
         with self._lock:
             if self._pid != os.getpid():
-                # A forked child shares its parent's sockets; it must not
+                # A forked child shares its parent's sockets, so it must not
                 # read the parent's replies.
                 self._idle.clear()
                 self._pid = os.getpid()

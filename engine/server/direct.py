@@ -72,7 +72,7 @@ class DirectServer:
         self._listener: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
-        # Set when the daemon starts to stop: requests that arrive later get
+        # Set when the daemon starts to stop. Requests that arrive later get
         # UNAVAILABLE, because grpc.aio's server also takes no new calls then.
         self.stopping = False
 
@@ -121,7 +121,7 @@ class DirectServer:
         assert self._listener is not None
         loop = asyncio.get_running_loop()
         # create_unix_server calls listen again, with a backlog of 100 unless
-        # told otherwise, so a burst of more clients would get EAGAIN.
+        # it is given one, so a burst of more clients would get EAGAIN.
         self._server = await loop.create_unix_server(
             lambda: _Connection(self), sock=self._listener, backlog=socket.SOMAXCONN
         )

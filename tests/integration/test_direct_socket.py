@@ -394,7 +394,7 @@ def test_stop_rejects_queued_request(daemon_factory: Callable[..., Daemon]) -> N
 
 
 def test_backlog_holds_connect_burst(daemon: Daemon) -> None:
-    # While the daemon is stopped, only the listen backlog holds connections,
+    # While the daemon is stopped, only the listen backlog queues connections,
     # which the kernel caps at net.core.somaxconn.
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     burst = min(500, somaxconn)

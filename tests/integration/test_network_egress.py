@@ -358,11 +358,11 @@ def test_terminate_flushes_sandbox_conntrack(
     sb = Sandbox(address=network_daemon.address).create()
     try:
         address = sb.status().address
-        held = sb.process.exec(
+        connection_process = sb.process.exec(
             "python3", "-c", HELD_CONNECTION, remote_host.address, "7000", stdin=True
         )
-        held.stdin.write("one\n")
-        _wait_for_line(held, "reply one")
+        connection_process.stdin.write("one\n")
+        _wait_for_line(connection_process, "reply one")
         assert _tracked_from(address) == 1
     finally:
         sb.terminate()

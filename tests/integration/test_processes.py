@@ -424,20 +424,20 @@ def test_exited_processes_evicted_past_cap(
         process = engine.exec(sandbox_id, ["echo", str(number)])
         engine.wait(sandbox_id, process.pid, timeout=30)
         pids.append(process.pid)
-    kept = engine.call(engine.engine.list_processes(sandbox_id))
+    listed = engine.call(engine.engine.list_processes(sandbox_id))
     # The running sleeper stays however old it is.
-    running = [info.pid for info in kept if info.state == ProcessState.RUNNING]
+    running = [info.pid for info in listed if info.state == ProcessState.RUNNING]
     assert running == [sleeper.pid]
     # The latest exited processes keep their output.
     latest = pids[-1]
     info = engine.wait(sandbox_id, latest, timeout=30)
     assert info.exit_code == 0
     # The oldest were evicted: Wait no longer finds them, and the finished
-    # list holds at most MAX_FINISHED_PROCESSES of them.
+    # list contains at most MAX_FINISHED_PROCESSES of them.
     with pytest.raises(NotFound, match="keeps the output of the last 4"):
         engine.wait(sandbox_id, pids[0], timeout=1)
-    assert len(kept) <= 4 + 2 + 3
-    evicted = [info for info in kept if info.pid in pids[:3]]
+    assert len(listed) <= 4 + 2 + 3
+    evicted = [info for info in listed if info.pid in pids[:3]]
     assert evicted
     assert all(info.state == ProcessState.EXITED for info in evicted)
     engine.call(engine.engine.kill(sandbox_id, sleeper.pid, signal.SIGKILL))
