@@ -30,12 +30,11 @@ from engine.core.models import (
 )
 from engine.sdk.aio_direct import AsyncDirectChannel
 from engine.sdk.client import (
-    direct_socket_path,
     error_from_rpc,
     is_local_admin,
     open_aio_channel,
+    open_direct,
     resolve_address,
-    resolve_token,
 )
 from engine.sdk.direct import DirectUnreachable
 from engine.sdk.files import AsyncSandboxFileSystem
@@ -74,10 +73,7 @@ class AsyncClient:
         self.local_admin = is_local_admin(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
-        self.direct: AsyncDirectChannel | None = None
-        if direct and self.address.startswith("unix:"):
-            path = direct_socket_path(self.address)
-            self.direct = AsyncDirectChannel(path, resolve_token(token), self.address)
+        self.direct = open_direct(AsyncDirectChannel, self.address, token, direct)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -12,13 +12,13 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from engine import direct, errors
 from engine.config import default_socket_path
-from engine.sdk.direct import DirectChannel, DirectUnreachable
+from engine.sdk.direct import ChannelBase, DirectChannel, DirectUnreachable
 from engine.v1 import sandbox_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class Client:
         self.local_admin = is_local_admin(self.address, token)
         self._closed = False
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
-        self.direct = _direct_channel(self.address, token) if direct else None
+        self.direct = open_direct(DirectChannel, self.address, token, direct)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -310,16 +310,20 @@ class Client:
         self.close()
 
 
-def direct_socket_path(address: str) -> str:
-    """Return the direct socket's path for the unix socket ``address``."""
-    return direct.socket_path_for(address.removeprefix("unix:"))
+ChannelT = TypeVar("ChannelT", bound=ChannelBase)
 
 
-def _direct_channel(address: str, token: str | None) -> DirectChannel | None:
-    """Return a channel to the direct socket of a unix ``address``, else None."""
-    if not address.startswith("unix:"):
+def open_direct(
+    channel_class: type[ChannelT], address: str, token: str | None, enabled: bool
+) -> ChannelT | None:
+    """Return a ``channel_class`` to the direct socket of a unix ``address``.
+
+    Returns None when ``enabled`` is False or ``address`` is not a unix socket.
+    """
+    if not enabled or not address.startswith("unix:"):
         return None
-    return DirectChannel(direct_socket_path(address), resolve_token(token), address)
+    path = direct.socket_path_for(address.removeprefix("unix:"))
+    return channel_class(path, resolve_token(token), address)
 
 
 def check_health(address: str, timeout: float = 2.0) -> bool:
